@@ -1,0 +1,1 @@
+"""One module per CLI verb. Each parses its arguments and calls one library function."""
