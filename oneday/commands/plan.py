@@ -5,7 +5,7 @@ from __future__ import annotations
 from oneday.console import guard
 from oneday.errors import NotBuiltError
 
-HELP = "Measure this machine and choose the best model, batch, LR and schedule for a time budget. [not built yet]"
+HELP = "Measure this machine and choose the best model, batch, LR and schedule for a time budget. (not built yet)"
 
 
 @guard

@@ -5,8 +5,8 @@ from __future__ import annotations
 from oneday.console import guard
 from oneday.errors import NotBuiltError
 
-HELP = "Train the planned model to the deadline: resumable, logged to MLflow. [not built yet]"
-SAMPLE_HELP = "Generate text from a trained run's saved model. [not built yet]"
+HELP = "Train the planned model to the deadline: resumable, logged to MLflow. (not built yet)"
+SAMPLE_HELP = "Generate text from a trained run's saved model. (not built yet)"
 
 
 @guard

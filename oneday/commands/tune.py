@@ -10,7 +10,7 @@ import typer
 from oneday.console import guard
 from oneday.errors import NotBuiltError
 
-HELP = "Tune LR and schedule with Optuna on short μP proxy runs, and write a tuned plan. [not built yet]"
+HELP = "Tune LR and schedule with Optuna on short μP proxy runs, and write a tuned plan. (not built yet)"
 
 
 @guard

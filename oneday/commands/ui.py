@@ -5,8 +5,8 @@ from __future__ import annotations
 from oneday.console import guard
 from oneday.errors import NotBuiltError
 
-HELP = "Start the MLflow UI on the runs' tracking store to compare runs. [not built yet]"
-COMPARE_HELP = "Compare runs in the terminal: budget, params, tokens, loss, predicted vs achieved. [not built yet]"
+HELP = "Start the MLflow UI on the runs' tracking store to compare runs. (not built yet)"
+COMPARE_HELP = "Compare runs in the terminal: budget, params, tokens, loss, predicted vs achieved. (not built yet)"
 
 
 @guard
