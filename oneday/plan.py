@@ -1,0 +1,455 @@
+"""plan.json: the contract between `oneday plan`, `oneday tune` and `oneday run` (DESIGN.md §2).
+
+One frozen dataclass per section. Loading is strict: unknown keys, wrong types and impossible values are
+rejected with a `PlanError` naming the field (`train.lr: must be > 0, got -1`); `schema_version` is
+checked. Each component receives only its slice: the model builder the `ModelSpec`, the training loop the
+`TrainSpec`. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from oneday.errors import UserError
+from oneday.models.spec import ModelSpec, SpecError
+
+SCHEMA_VERSION = 1
+
+
+class PlanError(UserError):
+    """plan.json is malformed or holds an impossible value; the message names the field."""
+
+
+def _require(condition: bool, field_path: str, message: str) -> None:
+    if not condition:
+        raise PlanError(f"{field_path}: {message}")
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    """What the planner probed, and the peak FLOP/s it used for MFU."""
+
+    device: Literal["cuda", "cpu"]
+    name: str
+    count: int
+    memory_bytes: int
+    peak_flops: float
+    peak_flops_source: str
+    dtype: Literal["bf16", "fp32"]
+    torch_version: str
+    threads: int = 1
+    free_memory_bytes: int | None = None
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    compute_capability: str | None = None
+    bf16_supported: bool = False
+    power_limit_w: float | None = None
+    sm_clock_max_mhz: int | None = None
+    cpu_flags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.count >= 1, "hardware.count", f"must be >= 1, got {self.count}")
+        _require(self.memory_bytes > 0, "hardware.memory_bytes", f"must be > 0, got {self.memory_bytes}")
+        _require(self.peak_flops > 0, "hardware.peak_flops", f"must be > 0, got {self.peak_flops}")
+        _require(self.threads >= 1, "hardware.threads", f"must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The prepared data the plan was made for (see `oneday.runner.data.PreparedData`)."""
+
+    source: str
+    key: str
+    path: str
+    tokenizer: str
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    bytes_per_token: float
+    # How the data was requested, so a missing cache entry can be prepared again.
+    spec: str = ""
+    tokenizer_spec: str | None = None
+    text_column: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 2, "data.vocab_size", f"must be >= 2, got {self.vocab_size}")
+        _require(self.train_tokens > 0, "data.train_tokens", f"must be > 0, got {self.train_tokens}")
+        _require(self.val_tokens > 0, "data.val_tokens", f"must be > 0, got {self.val_tokens}")
+        _require(self.bytes_per_token > 0, "data.bytes_per_token", f"must be > 0, got {self.bytes_per_token}")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything the training loop needs, and nothing else.
+
+    Times are wall-clock seconds. `train_seconds` is the part of `budget_seconds` left for training steps
+    after the reserves (probe, compile/warm-up, evals, checkpoints, final save). The LR schedule is keyed to
+    progress = elapsed training seconds / train_seconds: linear warmup over `warmup_fraction`, constant,
+    then a cooldown of shape `cooldown_shape` over the last `cooldown_fraction` to `final_lr_fraction`·lr.
+    """
+
+    budget_seconds: float
+    train_seconds: float
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    lr: float
+    planned_tokens: int
+    planned_steps: int
+    device: Literal["cuda", "cpu"] = "cpu"
+    precision: Literal["bf16", "fp32"] = "fp32"
+    compile: bool = False
+    threads: int | None = None
+    optimizer: Literal["adamw"] = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_fraction: float = 0.02
+    cooldown_fraction: float = 0.2
+    cooldown_shape: Literal["1-sqrt", "linear", "cosine"] = "1-sqrt"
+    final_lr_fraction: float = 0.0
+    eval_every_seconds: float = 60.0
+    eval_tokens: int = 65536
+    checkpoint_every_seconds: float = 600.0
+    keep_checkpoints: int = 2
+    reserve_seconds: float = 0.0
+    seed: int = 0
+    # Test/benchmark setting: stop after exactly this many optimizer steps, with the schedule keyed to
+    # steps instead of the clock (makes runs bitwise reproducible). None in real plans.
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        p = "train"
+        _require(self.budget_seconds > 0, f"{p}.budget_seconds", f"must be > 0, got {self.budget_seconds}")
+        _require(
+            0 < self.train_seconds <= self.budget_seconds,
+            f"{p}.train_seconds",
+            f"must be in (0, budget_seconds={self.budget_seconds}], got {self.train_seconds}",
+        )
+        for name in ("seq_len", "micro_batch", "grad_accum", "planned_steps", "eval_tokens", "keep_checkpoints"):
+            value = getattr(self, name)
+            _require(value >= 1, f"{p}.{name}", f"must be >= 1, got {value}")
+        _require(self.planned_tokens >= 1, f"{p}.planned_tokens", f"must be >= 1, got {self.planned_tokens}")
+        _require(0 < self.lr < 1, f"{p}.lr", f"must be in (0, 1), got {self.lr}")
+        _require(0 <= self.beta1 < 1, f"{p}.beta1", f"must be in [0, 1), got {self.beta1}")
+        _require(0 <= self.beta2 < 1, f"{p}.beta2", f"must be in [0, 1), got {self.beta2}")
+        _require(0 < self.eps < 1, f"{p}.eps", f"must be in (0, 1), got {self.eps}")
+        _require(self.weight_decay >= 0, f"{p}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip > 0, f"{p}.grad_clip", f"must be > 0, got {self.grad_clip}")
+        warmup, cooldown = self.warmup_fraction, self.cooldown_fraction
+        _require(0 <= warmup < 1, f"{p}.warmup_fraction", f"must be in [0, 1), got {warmup}")
+        _require(0 <= cooldown <= 1, f"{p}.cooldown_fraction", f"must be in [0, 1], got {cooldown}")
+        _require(
+            warmup + cooldown <= 1,
+            f"{p}.cooldown_fraction",
+            f"warmup_fraction + cooldown_fraction must be <= 1, got {warmup + cooldown}",
+        )
+        final = self.final_lr_fraction
+        _require(0 <= final <= 1, f"{p}.final_lr_fraction", f"must be in [0, 1], got {final}")
+        _require(self.eval_every_seconds > 0, f"{p}.eval_every_seconds", f"must be > 0, got {self.eval_every_seconds}")
+        _require(
+            self.checkpoint_every_seconds > 0,
+            f"{p}.checkpoint_every_seconds",
+            f"must be > 0, got {self.checkpoint_every_seconds}",
+        )
+        _require(self.reserve_seconds >= 0, f"{p}.reserve_seconds", f"must be >= 0, got {self.reserve_seconds}")
+        _require(self.threads is None or self.threads >= 1, f"{p}.threads", f"must be >= 1, got {self.threads}")
+        _require(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(
+            not (self.device == "cpu" and self.precision == "bf16"),
+            f"{p}.precision",
+            "bf16 on CPU is ~50x slower than fp32 on these machines; use fp32",
+        )
+
+    def tokens_per_step(self) -> int:
+        """Global batch in tokens: micro_batch · grad_accum · seq_len."""
+        return self.micro_batch * self.grad_accum * self.seq_len
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the planner expects this run to achieve."""
+
+    tokens_per_s: float
+    mfu: float
+    tokens: int
+    loss: float
+    loss_band: tuple[float, float]
+    law: str
+    band_law: str
+    epochs: float = 0.0
+    effective_tokens: float = 0.0
+    calibrated: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.tokens_per_s > 0, "prediction.tokens_per_s", f"must be > 0, got {self.tokens_per_s}")
+        _require(0 <= self.mfu <= 1.5, "prediction.mfu", f"must be in [0, 1.5], got {self.mfu}")
+        _require(self.loss > 0, "prediction.loss", f"must be > 0, got {self.loss}")
+        _require(len(self.loss_band) == 2, "prediction.loss_band", "must hold two numbers")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of the table the planner considered."""
+
+    n_layer: int
+    d_model: int
+    n_head: int
+    params_total: int
+    params_scaling: int
+    tokens_per_s: float
+    mfu: float
+    measured: bool
+    micro_batch: int
+    peak_memory_bytes: int
+    tokens: int
+    epochs: float
+    predicted_loss: float
+    band_loss: float
+    chosen: bool = False
+
+
+@dataclass(frozen=True)
+class Provenance:
+    oneday_version: str
+    created: str
+    command: str
+    probe_seconds: float = 0.0
+    # Filled by `oneday tune`: study name, storage, trials, best value, corrections applied.
+    tuning: dict[str, Any] | None = None
+    calibration: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    hardware: HardwareInfo
+    data: DataInfo
+    model: ModelSpec
+    train: TrainSpec
+    prediction: Prediction
+    provenance: Provenance
+    candidates: tuple[Candidate, ...] = ()
+    reasons: tuple[str, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name", "must not be empty")
+        _require(
+            self.train.seq_len == self.model.seq_len,
+            "train.seq_len",
+            f"must equal model.seq_len ({self.model.seq_len}), got {self.train.seq_len}",
+        )
+        _require(
+            self.model.vocab_size >= self.data.vocab_size,
+            "model.vocab_size",
+            f"must be >= data.vocab_size ({self.data.vocab_size}), got {self.model.vocab_size}",
+        )
+        _require(
+            self.train.device == self.hardware.device,
+            "train.device",
+            f"must match hardware.device ({self.hardware.device!r}), got {self.train.device!r}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def flat_params(self) -> dict[str, str]:
+        """The plan flattened to `section.key` strings, for MLflow params (candidates left out)."""
+        flat: dict[str, str] = {}
+        for section in ("hardware", "data", "model", "train", "prediction", "provenance"):
+            for key, value in _to_jsonable(dataclasses.asdict(getattr(self, section))).items():
+                flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        flat["name"] = self.name
+        flat["budget.hours"] = f"{self.train.budget_seconds / 3600:.4g}"
+        flat["model.params_total"] = str(self.model.params_total())
+        flat["model.params_scaling"] = str(self.model.params_scaling())
+        flat["train.tokens_per_step"] = str(self.train.tokens_per_step())
+        return flat
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Plan:
+        if not isinstance(raw, dict):
+            raise PlanError(f"plan: expected a JSON object, got {type(raw).__name__}")
+        version = raw.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise PlanError(f"schema_version: missing or not an integer ({version!r})")
+        if version > SCHEMA_VERSION:
+            raise PlanError(
+                f"schema_version: this plan is version {version}, made by a newer oneday; "
+                f"this oneday reads version {SCHEMA_VERSION} (upgrade oneday)"
+            )
+        if version < 1:
+            raise PlanError(f"schema_version: must be >= 1, got {version}")
+        return _build(cls, raw, "")
+
+
+T = TypeVar("T")
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
+    """Build dataclass `cls` from `raw`, checking keys and types; errors name the dotted field."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in fields:
+            raise PlanError(f"{prefix}{key}: unknown key (expected one of: {', '.join(fields)})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PlanError(f"{path}: missing")
+            continue
+        kwargs[name] = _convert(hints[name], raw[name], path)
+    try:
+        return cls(**kwargs)
+    except SpecError as exc:  # ModelSpec validates with its own field names (model.*)
+        raise PlanError(f"{prefix}{str(exc).split('.', 1)[-1]}") from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in non_none:
+            try:
+                return _convert(arg, value, path)
+            except PlanError as exc:
+                errors.append(str(exc))
+        raise PlanError(errors[0] if len(errors) == 1 else f"{path}: wrong type {type(value).__name__}")
+    if origin is Literal:
+        if value not in args:
+            raise PlanError(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise PlanError(f"{path}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise PlanError(f"{path}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PlanError(f"{path}: expected an object, got {type(value).__name__}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise PlanError(f"{path}: expected an object, got {type(value).__name__}")
+        return _build(hint, value, f"{path}.")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise PlanError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise PlanError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise PlanError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise PlanError(f"{path}: must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise PlanError(f"{path}: expected a string, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"plan schema: unsupported type {hint!r} at {path}")  # a bug in this module, not user input
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read and validate plan.json; every problem is a `UserError` naming the file or field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such plan file (make one with `oneday plan`)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a plan file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read plan ({exc})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    try:
+        return Plan.from_dict(raw)
+    except PlanError as exc:
+        raise PlanError(f"{path}: {exc}") from None
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
+    """Write plan.json atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    write_atomic(path, plan.to_json())
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise UserError(f"{path}: the folder {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write here ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Candidate",
+    "DataInfo",
+    "HardwareInfo",
+    "Plan",
+    "PlanError",
+    "Prediction",
+    "Provenance",
+    "TrainSpec",
+    "load_plan",
+    "save_plan",
+    "write_atomic",
+]

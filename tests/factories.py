@@ -1,0 +1,53 @@
+"""Small valid objects for tests: a tiny plan that trains in seconds on one CPU thread."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from oneday.models.spec import ModelSpec
+
+from oneday.plan import Candidate, DataInfo, HardwareInfo, Plan, Prediction, Provenance, TrainSpec
+
+
+def tiny_model(**overrides: Any) -> ModelSpec:
+    base = ModelSpec(n_layer=2, d_model=64, n_head=4, d_ff=192, vocab_size=512, seq_len=64)
+    return replace(base, **overrides)
+
+
+def make_plan(*, data: DataInfo | None = None, model: ModelSpec | None = None, **train_overrides: Any) -> Plan:
+    """A complete, valid CPU plan. `train_overrides` replace fields of the TrainSpec."""
+    model = model or tiny_model()
+    data = data or DataInfo(
+        source="test", key="0" * 16, path="/nonexistent", tokenizer="/nonexistent/tokenizer",
+        vocab_size=model.vocab_size, train_tokens=100_000, val_tokens=10_000, bytes_per_token=4.0,
+        spec="test",
+    )
+    train = TrainSpec(
+        budget_seconds=60.0, train_seconds=50.0, seq_len=model.seq_len, micro_batch=4, grad_accum=1,
+        lr=3e-3, planned_tokens=200_000, planned_steps=800, device="cpu", precision="fp32", threads=1,
+        eval_every_seconds=10.0, eval_tokens=2048, checkpoint_every_seconds=10.0, reserve_seconds=10.0,
+    )
+    train = replace(train, **train_overrides)
+    return Plan(
+        name="tiny",
+        hardware=HardwareInfo(
+            device="cpu", name="test cpu", count=1, memory_bytes=8 << 30, peak_flops=1e11,
+            peak_flops_source="test", dtype="fp32", torch_version="test", threads=1,
+        ),
+        data=data,
+        model=model,
+        train=train,
+        prediction=Prediction(
+            tokens_per_s=4000.0, mfu=0.1, tokens=200_000, loss=5.0, loss_band=(4.8, 5.3),
+            law="epoch2024", band_law="hoffmann2022",
+        ),
+        provenance=Provenance(oneday_version="test", created="2026-11-28T00:00:00Z", command="test"),
+        candidates=(
+            Candidate(n_layer=2, d_model=64, n_head=4, params_total=model.params_total(),
+                      params_scaling=model.params_scaling(), tokens_per_s=4000.0, mfu=0.1, measured=True,
+                      micro_batch=4, peak_memory_bytes=1 << 20, tokens=200_000, epochs=2.0,
+                      predicted_loss=5.0, band_loss=5.2, chosen=True),
+        ),
+        reasons=("test plan",),
+    )
