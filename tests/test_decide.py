@@ -1,0 +1,354 @@
+"""The decision on fabricated measurements: monotone in hours, device speed and data; ties; reasons."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import pytest
+from oneday.models.spec import ModelSpec
+from oneday.planner.decide import (
+    Measurement,
+    ThroughputModel,
+    batch_and_lr,
+    candidate_shapes,
+    choose,
+    estimate_memory_bytes,
+    fit_throughput,
+    pad_vocab,
+    reserve_seconds,
+    shape_key,
+)
+from oneday.planner.laws import EPOCH_2024, deepseek_batch_tokens, deepseek_lr, effective_tokens
+
+from oneday.errors import UserError
+
+PEAK = 989.4e12  # H100 SXM bf16
+HOUR = 3600.0
+
+
+def _mfu(spec: ModelSpec) -> float:
+    """A plausible MFU curve: small models waste the device, large ones reach ~50%."""
+    return min(0.5, 0.08 * (spec.flops_per_token() / 1e8) ** 0.35)
+
+
+def _measure(spec: ModelSpec, *, speed: float = 1.0, micro_batch: int = 16) -> Measurement:
+    return Measurement(
+        spec=spec,
+        micro_batch=micro_batch,
+        tokens_per_s=speed * _mfu(spec) * PEAK / spec.flops_per_token(),
+        peak_memory_bytes=int(1.1 * spec.estimate_train_memory_bytes(micro_batch=micro_batch, activation_bytes=2)),
+        seconds_measured=20.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def cands() -> list[ModelSpec]:
+    return candidate_shapes(vocab_size=50257, seq_len=1024, min_params=1e7, max_params=3e9)
+
+
+def _throughput(cands: list[ModelSpec], speed: float = 1.0) -> ThroughputModel:
+    return fit_throughput([_measure(s, speed=speed) for s in cands[::3]], peak_flops=PEAK)
+
+
+def _choose(cands, throughput, hours, unique=5e9, **kw):
+    return choose(candidates=cands, throughput=throughput, train_seconds=hours * HOUR, unique_tokens=unique, **kw)
+
+
+HOURS = [0.05 * 1.25**i for i in range(40)]  # 3 minutes to ~ 4 days
+
+
+# --- candidate shapes --------------------------------------------------------------------------------
+def test_pad_vocab() -> None:
+    assert pad_vocab(50257) == 50304
+    assert pad_vocab(50304) == 50304
+    assert pad_vocab(50257, 128) == 50304
+    assert pad_vocab(32000, 128) == 32000
+    assert pad_vocab(1) == 64
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_candidate_shapes_are_valid_sorted_and_spaced(head_dim: int) -> None:
+    shapes = candidate_shapes(vocab_size=50257, seq_len=1024, min_params=2e7, max_params=2e9, head_dim=head_dim)
+    assert len(shapes) >= 6
+    ns = [s.params_scaling() for s in shapes]
+    assert ns == sorted(ns)
+    assert ns[0] <= 2e7 * 1.6**0.3 and ns[-1] >= 2e9 / 1.6
+    for a, b in itertools.pairwise(ns):
+        assert 1.25 <= b / a <= 2.2
+    for s in shapes:
+        assert isinstance(s, ModelSpec)
+        assert s.vocab_size == 50304
+        assert s.head_dim == head_dim
+        assert s.d_model % (64 if s.d_model < 1024 else 128) == 0
+        assert 32 <= s.d_model / s.n_layer <= 100
+        assert s.d_ff % 64 == 0 and abs(s.d_ff - 8 * s.d_model / 3) <= 32
+
+
+def test_candidate_shapes_include_classic_small_shapes() -> None:
+    shapes = candidate_shapes(vocab_size=8000, seq_len=256, min_params=1e6, max_params=2e8)
+    labels = {(s.n_layer, s.d_model) for s in shapes}
+    assert labels & {(4, 256), (6, 384), (8, 512), (12, 768)}
+    assert all(s.vocab_size == 8000 for s in shapes)  # 8000 = 125 × 64
+
+
+def test_candidate_shapes_errors() -> None:
+    with pytest.raises(UserError, match="model size range"):
+        candidate_shapes(vocab_size=50257, seq_len=1024, min_params=1e9, max_params=1e8)
+    with pytest.raises(UserError, match="LM head"):  # vocab 50k × d already above the range
+        candidate_shapes(vocab_size=50257, seq_len=1024, min_params=1e5, max_params=2e5)
+
+
+# --- throughput ---------------------------------------------------------------------------------------
+def test_fit_throughput_recovers_power_law_and_clamps(cands) -> None:
+    tm = _throughput(cands)
+    assert tm.b == pytest.approx(0.35, abs=0.05)  # the fabricated curve, before its 50% cap
+    for s in cands:
+        if tm.measurement_for(s) is None:
+            assert tm.mfu_low <= tm.mfu(s) <= tm.mfu_high <= 1.0
+            assert tm.tokens_per_s(s) == pytest.approx(_mfu(s) * PEAK / s.flops_per_token(), rel=0.25)
+    measured = cands[0]
+    assert tm.tokens_per_s(measured) == _measure(measured).tokens_per_s
+    # tokens/s falls with size
+    tps = [tm.tokens_per_s(s) for s in cands]
+    assert tps == sorted(tps, reverse=True)
+    # extrapolation beyond the largest measured size never exceeds the largest measured MFU
+    huge = candidate_shapes(vocab_size=50257, seq_len=1024, min_params=2e10, max_params=3e10)[0]
+    assert tm.mfu(huge) == pytest.approx(max(m.mfu(PEAK) for m in tm.measurements))
+
+
+def test_fit_throughput_one_point_assumes_constant_flops(cands) -> None:
+    m = _measure(cands[4])
+    tm = fit_throughput([m], peak_flops=PEAK)
+    assert tm.b == 0.0 and "Only one shape" in tm.note
+    for s in cands:
+        assert tm.tokens_per_s(s) * s.flops_per_token() == pytest.approx(m.achieved_flops())
+    with pytest.raises(ValueError):
+        fit_throughput([], peak_flops=PEAK)
+
+
+# --- choose: monotonicity --------------------------------------------------------------------------------
+def test_more_hours_never_a_smaller_model_or_less_compute(cands) -> None:
+    tm = _throughput(cands)
+    chosen = [_choose(cands, tm, h).chosen() for h in HOURS]
+    sizes = [c.params() for c in chosen]
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) >= 5  # the test exercises real switches
+    compute = [6 * c.params() * c.tokens for c in chosen]
+    assert compute == sorted(compute)
+    losses = [c.predicted_loss for c in chosen]
+    assert losses == sorted(losses, reverse=True)
+
+
+def test_more_hours_never_fewer_tokens(cands) -> None:
+    tm = _throughput(cands)
+    for h in HOURS:
+        a = _choose(cands, tm, h).chosen()
+        # the same shape: more hours, more tokens
+        same = replace(a.spec)
+        more = choose(candidates=[same], throughput=tm, train_seconds=1.1 * h * HOUR, unique_tokens=5e9)
+        assert more.chosen().tokens > a.tokens
+        # doubling the hours never lowers the tokens, even across a switch to a larger shape
+        # (at a switch point itself the larger shape trains fewer tokens: a discrete ladder's jump)
+        assert _choose(cands, tm, 2 * h).chosen().tokens >= a.tokens
+
+
+@pytest.mark.parametrize("k", [1.5, 2.0, 4.0, 10.0])
+def test_a_faster_device_never_gives_a_smaller_model(cands, k: float) -> None:
+    slow, fast = _throughput(cands), _throughput(cands, speed=k)
+    for h in HOURS[::3]:
+        assert _choose(cands, fast, h).chosen().params() >= _choose(cands, slow, h).chosen().params()
+
+
+def test_less_unique_data_never_makes_a_token_worth_more(cands) -> None:
+    tm = _throughput(cands)
+    uniques = [2e10 * 0.7**i for i in range(20)]
+    decisions = [_choose(cands, tm, 24, unique=u) for u in uniques]
+    # each row (a shape trains the same tokens whatever the data) loses value as the data shrinks
+    for i in range(len(cands)):
+        ratios = [d.results[i].effective_tokens / d.results[i].tokens for d in decisions]
+        assert all(b <= a + 1e-12 for a, b in itertools.pairwise(ratios))
+    # and the best predicted loss never improves with less data
+    best = [min(r.predicted_loss for r in d.results) for d in decisions]
+    assert best == sorted(best)
+    # the function itself
+    for u_hi, u_lo in itertools.pairwise(uniques):
+        assert effective_tokens(3e9, u_lo) / 3e9 <= effective_tokens(3e9, u_hi) / 3e9
+
+
+# --- choose: the rule and its reasons ---------------------------------------------------------------------
+def test_near_tie_prefers_the_faster_shape(cands) -> None:
+    tm = _throughput(cands)
+    d = _choose(cands, tm, 24, tie_tolerance=0.0)
+    best = d.chosen()
+    assert best.predicted_loss == min(r.predicted_loss for r in d.results)
+    d_tie = _choose(cands, tm, 24, tie_tolerance=0.01)
+    c = d_tie.chosen()
+    assert c.tokens_per_s >= best.tokens_per_s and c.params() <= best.params()
+    assert c.predicted_loss <= best.predicted_loss * 1.01
+    if c.spec != best.spec:
+        assert any("faster shape wins" in r for r in d_tie.reasons)
+    # among the ties, no faster shape was left out
+    ties = [r for r in d_tie.results if r.predicted_loss <= best.predicted_loss * 1.01]
+    assert c.tokens_per_s == max(r.tokens_per_s for r in ties)
+
+
+def test_a_constructed_tie_goes_to_the_faster_shape() -> None:
+    small = ModelSpec(n_layer=8, d_model=512, n_head=8, d_ff=1344, vocab_size=8192, seq_len=512)
+    big = ModelSpec(n_layer=12, d_model=768, n_head=12, d_ff=2048, vocab_size=8192, seq_len=512)
+    tm = fit_throughput(
+        [
+            Measurement(spec=small, micro_batch=8, tokens_per_s=40_000, peak_memory_bytes=0, seconds_measured=5),
+            Measurement(spec=big, micro_batch=8, tokens_per_s=20_000, peak_memory_bytes=0, seconds_measured=5),
+        ],
+        peak_flops=1e14,
+    )
+    # find a horizon where the big model is (slightly) better, then widen the tolerance to cover it
+    for hours in (1, 2, 4, 8, 16, 32, 64):
+        strict = _choose([small, big], tm, hours, unique=1e12, tie_tolerance=0.0)
+        if strict.chosen().spec == big:
+            gap = strict.results[0].predicted_loss / strict.results[1].predicted_loss - 1
+            loose = _choose([small, big], tm, hours, unique=1e12, tie_tolerance=gap + 1e-9)
+            assert loose.chosen().spec == small and loose.chosen().chosen
+            assert sum(r.chosen for r in loose.results) == 1
+            return
+    pytest.fail("the big model never won")
+
+
+def test_data_too_small_reason_with_cost(cands) -> None:
+    tm = _throughput(cands)
+    d = _choose(cands, tm, 24, unique=5e8)
+    c = d.chosen()
+    assert c.epochs > 4
+    reason = next(r for r in d.reasons if "too small" in r)
+    assert f"{c.epochs:.1f} epochs" in reason
+    assert c.repetition_cost() > 0
+    assert f"{c.repetition_cost():+.3f}" in reason
+    assert c.repetition_cost() == pytest.approx(
+        EPOCH_2024.loss(c.params(), c.effective_tokens) - EPOCH_2024.loss(c.params(), c.tokens)
+    )
+    plenty = _choose(cands, tm, 24, unique=1e12)
+    assert not any("too small" in r for r in plenty.reasons)
+
+
+def test_decision_table_and_band(cands) -> None:
+    tm = _throughput(cands)
+    d = _choose(cands, tm, 8)
+    assert len(d.results) == len(cands)
+    assert sum(r.chosen for r in d.results) == 1 and d.results[d.chosen_index].chosen
+    c = d.chosen()
+    lo, hi = d.loss_band()
+    assert lo <= c.predicted_loss <= hi and lo <= c.band_loss <= hi
+    assert c.band_loss != c.predicted_loss
+    assert d.reasons[0].startswith(f"Chose {c.label()}")
+    for r in d.results:
+        assert r.tokens == pytest.approx(r.tokens_per_s * 8 * HOUR)
+        assert r.measured == (tm.measurement_for(r.spec) is not None)
+
+
+def test_memory_limit_excludes_large_unmeasured_shapes(cands) -> None:
+    tm = _throughput(cands)
+    limit = 8 * 2**30
+    d = _choose(cands, tm, 72, memory_limit_bytes=limit, activation_bytes=2)
+    c = d.chosen()
+    assert c.fits_memory
+    skipped = [r for r in d.results if not r.fits_memory]
+    assert skipped and all(not r.measured for r in skipped)
+    assert any("not to fit" in r for r in d.reasons)
+    for r in d.results:
+        if not r.measured and r.fits_memory:
+            assert 1 <= r.micro_batch <= 16 and r.peak_memory_bytes <= limit
+    with pytest.raises(UserError, match="fits in memory"):
+        _choose(cands[-3:], fit_throughput([_measure(cands[0])], peak_flops=PEAK), 1, memory_limit_bytes=1e6)
+
+
+def test_estimate_memory_scales_with_micro_batch() -> None:
+    spec = ModelSpec(n_layer=4, d_model=256, n_head=4, d_ff=704, vocab_size=4096, seq_len=256)
+    one, two = estimate_memory_bytes(spec, 1), estimate_memory_bytes(spec, 2)
+    assert two > one > 16 * spec.params_total() * 0.99
+    assert estimate_memory_bytes(spec, 1, scale=2.0) == pytest.approx(2 * one)
+
+
+def test_choose_user_errors(cands) -> None:
+    tm = _throughput(cands)
+    with pytest.raises(UserError, match="unique training tokens"):
+        _choose(cands, tm, 1, unique=0)
+    with pytest.raises(UserError, match="training seconds"):
+        _choose(cands, tm, 0)
+
+
+def test_shape_key_ignores_parametrization() -> None:
+    a = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=64, seq_len=64)
+    assert shape_key(a) == shape_key(replace(a, parametrization="mup"))
+
+
+# --- batch and LR ---------------------------------------------------------------------------------------
+def test_batch_and_lr_reproduces_deepseek_at_a_reference_compute() -> None:
+    spec = ModelSpec(n_layer=12, d_model=768, n_head=12, d_ff=2048, vocab_size=50304, seq_len=1024)
+    n = spec.params_scaling()
+    tokens = 1e18 / (6 * n)  # C = 1e18
+    bl = batch_and_lr(spec=spec, tokens=tokens, max_micro_batch=64)
+    assert bl.compute_flops == pytest.approx(1e18)
+    assert bl.lr_opt == pytest.approx(1.75e-3, rel=0.01) and bl.lr_opt == pytest.approx(deepseek_lr(1e18))
+    assert bl.batch_tokens_opt == pytest.approx(2.26e5, rel=0.01)
+    # rounded to whole sequences: within one sequence per accumulation step of B_opt
+    assert abs(bl.global_batch_tokens() - 2.26e5) <= bl.grad_accum * spec.seq_len
+    assert bl.micro_batch <= 64 and bl.grad_accum >= 1
+    assert bl.lr == pytest.approx(bl.lr_opt, rel=0.02)
+    assert bl.steps() >= 300
+    assert bl.beta2 == 0.99  # 2.3e5 tokens is a small batch (< 2^18)
+    assert bl.cooldown_fraction == 0.2 and bl.cooldown_shape == "1-sqrt"
+    assert 0.01 <= bl.warmup_fraction <= 0.10
+
+
+def test_batch_and_lr_respects_micro_batch_limit() -> None:
+    spec = ModelSpec(n_layer=24, d_model=1024, n_head=16, d_ff=2752, vocab_size=50304, seq_len=2048)
+    tokens = 2e10
+    bl = batch_and_lr(spec=spec, tokens=tokens, max_micro_batch=3)
+    assert bl.micro_batch <= 3
+    sequences = bl.micro_batch * bl.grad_accum
+    b_opt = deepseek_batch_tokens(6 * spec.params_scaling() * tokens)
+    assert math.ceil(b_opt / 2048) - 1 <= sequences <= math.ceil(b_opt / 2048) + bl.grad_accum
+    assert bl.beta2 == 0.95  # a large batch
+    with pytest.raises(UserError, match="not even one sequence"):
+        batch_and_lr(spec=spec, tokens=tokens, max_micro_batch=0)
+
+
+def test_batch_capped_for_short_runs_and_lr_scaled() -> None:
+    spec = ModelSpec(n_layer=4, d_model=256, n_head=4, d_ff=704, vocab_size=8192, seq_len=256)
+    tokens = 1_300 * 3600.0  # an hour on a 2-core CPU
+    bl = batch_and_lr(spec=spec, tokens=tokens, max_micro_batch=32)
+    assert bl.steps() >= 300 * 0.95
+    assert bl.global_batch_tokens() <= tokens / 300 + spec.seq_len
+    if bl.global_batch_tokens() < bl.batch_tokens_opt:
+        assert bl.lr == pytest.approx(bl.lr_opt * math.sqrt(bl.global_batch_tokens() / bl.batch_tokens_opt))
+        assert any("300 optimizer steps" in n for n in bl.notes)
+    assert bl.lr <= bl.lr_opt
+    assert bl.warmup_fraction == 0.10  # N / D is above 10%: clamped
+    # tiny budget: at least one sequence
+    assert batch_and_lr(spec=spec, tokens=1000, max_micro_batch=32).global_batch_tokens() == 256
+
+
+# --- reserve ---------------------------------------------------------------------------------------------
+def test_reserve_seconds() -> None:
+    r = reserve_seconds(
+        budget_seconds=3600, compile_seconds=90, eval_seconds_each=5, eval_count=20,
+        checkpoint_seconds_each=2, checkpoint_count=6, final_save_seconds=10, probe_seconds=120,
+    )
+    assert r.reserved_seconds() == 90 + 100 + 12 + 10 + 120
+    assert r.train_seconds() == 3600 - 332
+    assert 0 < r.train_fraction() < 1
+
+
+def test_reserve_raises_when_nothing_is_left() -> None:
+    with pytest.raises(UserError, match="budget too small"):
+        reserve_seconds(
+            budget_seconds=300, compile_seconds=90, eval_seconds_each=5, eval_count=20,
+            checkpoint_seconds_each=2, checkpoint_count=6, final_save_seconds=10, probe_seconds=120,
+        )
+    with pytest.raises(UserError, match="budget must be positive"):
+        reserve_seconds(
+            budget_seconds=0, compile_seconds=0, eval_seconds_each=0, eval_count=0,
+            checkpoint_seconds_each=0, checkpoint_count=0, final_save_seconds=0, probe_seconds=0,
+        )
