@@ -53,7 +53,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from oneday.models.spec import ModelSpec
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -62,6 +61,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+
+from oneday.models.spec import ModelSpec
 
 __all__ = ["build_model", "count_parameters", "hf_config", "init_weights", "param_groups"]
 

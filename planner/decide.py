@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from oneday.errors import UserError
 from oneday.models.spec import ModelSpec, Parametrization
 from oneday.planner.laws import (
     EPOCH_2024,
@@ -31,8 +32,6 @@ from oneday.planner.laws import (
     effective_tokens,
     epochs,
 )
-
-from oneday.errors import UserError
 
 __all__ = [
     "BatchLR",

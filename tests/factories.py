@@ -6,7 +6,6 @@ from dataclasses import replace
 from typing import Any
 
 from oneday.models.spec import ModelSpec
-
 from oneday.plan import Candidate, DataInfo, HardwareInfo, Plan, Prediction, Provenance, TrainSpec
 
 

@@ -7,6 +7,8 @@ import math
 from dataclasses import replace
 
 import pytest
+
+from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
 from oneday.planner.decide import (
     Measurement,
@@ -21,8 +23,6 @@ from oneday.planner.decide import (
     shape_key,
 )
 from oneday.planner.laws import EPOCH_2024, deepseek_batch_tokens, deepseek_lr, effective_tokens
-
-from oneday.errors import UserError
 
 PEAK = 989.4e12  # H100 SXM bf16
 HOUR = 3600.0

@@ -8,6 +8,8 @@ import types
 from collections import namedtuple
 
 import pytest
+
+from oneday.errors import UserError
 from oneday.planner import hardware
 from oneday.planner.hardware import (
     HardwareProbe,
@@ -18,8 +20,6 @@ from oneday.planner.hardware import (
     probe_hardware,
     resolve_peak_flops,
 )
-
-from oneday.errors import UserError
 
 
 def _nvml_missing() -> bool:

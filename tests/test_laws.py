@@ -6,6 +6,8 @@ import dataclasses
 import math
 
 import pytest
+
+from oneday.errors import UserError
 from oneday.planner.laws import (
     EPOCH_2024,
     HOFFMANN_2022,
@@ -18,8 +20,6 @@ from oneday.planner.laws import (
     lr_horizon_correction,
     porian_optimal_n,
 )
-
-from oneday.errors import UserError
 
 
 @pytest.mark.parametrize("law", [EPOCH_2024, HOFFMANN_2022], ids=lambda law: law.name)

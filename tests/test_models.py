@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, GraniteForCausalLM, LlamaForCausalLM
+
 from oneday.models.build import build_model, count_parameters, hf_config, init_weights, param_groups
 from oneday.models.spec import MAX_SEQ_LEN, ModelSpec, SpecError
-from transformers import AutoModelForCausalLM, GraniteForCausalLM, LlamaForCausalLM
 
 
 @pytest.fixture(autouse=True)

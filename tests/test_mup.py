@@ -40,6 +40,7 @@ import math
 
 import pytest
 import torch
+
 from oneday.models.build import build_model, param_groups
 from oneday.models.spec import ModelSpec
 

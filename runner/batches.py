@@ -1,0 +1,102 @@
+"""Training windows drawn without replacement in a seeded order, addressed by one integer cursor.
+
+The train set is one flat array of token ids (a read-only memmap for large corpora). A window is
+seq_len + 1 consecutive tokens (inputs and the next-token targets). Each epoch cuts the array into
+non-overlapping windows at stride seq_len, shifted by a random phase in [0, seq_len) so that later epochs see
+other window boundaries, and visits them in a random permutation; both are seeded by (seed, epoch). Window
+number `cursor` overall is therefore a pure function of (seed, cursor): the data position a checkpoint stores
+is that one integer, and a resumed run reads exactly the windows an uninterrupted run would have read.
+
+Distributed: a global step of W ranks consumes W·n consecutive cursor positions; rank r takes the r-th
+block of n, so ranks read disjoint windows and the union is what one process would read.
+
+Windows are gathered by fancy indexing on the memmap, which touches only their pages: the corpus is never
+copied into RAM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from oneday.errors import UserError
+
+
+class WindowSampler:
+    """Windows of `seq_len + 1` tokens from `tokens`, without replacement within an epoch."""
+
+    def __init__(self, tokens: np.ndarray, *, seq_len: int, seed: int) -> None:
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be a flat array, got shape {tokens.shape}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = int(seed)
+        # Every phase p ∈ [0, seq_len) must fit the same count n: p + n·seq_len + 1 <= len, worst p = seq_len − 1.
+        self.windows_per_epoch = (len(tokens) - seq_len) // seq_len
+        if self.windows_per_epoch < 1:
+            raise UserError(
+                f"the training set has {len(tokens)} tokens, too few for one window of seq_len + 1 = "
+                f"{seq_len + 1} tokens at every offset (need at least {2 * seq_len})"
+            )
+        self._order: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
+        """(phase, permutation of window indices) for `epoch`, cached for the two most recent epochs."""
+        if epoch not in self._order:
+            rng = np.random.default_rng([self.seed, epoch])
+            phase = int(rng.integers(0, self.seq_len))
+            perm = rng.permutation(self.windows_per_epoch)
+            if len(self._order) >= 2:  # a batch spans at most two epochs
+                del self._order[min(self._order)]
+            self._order[epoch] = (phase, perm)
+        return self._order[epoch]
+
+    def epoch(self, cursor: int) -> int:
+        """The epoch window number `cursor` belongs to (0 for the first pass over the data)."""
+        return cursor // self.windows_per_epoch
+
+    def starts(self, cursor: int, n: int, *, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Token offsets of the `n` windows rank `rank` reads from the W·n windows starting at `cursor`."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        first = cursor + rank * n
+        positions = np.arange(first, first + n, dtype=np.int64)
+        epochs = positions // self.windows_per_epoch
+        out = np.empty(n, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            phase, perm = self._epoch_order(int(epoch))
+            mask = epochs == epoch
+            out[mask] = phase + perm[positions[mask] % self.windows_per_epoch] * self.seq_len
+        return out
+
+    def batch(self, cursor: int, n: int, *, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """int64 array [n, seq_len + 1]: this rank's share of the W·n windows starting at `cursor`."""
+        starts = self.starts(cursor, n, rank=rank, world_size=world_size)
+        index = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
+        return np.asarray(self.tokens[index], dtype=np.int64)
+
+
+def val_windows(val_tokens: np.ndarray, *, seq_len: int, max_tokens: int) -> np.ndarray:
+    """The fixed validation set: contiguous windows from the start, int64 [n, seq_len + 1].
+
+    Window i covers tokens [i·seq_len, i·seq_len + seq_len + 1), so every target is scored once; n is the
+    largest count with n·seq_len <= max_tokens that the array holds (at least one).
+    """
+    available = (len(val_tokens) - 1) // seq_len
+    if available < 1:
+        raise UserError(
+            f"the validation set has {len(val_tokens)} tokens, too few for one window of {seq_len + 1} tokens"
+        )
+    n = max(1, min(available, max_tokens // seq_len))
+    index = np.arange(n, dtype=np.int64)[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
+    return np.asarray(val_tokens[index], dtype=np.int64)
+
+
+def val_batches(val_tokens: np.ndarray, *, seq_len: int, max_tokens: int, batch_size: int = 8) -> list[np.ndarray]:
+    """`val_windows` cut into batches of at most `batch_size` windows (the last may be smaller)."""
+    windows = val_windows(val_tokens, seq_len=seq_len, max_tokens=max_tokens)
+    return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+__all__ = ["WindowSampler", "val_batches", "val_windows"]

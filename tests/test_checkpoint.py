@@ -1,0 +1,191 @@
+"""Checkpoints: atomic saves, keep-k pruning, fallback past a corrupt newest one, weights_only, tied weights."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oneday.errors import UserError
+from oneday.models.build import build_model, param_groups
+from oneday.runner import checkpoint as checkpoint_module
+from oneday.runner.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng
+from tests.factories import tiny_model
+
+torch.set_num_threads(1)
+
+
+def _model_and_optimizer(*, tied: bool = False, seed: int = 0):
+    spec = tiny_model(tied_embeddings=tied, vocab_size=128, seq_len=16)
+    model = build_model(spec, seed=seed)
+    optimizer = torch.optim.AdamW(param_groups(model, spec, lr=1e-3, weight_decay=0.1), fused=True)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model(input_ids=ids).logits.square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return model, optimizer
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "tokens": step * 100, "cursor": step * 4, "lr_scale": 1.0, "rng": capture_rng()}
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_weights_optimizer_state(tmp_path: Path, tied: bool) -> None:
+    model, optimizer = _model_and_optimizer(tied=tied)
+    store = CheckpointStore(tmp_path, keep=2)
+    path = store.save(model=model, optimizer=optimizer, state=_state(12))
+    assert path.name == "step-00000012"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors", "optimizer.pt", "state.pt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp folder left behind"
+
+    fresh, fresh_opt = _model_and_optimizer(tied=tied, seed=1)
+    assert not _same_weights(model, fresh)
+    ckpt = store.latest()
+    assert ckpt is not None and ckpt.step == 12 and ckpt.state["tokens"] == 1200 and ckpt.skipped == ()
+    ckpt.restore(fresh, fresh_opt)
+    assert _same_weights(model, fresh)
+    if tied:
+        assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    a, b = optimizer.state_dict(), fresh_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for key, value in a["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, b["state"][key][name])
+
+
+def test_uncompiled_names_without_wrapper_prefixes(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model, optimizer = _model_and_optimizer()
+
+    class Wrapped(torch.nn.Module):  # stands in for torch.compile's OptimizedModule
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+    path = CheckpointStore(tmp_path, keep=1).save(model=Wrapped(model), optimizer=optimizer, state=_state(1))
+    with safe_open(path / "model.safetensors", framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and not any(k.startswith(("_orig_mod", "module.")) for k in keys)
+
+
+def test_files_load_with_weights_only(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    path = CheckpointStore(tmp_path, keep=1).save(model=model, optimizer=optimizer, state=_state(3))
+    for name in ("optimizer.pt", "state.pt"):
+        torch.load(path / name, weights_only=True)  # raises if anything needs arbitrary unpickling
+
+
+def test_rng_states_round_trip_through_weights_only(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    saved = capture_rng()
+    torch.save(saved, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_keeps_the_newest_k(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=2)
+    for step in (1, 5, 20, 100):
+        store.save(model=model, optimizer=optimizer, state=_state(step))
+    assert [p.name for p in store.folders()] == ["step-00000020", "step-00000100"]
+    store.save(model=model, optimizer=optimizer, state=_state(100))  # the same step again replaces it
+    assert [p.name for p in store.folders()] == ["step-00000020", "step-00000100"]
+
+
+def test_crash_mid_save_leaves_previous_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(model=model, optimizer=optimizer, state=_state(10))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while writing the optimizer state
+
+    monkeypatch.setattr(checkpoint_module, "_torch_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(model=model, optimizer=optimizer, state=_state(20))
+    monkeypatch.undo()
+    assert [p.name for p in store.folders()] == ["step-00000010"]
+    assert store.latest().step == 10
+    # a temp folder left by a real crash (no cleanup ran) is never mistaken for a checkpoint, and is cleared
+    (tmp_path / ".tmp-step-00000030-999").mkdir()
+    (tmp_path / ".tmp-step-00000030-999" / "model.safetensors").write_bytes(b"partial")
+    assert store.latest().step == 10
+    store.save(model=model, optimizer=optimizer, state=_state(40))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_disk_full_is_a_clear_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(model=model, optimizer=optimizer, state=_state(10))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"disk is full.*step-00000010 is kept") as info:
+        store.save(model=model, optimizer=optimizer, state=_state(20))
+    assert isinstance(info.value, UserError)
+    assert "No space left on device" in str(info.value)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".tmp-*")), "temp folder not cleaned"
+    assert store.latest().step == 10
+
+
+def test_truncated_newest_falls_back_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=3)
+    for step in (10, 20):
+        store.save(model=model, optimizer=optimizer, state=_state(step))
+    newest = tmp_path / "step-00000020" / "optimizer.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="oneday.runner.checkpoint"):
+        ckpt = store.latest()
+    assert ckpt is not None and ckpt.step == 10
+    assert len(ckpt.skipped) == 1 and ckpt.skipped[0].startswith("step-00000020: ")
+    assert "step-00000020" in caplog.text and "optimizer.pt" in caplog.text and "truncated" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_corrupt_file_of_the_right_size_also_falls_back(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=3)
+    for step in (10, 20):
+        store.save(model=model, optimizer=optimizer, state=_state(step))
+    weights = tmp_path / "step-00000020" / "model.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)  # same size, garbage header
+    ckpt = store.latest()
+    assert ckpt.step == 10 and ckpt.skipped[0].startswith("step-00000020: ")
+    # nothing loadable at all: None, not an exception
+    (tmp_path / "step-00000010" / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    assert store.latest() is None
+
+
+def test_wrong_model_is_refused(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save(model=model, optimizer=optimizer, state=_state(1))
+    other = build_model(tiny_model(vocab_size=128, seq_len=16, n_layer=3))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        store.latest().restore(other)
+
+
+def test_unwritable_folder_is_a_user_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointError, match="cannot create"):
+        CheckpointStore(blocker / "ckpt", keep=1)
