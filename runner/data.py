@@ -1,0 +1,694 @@
+"""The data pipeline: a corpus in, cached flat token files out (issue #2; DESIGN.md section 4).
+
+`prepare_data(spec)` reads a corpus (see `oneday.runner.sources` for the spec syntax and what a document
+is), trains a byte-level BPE tokenizer on it or loads a given one, tokenizes every document, holds out a
+validation set by whole documents, and writes a cache entry ``<cache>/data/<key>/``:
+
+- ``train.bin``, ``val.bin`` -- flat token ids (uint16 when the vocabulary fits, else uint32), every
+  document followed by the end-of-text token (so token counts include one end-of-text token per document);
+- ``tokenizer/`` -- the tokenizer, loadable with ``AutoTokenizer.from_pretrained``;
+- ``meta.json`` -- counts, bytes per token, settings and timings (`PreparedData.metadata()`).
+
+The key hashes everything that decides the output (the bytes of every file taken, or the hub dataset's
+name, config, split and revision; the tokenizer's files or training settings; the text column; the
+document and split rules; `FORMAT_VERSION`), so preparing the same input again does no work, and a changed
+file gets a new entry. An entry is built in a temporary directory beside it and renamed into place only
+when complete; a failure removes the temporary directory, so a cache entry is never half-written.
+
+Validation split: documents are ordered by a hash of their text (so the choice is deterministic, does not
+depend on file order, and identical documents land on the same side) and taken in that order until the
+validation set holds ``clamp(0.5% of all tokens, 8,192, 10,000,000)`` tokens, skipping documents that would
+overshoot that target by more than half. 0.5% is plenty for a 10 GB corpus (~12M tokens, capped at 10M:
+evaluation reads a fixed subset anyway); 8,192 tokens is the least that gives a usable loss estimate
+(32 windows of 256) on a 0.75 MB corpus. A corpus with fewer than 10 documents or fewer than 81,920
+tokens (where 8,192 would exceed 10%) is refused as too small to split.
+
+Tokenizer training reads at most `TOKENIZER_SAMPLE_CHARS` (200M characters) of text, taken as evenly
+spaced batches across the corpus: the merges of an 8k-64k vocabulary are settled long before that, while
+training time and memory keep growing with the text.
+
+Speed: documents are encoded in batches of ~2M characters with the `tokenizers` library's
+`encode_batch_fast` (Rust, all cores), and each batch becomes one numpy array (ids flattened with
+`np.fromiter`, end-of-text tokens put in with `np.insert`) appended to the token file; nothing iterates
+over tokens in Python, and no Arrow copy of the text or the ids is written. The Rust encoder is the
+bottleneck -- the same one `datasets.map(batched=True)` calls through transformers -- so the tokenizing
+step runs at least as fast as `datasets.map` (bench/data_throughput.py measures both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oneday.errors import UserError
+from oneday.paths import cache_dir as resolve_cache_dir
+from oneday.progress import NULL_PROGRESS, Progress, Task
+from oneday.runner.sources import (
+    DOC_MAX_CHARS,
+    DOC_TARGET_CHARS,
+    ReadStats,
+    Source,
+    hub_offline_reason,
+    resolve_source,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+TOKENIZER_SUBDIR = "tokenizer"
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = (EOT,)
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
+MAX_VOCAB_SIZE = 2**32
+DEFAULT_VOCAB_SIZE = 8192
+UINT16_MAX_VOCAB = 2**16
+
+VAL_FRACTION = 0.005
+VAL_MIN_TOKENS = 8192
+VAL_MAX_TOKENS = 10_000_000
+VAL_MAX_SHARE = 0.10
+VAL_OVERSHOOT = 1.5
+MIN_DOCUMENTS = 10
+
+TOKENIZER_SAMPLE_CHARS = 200_000_000
+BPE_MIN_FREQUENCY = 2
+BATCH_CHARS = 2 << 20
+MOVE_CHUNK_TOKENS = 8 << 20
+# Files of a tokenizer directory that do not decide the tokenizer and may be huge (model weights).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt"})
+_MAX_TOKENIZER_FILE_BYTES = 256 << 20
+_TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]+-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared corpus in the cache: where its files are and what they hold.
+
+    Token counts include the end-of-text token that follows every document. `from_cache` says whether
+    this call found the entry already prepared (it is not part of equality).
+    """
+
+    directory: Path
+    key: str
+    source: str
+    tokenizer_dir: Path
+    vocab_size: int
+    eot_id: int
+    dtype: str
+    train_tokens: int
+    val_tokens: int
+    train_documents: int
+    val_documents: int
+    text_bytes: int
+    val_text_bytes: int
+    from_cache: bool = field(default=False, compare=False)
+
+    def bytes_per_token(self) -> float:
+        """UTF-8 text bytes per token over both splits (end-of-text tokens counted as tokens)."""
+        return self.text_bytes / (self.train_tokens + self.val_tokens)
+
+    def val_bytes_per_token(self) -> float:
+        """Validation text bytes per validation token: val bits per byte = val loss (nats) / ln 2 / this."""
+        return self.val_text_bytes / self.val_tokens
+
+    def train_array(self) -> np.ndarray:
+        """The training tokens, memory-mapped read-only (nothing is loaded until indexed)."""
+        return np.memmap(self.directory / "train.bin", dtype=self.dtype, mode="r")
+
+    def val_array(self) -> np.ndarray:
+        """The validation tokens, memory-mapped read-only."""
+        return np.memmap(self.directory / "val.bin", dtype=self.dtype, mode="r")
+
+    def metadata(self) -> dict[str, Any]:
+        """The entry's meta.json (counts, settings, timings), as written when it was prepared."""
+        return json.loads((self.directory / META_FILE).read_text(encoding="utf-8"))
+
+
+def choose_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype that holds every id below `vocab_size` (uint16 halves disk and I/O)."""
+    if vocab_size <= UINT16_MAX_VOCAB:
+        return "uint16"
+    if vocab_size <= MAX_VOCAB_SIZE:
+        return "uint32"
+    raise UserError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+                        f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special token)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size:,} is too large: token files hold at most 2**32 ids")
+
+
+def _val_target(total_tokens: int) -> int:
+    return min(VAL_MAX_TOKENS, max(VAL_MIN_TOKENS, math.ceil(VAL_FRACTION * total_tokens)))
+
+
+def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the documents held out for validation; the rules are in the module docstring.
+
+    Raises UserError when the corpus is too small to split, or its documents too large to hold out about
+    the target without taking much more.
+    """
+    ndocs = len(doc_tokens)
+    total = int(doc_tokens.sum(dtype=np.int64))
+    min_total = math.ceil(VAL_MIN_TOKENS / VAL_MAX_SHARE)
+    if ndocs < MIN_DOCUMENTS or total < min_total:
+        raise UserError(f"corpus too small to hold out a validation set: {ndocs:,} documents, {total:,} tokens; "
+                        f"need at least {MIN_DOCUMENTS} documents and {min_total:,} tokens")
+    target = _val_target(total)
+    cap = int(target * VAL_OVERSHOOT)
+    order = np.argsort(doc_hashes, kind="stable")
+    chosen: list[int] = []
+    taken = 0
+    for start in range(0, ndocs, 65536):
+        idx = order[start:start + 65536]
+        for i, n in zip(idx.tolist(), doc_tokens[idx].tolist(), strict=True):
+            if taken + n <= cap:
+                chosen.append(i)
+                taken += n
+                if taken >= target:
+                    return np.sort(np.asarray(chosen, dtype=np.int64))
+    raise UserError(f"cannot hold out ~{target:,} validation tokens by whole documents: the documents are too "
+                    f"large (largest {int(doc_tokens.max()):,} of {total:,} tokens); split them into smaller ones")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+@dataclass
+class _TokenizerRef:
+    origin: str  # "trained", "dir" or "hub"
+    name: str | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+    loaded: Any = None
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _resolve_tokenizer(tokenizer: str | None, vocab_size: int) -> _TokenizerRef:
+    """What tokenizer to use and its identity for the cache key (files hashed, or training settings)."""
+    if tokenizer is None:
+        return _TokenizerRef("trained", identity={
+            "train": "byte-level-bpe", "vocab_size": vocab_size, "min_frequency": BPE_MIN_FREQUENCY,
+            "sample_chars": TOKENIZER_SAMPLE_CHARS, "special_tokens": list(SPECIAL_TOKENS),
+            "tokenizers": _package_version("tokenizers"),
+        })
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        return _TokenizerRef("dir", name=str(path), identity={"dir": _hash_tokenizer_dir(path)})
+    if path.exists():
+        raise UserError(f"tokenizer {tokenizer} is a file; give the directory that holds it "
+                        "(tokenizer.json, tokenizer_config.json)")
+    if tokenizer.startswith(("/", ".", "~")) or tokenizer.count("/") > 1:
+        raise UserError(f"tokenizer directory not found: {tokenizer}")
+    reason = hub_offline_reason()
+    tok = _auto_tokenizer(tokenizer, local_files_only=reason is not None, offline_reason=reason)
+    digest = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() \
+        if getattr(tok, "backend_tokenizer", None) is not None else repr(sorted(tok.get_vocab().items()))
+    return _TokenizerRef("hub", name=tokenizer, identity={"hub": tokenizer, "sha256": digest}, loaded=tok)
+
+
+def _hash_tokenizer_dir(path: Path) -> list[dict[str, str]]:
+    """Hash the top-level files of a tokenizer directory (weights skipped: a model directory also works).
+
+    Refuses a directory without tokenizer files at once, before anything is hashed or loaded (passing a
+    data directory by mistake must not hash gigabytes).
+    """
+    import xxhash
+
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not any(p.name in _TOKENIZER_FILES or p.suffix == ".model" for p in files):
+        raise UserError(f"{path} is not a tokenizer directory (no {', '.join(sorted(_TOKENIZER_FILES))})")
+    entries = []
+    for f in files:
+        if f.suffix in _WEIGHT_SUFFIXES or f.stat().st_size > _MAX_TOKENIZER_FILE_BYTES:
+            continue
+        entries.append({"path": f.name, "xxh3_128": xxhash.xxh3_128(f.read_bytes()).hexdigest()})
+    return entries
+
+
+def _auto_tokenizer(name: str, *, local_files_only: bool = False, offline_reason: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+    except Exception as exc:  # OSError, ValueError, hub errors: all mean "cannot load this tokenizer"
+        log.debug("data: loading tokenizer %s failed", name, exc_info=True)
+        if offline_reason:
+            raise UserError(f"tokenizer {name!r} is not a local directory and not in the Hugging Face cache, "
+                            f"and the hub is not available ({offline_reason})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load tokenizer {name!r}: {first}") from None
+
+
+def _eot_id(tok: Any, name: str) -> int:
+    if tok.eos_token_id is not None:
+        return int(tok.eos_token_id)
+    if EOT in tok.get_vocab():
+        return int(tok.convert_tokens_to_ids(EOT))
+    raise UserError(f"tokenizer {name} has no end-of-text token (no eos token and no {EOT})")
+
+
+def _training_texts(source: Source, *, work_dir: Path, task: Task) -> Iterator[str]:
+    """Documents for tokenizer training: evenly spaced batches, at most TOKENIZER_SAMPLE_CHARS in all."""
+    total = source.total_bytes
+    stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total else 1
+    taken = 0
+    batches = source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=ReadStats(), quiet=True)
+    for i, (docs, nbytes) in enumerate(batches):
+        task.advance(nbytes)
+        if i % stride:
+            continue
+        yield from docs
+        taken += sum(len(d) for d in docs)
+        if taken >= TOKENIZER_SAMPLE_CHARS:
+            log.info("data: tokenizer trained on a %d-character sample of the corpus", taken)
+            break
+
+
+def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress: Progress) -> Any:
+    """Train a byte-level BPE (GPT-2 style pre-tokenization, `<|endoftext|>` special) on the corpus.
+
+    Returned wrapped as a transformers `PreTrainedTokenizerFast` (eos = bos = unk = pad = `<|endoftext|>`;
+    unk is never produced by a byte-level model) so `save_pretrained` writes files that
+    `AutoTokenizer.from_pretrained` loads. The wrapper comes from `transformers.tokenization_utils_tokenizers`,
+    which does not import torch.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=BPE_MIN_FREQUENCY,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    failure: list[BaseException] = []
+    seen = [0]
+
+    def texts(task: Task) -> Iterator[str]:
+        # Exceptions raised inside an iterator consumed by Rust come back re-wrapped; keep the original.
+        try:
+            for doc in _training_texts(source, work_dir=work_dir, task=task):
+                seen[0] += 1
+                yield doc
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    with progress.task(f"training tokenizer (vocab {vocab_size:,})", total=source.total_bytes, unit="B") as task:
+        try:
+            bpe.train_from_iterator(texts(task), trainer)
+        except BaseException:
+            if failure:
+                raise failure[0] from None
+            raise
+    if failure:
+        raise failure[0]
+    if seen[0] == 0:
+        raise UserError(f"no text in {source.description}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT, unk_token=EOT,
+                                  pad_token=EOT, clean_up_tokenization_spaces=False)
+    if len(tok) < vocab_size:
+        log.info("data: the tokenizer has %d tokens, fewer than the %d asked for (no pair in the text "
+                 "occurs %d times to merge further)", len(tok), vocab_size, BPE_MIN_FREQUENCY)
+    return tok
+
+
+def _batch_encoder(tok: Any) -> Callable[[list[str]], list[list[int]]]:
+    """A function from documents to token ids without special tokens, truncation or padding.
+
+    Fast tokenizers encode through a copy of their Rust backend with `encode_special_tokens` on, so a
+    document containing the literal text `<|endoftext|>` is tokenized as text, never as a separator.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        log.warning("data: the tokenizer is not a fast (Rust) tokenizer; tokenizing will be slow")
+        return lambda docs: tok(docs, add_special_tokens=False)["input_ids"]
+    from tokenizers import Tokenizer
+
+    enc = Tokenizer.from_str(backend.to_str())
+    enc.no_truncation()
+    enc.no_padding()
+    enc.encode_special_tokens = True
+    encode = getattr(enc, "encode_batch_fast", enc.encode_batch)
+    return lambda docs: [e.ids for e in encode(docs, add_special_tokens=False)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizing and splitting
+
+
+@dataclass
+class _DocTable:
+    tokens: np.ndarray  # per document, including its end-of-text token
+    text_bytes: np.ndarray
+    hashes: np.ndarray
+    max_id: int
+
+
+def _tokenize_corpus(source: Source, encode: Callable[[list[str]], list[list[int]]], *, eot_id: int,
+                     dtype: str, out_path: Path, work_dir: Path, stats: ReadStats,
+                     progress: Progress) -> _DocTable:
+    """Tokenize every document into `out_path` (each followed by `eot_id`); return per-document numbers."""
+    import xxhash
+
+    tokens: list[np.ndarray] = []
+    nbytes: list[np.ndarray] = []
+    hashes: list[np.ndarray] = []
+    max_id = eot_id
+    with open(out_path, "wb") as out, \
+            progress.task("tokenizing", total=source.total_bytes, unit="B") as task:
+        for docs, consumed in source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=stats):
+            if docs:
+                ids = encode(docs)
+                lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
+                if flat.size:
+                    max_id = max(max_id, int(flat.max()))
+                np.insert(flat, np.cumsum(lens), eot_id).tofile(out)
+                raw = [d.encode("utf-8") for d in docs]
+                tokens.append((lens + 1).astype(np.uint32))
+                nbytes.append(np.fromiter(map(len, raw), dtype=np.uint32, count=len(raw)))
+                hashes.append(np.fromiter(map(xxhash.xxh3_64_intdigest, raw), dtype=np.uint64, count=len(raw)))
+            task.advance(consumed)
+    if not tokens:
+        raise UserError(f"no text in {source.description}")
+    return _DocTable(np.concatenate(tokens), np.concatenate(nbytes), np.concatenate(hashes), max_id)
+
+
+def _move(mm: np.ndarray, src: int, end: int, dst: int) -> None:
+    """Copy mm[src:end] to mm[dst:...] (dst <= src) in chunks, so memory stays bounded."""
+    if src == dst:
+        return
+    for start in range(src, end, MOVE_CHUNK_TOKENS):
+        stop = min(end, start + MOVE_CHUNK_TOKENS)
+        mm[dst + (start - src):dst + (stop - src)] = mm[start:stop]
+
+
+def _split_token_file(all_path: Path, *, train_path: Path, val_path: Path, doc_tokens: np.ndarray,
+                      val_idx: np.ndarray, dtype: str) -> None:
+    """Write the validation documents to val.bin, compact the rest in place, and rename it train.bin.
+
+    In place, so a 10 GB corpus needs no second 10 GB copy on disk; only the validation documents
+    (at most VAL_MAX_TOKENS * 1.5 tokens) are copied.
+    """
+    offsets = np.concatenate([[0], np.cumsum(doc_tokens, dtype=np.int64)])
+    total = int(offsets[-1])
+    mm = np.memmap(all_path, dtype=dtype, mode="r+", shape=(total,))
+    with open(val_path, "wb") as f:
+        for i in val_idx.tolist():
+            mm[offsets[i]:offsets[i + 1]].tofile(f)
+    write = read = 0
+    for i in val_idx.tolist():
+        start = int(offsets[i])
+        _move(mm, read, start, write)
+        write += start - read
+        read = int(offsets[i + 1])
+    _move(mm, read, total, write)
+    write += total - read
+    mm.flush()
+    del mm
+    os.truncate(all_path, write * np.dtype(dtype).itemsize)
+    os.replace(all_path, train_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cache
+
+
+def _content_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Remove temporary build directories left by killed processes of this host (a crash cannot clean up)."""
+    host = _host()
+    for entry in root.glob(".tmp-*"):
+        m = _TMP_NAME.match(entry.name)
+        if m and m["host"] == host and not _pid_alive(int(m["pid"])):
+            log.info("data: removing %s, left by a process that no longer runs", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or directory) to disk, so a crash after the rename cannot leave a short token file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, entry: Path) -> None:
+    """Rename the finished build into place; if another process got there first, keep theirs."""
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if (entry / META_FILE).exists():
+            log.info("data: %s was prepared by another process meanwhile; using it", entry)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise
+
+
+def load_prepared(directory: str | os.PathLike[str]) -> PreparedData:
+    """Open a prepared cache entry; UserError if it is missing, from another format version, or incomplete."""
+    directory = Path(directory).expanduser()
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"no prepared data at {directory} ({META_FILE} is missing)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {meta_path}: {exc}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"prepared data at {directory} has format version {meta.get('format_version')}, "
+                        f"this oneday reads {FORMAT_VERSION}; prepare it again")
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for name, count in (("train.bin", meta["train_tokens"]), ("val.bin", meta["val_tokens"])):
+            path = directory / name
+            size = path.stat().st_size if path.is_file() else None
+            if size != count * itemsize:
+                raise UserError(f"prepared data at {directory} is incomplete: {name} has "
+                                f"{'no file' if size is None else f'{size} bytes'}, expected {count * itemsize}")
+        tokenizer_dir = directory / meta["tokenizer"]["path"]
+        if not tokenizer_dir.is_dir():
+            raise UserError(f"prepared data at {directory} is incomplete: no tokenizer directory")
+        return PreparedData(
+            directory=directory, key=meta["key"], source=meta["source"], tokenizer_dir=tokenizer_dir,
+            vocab_size=meta["vocab_size"], eot_id=meta["eot_id"], dtype=meta["dtype"],
+            train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"],
+            train_documents=meta["train_documents"], val_documents=meta["val_documents"],
+            text_bytes=meta["text_bytes"], val_text_bytes=meta["val_text_bytes"],
+        )
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{meta_path} lacks field {exc}; prepare the data again") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                 text_column: str | None = None, config: str | None = None, split: str | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None,
+                 progress: Progress | None = None) -> PreparedData:
+    """Prepare `spec` into cached token files (module docstring), or return the cached entry at once.
+
+    `tokenizer`: a local tokenizer directory or a hub name; None trains a byte-level BPE of `vocab_size`
+    tokens on the data. `text_column` picks the column of structured files (default: a column named
+    text/content/story/body/document..., else the only string column). `config` and `split` apply to hub
+    datasets. `cache_dir` overrides `$ONEDAY_CACHE` and ~/.cache/oneday.
+    """
+    started = time.perf_counter()
+    progress = progress or NULL_PROGRESS
+    _check_vocab_size(vocab_size)
+    source = resolve_source(spec, text_column=text_column, config=config, split=split)
+    tok_ref = _resolve_tokenizer(tokenizer, vocab_size)
+    if tok_ref.origin != "trained" and vocab_size != DEFAULT_VOCAB_SIZE:
+        log.info("data: --vocab-size is ignored with a given tokenizer")
+
+    t0 = time.perf_counter()
+    if source.kind == "local":
+        with progress.task(f"reading {len(source.files)} file{'s' * (len(source.files) != 1)}",
+                           total=source.total_bytes, unit="B") as task:
+            source_identity = source.identity(task)
+    else:
+        source_identity = source.identity()
+    hash_seconds = time.perf_counter() - t0
+    settings = {
+        "documents": {"target_chars": DOC_TARGET_CHARS, "max_chars": DOC_MAX_CHARS},
+        "validation": {"fraction": VAL_FRACTION, "min_tokens": VAL_MIN_TOKENS, "max_tokens": VAL_MAX_TOKENS,
+                       "max_share": VAL_MAX_SHARE, "overshoot": VAL_OVERSHOOT, "min_documents": MIN_DOCUMENTS},
+    }
+    key = _content_key({"format": FORMAT_VERSION, "source": source_identity, "tokenizer": tok_ref.identity,
+                        "settings": settings})
+
+    root = resolve_cache_dir(cache_dir) / "data"
+    entry = root / key
+    if (entry / META_FILE).exists():
+        try:
+            prepared = load_prepared(entry)
+        except UserError as exc:
+            log.warning("data: %s; preparing it again", exc)
+            broken = entry.with_name(f".tmp-{key}-{_host()}-{os.getpid()}-broken")
+            os.rename(entry, broken)
+            shutil.rmtree(broken, ignore_errors=True)
+        else:
+            log.info("data: %s is already prepared (%s); nothing to do", source.description, entry)
+            return dataclasses.replace(prepared, source=source.description, from_cache=True)
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{_host()}-{os.getpid()}-", dir=root))
+    try:
+        meta = _build(source, tok_ref, spec=spec, key=key, vocab_size=vocab_size, settings=settings,
+                      work_dir=tmp, progress=progress)
+        meta["seconds"]["hash"] = round(hash_seconds, 3)
+        meta["seconds"]["total"] = round(time.perf_counter() - started, 3)
+        shutil.rmtree(tmp / "hf-datasets", ignore_errors=True)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for name in ("train.bin", "val.bin", META_FILE, "."):
+            _fsync(tmp / name)
+        _publish(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prepared = load_prepared(entry)
+    log.info("data: prepared %s -> %s: %d train + %d val tokens, %.2f bytes/token, %.0f s",
+             source.description, entry, prepared.train_tokens, prepared.val_tokens,
+             prepared.bytes_per_token(), meta["seconds"]["total"])
+    return prepared
+
+
+def _build(source: Source, tok_ref: _TokenizerRef, *, spec: str, key: str, vocab_size: int,
+           settings: dict[str, Any], work_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Do the work into `work_dir`: tokenizer, token files; return the metadata (written by the caller)."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if tok_ref.origin == "trained":
+        tok = train_tokenizer(source, vocab_size=vocab_size, work_dir=work_dir, progress=progress)
+    elif tok_ref.loaded is not None:
+        tok = tok_ref.loaded
+    else:
+        tok = _auto_tokenizer(tok_ref.name or "")
+    name = tok_ref.name or "trained byte-level BPE"
+    eot_id = _eot_id(tok, name)
+    tokenizer_dir = work_dir / TOKENIZER_SUBDIR
+    tok.save_pretrained(str(tokenizer_dir))
+    backend = getattr(tok, "backend_tokenizer", None)
+    id_space = max(len(tok), backend.get_vocab_size(with_added_tokens=True) if backend is not None else 0)
+    dtype = choose_dtype(id_space)
+    seconds["tokenizer"] = round(time.perf_counter() - t0, 3)
+
+    t0 = time.perf_counter()
+    stats = ReadStats()
+    all_path = work_dir / "all.bin"
+    table = _tokenize_corpus(source, _batch_encoder(tok), eot_id=eot_id, dtype=dtype, out_path=all_path,
+                             work_dir=work_dir, stats=stats, progress=progress)
+    seconds["tokenize"] = round(time.perf_counter() - t0, 3)
+    vocab = len(tok)
+    if table.max_id >= vocab:
+        log.warning("data: the tokenizer produced id %d, beyond its length %d; reporting vocab size %d",
+                    table.max_id, vocab, table.max_id + 1)
+        vocab = table.max_id + 1
+
+    t0 = time.perf_counter()
+    val_idx = choose_validation(table.tokens, table.hashes)
+    _split_token_file(all_path, train_path=work_dir / "train.bin", val_path=work_dir / "val.bin",
+                      doc_tokens=table.tokens, val_idx=val_idx, dtype=dtype)
+    seconds["split"] = round(time.perf_counter() - t0, 3)
+
+    total_tokens = int(table.tokens.sum(dtype=np.int64))
+    val_tokens = int(table.tokens[val_idx].sum(dtype=np.int64))
+    text_bytes = int(table.text_bytes.sum(dtype=np.int64))
+    val_text_bytes = int(table.text_bytes[val_idx].sum(dtype=np.int64))
+    ndocs = len(table.tokens)
+    if stats.invalid_bytes:
+        log.warning("data: %d invalid UTF-8 bytes in %d file(s) were replaced with U+FFFD",
+                    stats.invalid_bytes, stats.files_with_invalid_bytes)
+    log.info("data: tokenized %d documents into %d tokens in %.1f s (%.0f tokens/s)", ndocs, total_tokens,
+             seconds["tokenize"], total_tokens / max(seconds["tokenize"], 1e-9))
+    return {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "source": source.description,
+        "spec": spec,
+        "spec_absolute": os.path.abspath(os.path.expanduser(spec)) if source.kind == "local" else spec,
+        "source_kind": source.kind,
+        "files": len(source.files),
+        "files_per_kind": source.files_per_kind,
+        "text_columns": dict(stats.text_columns),
+        "train_tokens": total_tokens - val_tokens,
+        "val_tokens": val_tokens,
+        "train_documents": ndocs - len(val_idx),
+        "val_documents": len(val_idx),
+        "text_bytes": text_bytes,
+        "val_text_bytes": val_text_bytes,
+        "bytes_per_token": text_bytes / total_tokens,
+        "val_bytes_per_token": val_text_bytes / val_tokens,
+        "vocab_size": vocab,
+        "eot_id": eot_id,
+        "dtype": dtype,
+        "tokenizer": {"path": TOKENIZER_SUBDIR, "origin": tok_ref.origin, "name": tok_ref.name,
+                      "class": type(tok).__name__},
+        "invalid_bytes_replaced": stats.invalid_bytes,
+        "empty_rows_skipped": stats.empty_rows,
+        "settings": {
+            "vocab_size_requested": vocab_size if tok_ref.origin == "trained" else None,
+            "text_column": source.text_column,
+            "hub": {"name": source.hub_name, "config": source.hub_config, "split": source.hub_split,
+                    "revision": source.hub_revision} if source.kind == "hub" else None,
+            "tokenizer_training": tok_ref.identity if tok_ref.origin == "trained" else None,
+            **settings,
+        },
+        "seconds": seconds,
+        "tokens_per_second": round(total_tokens / max(seconds["tokenize"], 1e-9)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "oneday_version": _package_version("oneday"),
+    }

@@ -1,0 +1,583 @@
+"""The data pipeline (oneday.runner.data / .sources): every source kind, the cache, the split, bad input.
+
+Corpora are written by the tests into tmp_path (a few hundred KB of pseudo-words, so a 300-400 token BPE
+trains and tokenizes in a fraction of a second); the cache is always under tmp_path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oneday.errors import UserError
+from oneday.runner import data as data_mod
+from oneday.runner.data import (
+    EOT,
+    VAL_MIN_TOKENS,
+    PreparedData,
+    choose_dtype,
+    choose_validation,
+    load_prepared,
+    prepare_data,
+)
+from oneday.runner.sources import DOC_MAX_CHARS, DOC_TARGET_CHARS, split_documents
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+VOCAB = 400
+
+_SYLLABLES = [c + v for c in "bdfghklmnprstvz" for v in "aeiou"] + ["th", "ch", "qu", "x"]
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(n))
+
+
+def _paragraph(rng: random.Random) -> str:
+    sentences = [_words(rng, rng.randint(4, 14)).capitalize() + rng.choice([".", ".", "!", "?"])
+                 for _ in range(rng.randint(2, 6))]
+    return " ".join(sentences)
+
+
+@functools.cache
+def make_rows(n: int, seed: int = 0) -> tuple[str, ...]:
+    """`n` documents of 1-3 paragraphs (~1 KB each), deterministic for a seed."""
+    rng = random.Random(seed)
+    return tuple("\n\n".join(_paragraph(rng) for _ in range(rng.randint(1, 3))) for _ in range(n))
+
+
+def make_text(n_paragraphs: int = 1000, seed: int = 0) -> str:
+    """Blank-line-separated paragraphs: 1000 make ~230 KB, ~110k tokens at vocab 400."""
+    rng = random.Random(seed)
+    return "\n\n".join(_paragraph(rng) for _ in range(n_paragraphs)) + "\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def prepare(spec: str | Path, cache: Path, **kwargs) -> PreparedData:
+    kwargs.setdefault("vocab_size", VOCAB)
+    return prepare_data(str(spec), cache_dir=cache, **kwargs)
+
+
+def segments(p: PreparedData) -> list[np.ndarray]:
+    """The documents of both token files, as arrays of ids between end-of-text tokens."""
+    out = []
+    for arr in (p.train_array(), p.val_array()):
+        arr = np.asarray(arr)
+        ends = np.flatnonzero(arr == p.eot_id)
+        assert len(ends) and ends[-1] == len(arr) - 1, "every document ends with the end-of-text token"
+        out.extend(np.split(arr, ends + 1)[:-1])
+    return [s[:-1] for s in out]
+
+
+def check_counts(p: PreparedData) -> None:
+    itemsize = np.dtype(p.dtype).itemsize
+    assert (p.directory / "train.bin").stat().st_size == p.train_tokens * itemsize
+    assert (p.directory / "val.bin").stat().st_size == p.val_tokens * itemsize
+    assert int((p.train_array() == p.eot_id).sum()) == p.train_documents
+    assert int((p.val_array() == p.eot_id).sum()) == p.val_documents
+    assert int(p.train_array().max()) < p.vocab_size
+    meta = p.metadata()
+    for name in ("train_tokens", "val_tokens", "train_documents", "val_documents", "text_bytes",
+                 "val_text_bytes", "vocab_size", "eot_id", "dtype", "key"):
+        assert meta[name] == getattr(p, name), name
+    assert meta["bytes_per_token"] == pytest.approx(p.bytes_per_token())
+    assert p.val_bytes_per_token() == pytest.approx(p.val_text_bytes / p.val_tokens)
+    assert VAL_MIN_TOKENS <= p.val_tokens <= 0.15 * (p.train_tokens + p.val_tokens)
+
+
+@pytest.fixture(scope="module")
+def auto_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained
+
+
+# ----------------------------------------------------------------------------------------------------
+# Source kinds
+
+
+def test_txt_file_counts_and_round_trip(tmp_path: Path, cache: Path, auto_tokenizer) -> None:
+    text = make_text()
+    f = write(tmp_path / "corpus.txt", text)
+    p = prepare(f, cache)
+    check_counts(p)
+    assert p.dtype == "uint16" and not p.from_cache
+    assert p.source == f"{f} (1 .txt)"
+    meta = p.metadata()
+    assert meta["files_per_kind"] == {"txt": 1}
+    expected, _ = split_documents(text, final=True)
+    assert meta["text_bytes"] == sum(len(d.encode()) for d in expected)
+    assert p.train_documents + p.val_documents == len(expected)
+    assert all(len(d) <= DOC_MAX_CHARS for d in expected)
+    assert sum(len(d) >= DOC_TARGET_CHARS - 16 for d in expected) >= len(expected) - 1  # the last is shorter
+
+    tok = auto_tokenizer(p.tokenizer_dir)
+    assert len(tok) == p.vocab_size == VOCAB
+    assert tok.eos_token_id == p.eot_id and tok.convert_ids_to_tokens(p.eot_id) == EOT
+    decoded = [tok.decode(s.tolist()) for s in segments(p)]
+    assert Counter(decoded) == Counter(expected)
+
+
+def test_jsonl_file(tmp_path: Path, cache: Path, auto_tokenizer) -> None:
+    rows = make_rows(500, seed=1)
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "text": r}) + "\n" for i, r in enumerate(rows)))
+    p = prepare(f, cache)
+    check_counts(p)
+    assert p.train_documents + p.val_documents == len(rows)
+    assert p.metadata()["text_columns"] == {"text": 1}
+    assert p.text_bytes == sum(len(r.encode()) for r in rows)
+    tok = auto_tokenizer(p.tokenizer_dir)
+    sample = [tok.decode(s.tolist()) for s in segments(p)[:20]]
+    assert set(sample) <= set(rows)
+
+
+def test_json_file_picks_story_column(tmp_path: Path, cache: Path) -> None:
+    rows = make_rows(500, seed=2)
+    f = tmp_path / "stories.json"
+    f.write_text(json.dumps([{"title": f"t{i}", "story": r} for i, r in enumerate(rows)]))
+    p = prepare(f, cache)
+    check_counts(p)
+    assert p.train_documents + p.val_documents == len(rows)
+    assert p.metadata()["text_columns"] == {"story": 1}
+
+
+def test_parquet_file(tmp_path: Path, cache: Path) -> None:
+    import pandas as pd
+
+    rows = make_rows(500, seed=3)
+    f = tmp_path / "rows.parquet"
+    pd.DataFrame({"n": range(len(rows)), "content": list(rows)}).to_parquet(f)
+    p = prepare(f, cache)
+    check_counts(p)
+    assert p.train_documents + p.val_documents == len(rows)
+    assert p.metadata()["files_per_kind"] == {"parquet": 1}
+
+
+def test_csv_file_only_string_column(tmp_path: Path, cache: Path) -> None:
+    import pandas as pd
+
+    rows = make_rows(500, seed=4)
+    f = tmp_path / "rows.csv"
+    pd.DataFrame({"n": range(len(rows)), "blurb": list(rows)}).to_csv(f, index=False)
+    p = prepare(f, cache)
+    check_counts(p)
+    assert p.train_documents + p.val_documents == len(rows)
+    assert p.metadata()["text_columns"] == {"blurb": 1}
+
+
+def test_text_column_option(tmp_path: Path, cache: Path) -> None:
+    rows = make_rows(500, seed=5)
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps({"text": "x", "other": r}) + "\n" for r in rows))
+    p = prepare(f, cache, text_column="other")
+    assert p.text_bytes == sum(len(r.encode()) for r in rows)
+
+
+def test_directory_recursive_counts_kinds(tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "corpus"
+    write(root / "a.txt", make_text(300, seed=6))
+    write(root / "sub" / "b.md", make_text(200, seed=7))
+    write(root / "sub" / "deeper" / "c.jsonl", "".join(json.dumps({"text": r}) + "\n" for r in make_rows(150, 8)))
+    write(root / "sub" / "empty.txt", "")
+    (root / "image.png").write_bytes(b"\x89PNG\0\0")
+    write(root / ".hidden" / "skip.txt", "never read " * 100)
+    with caplog.at_level(logging.INFO, logger="oneday.runner"):
+        p = prepare(root, cache)
+    check_counts(p)
+    assert p.source == f"3 files under {root} (1 .jsonl, 1 .md, 1 .txt)"
+    assert p.metadata()["files_per_kind"] == {"txt": 1, "md": 1, "jsonl": 1}
+    assert any("3 files under" in r.getMessage() for r in caplog.records)
+
+
+def test_glob(tmp_path: Path, cache: Path) -> None:
+    write(tmp_path / "d" / "one.txt", make_text(450, seed=9))
+    write(tmp_path / "d" / "two.txt", make_text(450, seed=10))
+    write(tmp_path / "d" / "three.md", make_text(100, seed=11))
+    p = prepare(tmp_path / "d" / "*.txt", cache)
+    check_counts(p)
+    assert p.metadata()["files_per_kind"] == {"txt": 2}
+    assert p.source.startswith("2 files matching")
+
+
+def test_builtin_pydoc(cache: Path, auto_tokenizer) -> None:
+    from pydoc_data.topics import topics
+
+    p = prepare("builtin:pydoc", cache, vocab_size=512)
+    check_counts(p)
+    assert p.source.startswith("builtin:pydoc")
+    assert p.train_documents + p.val_documents == sum(1 for t in topics.values() if t.strip())
+    tok = auto_tokenizer(p.tokenizer_dir)
+    texts = {t.strip("\n").rstrip() for t in topics.values()}
+    assert all(tok.decode(s.tolist()) in texts for s in segments(p)[:10])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "wikitext2").is_dir(), reason="../shared/data/wikitext2 not present")
+def test_wikitext2(cache: Path, auto_tokenizer) -> None:
+    p = prepare(SHARED_DATA / "wikitext2", cache, vocab_size=1024)
+    check_counts(p)
+    assert p.metadata()["files_per_kind"] == {"raw": 2}
+    assert p.train_tokens > 500_000 and 2.0 < p.bytes_per_token() < 4.0
+    tok = auto_tokenizer(p.tokenizer_dir)
+    first = tok.decode(segments(p)[0].tolist())
+    assert "\r" not in first and first.startswith(" = ")  # CRLF normalized, the first article's title
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_second_call_reuses_cache_without_work(tmp_path: Path, cache: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    f = write(tmp_path / "c.txt", make_text())
+    first = prepare(f, cache)
+    mtime = (first.directory / "train.bin").stat().st_mtime_ns
+
+    def boom(*args, **kwargs):
+        raise AssertionError("no tokenizing or training on a cache hit")
+
+    monkeypatch.setattr(data_mod, "_tokenize_corpus", boom)
+    monkeypatch.setattr(data_mod, "train_tokenizer", boom)
+    second = prepare(f, cache)
+    assert second.from_cache and not first.from_cache
+    assert second == first
+    assert (second.directory / "train.bin").stat().st_mtime_ns == mtime
+    assert [p.name for p in (cache / "data").iterdir()] == [first.key]
+
+
+def test_changed_file_gets_new_key(tmp_path: Path, cache: Path) -> None:
+    f = write(tmp_path / "c.txt", make_text())
+    first = prepare(f, cache)
+    write(f, make_text() + "\nOne more line.\n")
+    second = prepare(f, cache)
+    assert second.key != first.key and not second.from_cache
+    assert prepare(f, cache, vocab_size=VOCAB + 10).key != second.key  # settings are in the key too
+
+
+def test_same_content_elsewhere_same_key(tmp_path: Path, cache: Path) -> None:
+    text = make_text()
+    a = prepare(write(tmp_path / "a" / "c.txt", text), cache)
+    b = prepare(write(tmp_path / "b" / "c.txt", text), cache)
+    assert a.key == b.key and b.from_cache
+
+
+def test_given_tokenizer_directory(tmp_path: Path, cache: Path) -> None:
+    first = prepare(write(tmp_path / "a.txt", make_text()), cache)
+    other = write(tmp_path / "b.txt", make_text(seed=12))
+    p = prepare(other, cache, tokenizer=str(first.tokenizer_dir))
+    check_counts(p)
+    assert p.vocab_size == first.vocab_size and p.eot_id == first.eot_id
+    assert p.metadata()["tokenizer"]["origin"] == "dir"
+    assert p.key != prepare(other, cache).key
+
+
+def test_literal_end_of_text_in_text_is_not_a_separator(tmp_path: Path, cache: Path, auto_tokenizer) -> None:
+    text = make_text() + f"\n\nA document that mentions {EOT} in its text.\n"
+    p = prepare(write(tmp_path / "c.txt", text), cache)
+    check_counts(p)  # end-of-text count == documents: the literal was tokenized as text
+    tok = auto_tokenizer(p.tokenizer_dir)
+    assert any(EOT in tok.decode(s.tolist()) for s in segments(p))
+
+
+def test_load_prepared_missing_and_incomplete(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(UserError, match="no prepared data"):
+        load_prepared(tmp_path / "nothing")
+    p = prepare(write(tmp_path / "c.txt", make_text()), cache)
+    assert load_prepared(p.directory) == p
+    with open(p.directory / "train.bin", "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(UserError, match="incomplete"):
+        load_prepared(p.directory)
+    again = prepare(tmp_path / "c.txt", cache)  # a broken entry is prepared again
+    assert not again.from_cache and again == p
+
+
+def test_stale_temp_dir_of_dead_process_removed(tmp_path: Path, cache: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = int(proc.stdout)
+    stale = cache / "data" / f".tmp-abc123-{data_mod._host()}-{dead}-zz_9"
+    stale.mkdir(parents=True)
+    (stale / "all.bin").write_bytes(b"\0" * 10)
+    alive = cache / "data" / f".tmp-abc123-{data_mod._host()}-{os.getpid()}-zz_8"
+    alive.mkdir()
+    prepare(write(tmp_path / "c.txt", make_text()), cache)
+    assert not stale.exists() and alive.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Documents, split, dtype
+
+
+def test_split_documents_independent_of_blocks() -> None:
+    text = make_text(200, seed=13) + "x" * (DOC_MAX_CHARS * 2 + 5) + "\n" + make_text(50, seed=14)
+    whole, _ = split_documents(text, final=True)
+    pieces: list[str] = []
+    rest = ""
+    for i in range(0, len(text), 3001):
+        docs, rest = split_documents(rest + text[i:i + 3001], final=False)
+        pieces.extend(docs)
+    docs, _ = split_documents(rest, final=True)
+    pieces.extend(docs)
+    assert pieces == whole
+    assert max(len(d) for d in whole) == DOC_MAX_CHARS  # the over-long line was cut hard
+
+
+def test_choose_validation_deterministic_and_sized() -> None:
+    rng = np.random.default_rng(0)
+    lens = rng.integers(200, 2000, size=5000).astype(np.uint32)
+    hashes = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
+    val = choose_validation(lens, hashes)
+    total = int(lens.sum())
+    target = max(VAL_MIN_TOKENS, int(np.ceil(0.005 * total)))
+    assert target <= int(lens[val].sum()) <= 1.5 * target
+    assert np.array_equal(val, choose_validation(lens, hashes)) and np.all(np.diff(val) > 0)
+    with pytest.raises(UserError, match=r"too small .* 9 documents"):
+        choose_validation(lens[:9], hashes[:9])
+    with pytest.raises(UserError, match="too large"):
+        choose_validation(np.full(20, 15_000, np.uint32), hashes[:20])
+
+
+def test_choose_dtype() -> None:
+    assert choose_dtype(257) == "uint16"
+    assert choose_dtype(65536) == "uint16"
+    assert choose_dtype(65537) == "uint32"
+    assert choose_dtype(2**32) == "uint32"
+    with pytest.raises(UserError):
+        choose_dtype(2**32 + 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one clear UserError each
+
+
+def test_missing_path(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(UserError, match="no such file or directory") as err:
+        prepare(tmp_path / "nope.txt", cache)
+    assert "nope.txt" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_file(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(UserError, match="empty"):
+        prepare(write(tmp_path / "e.txt", ""), cache)
+
+
+def test_whitespace_only_file(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(UserError, match="no text in"):
+        prepare(write(tmp_path / "w.txt", "\n\n   \n"), cache)
+
+
+def test_directory_without_text(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.bin").write_bytes(b"\0\1")
+    (tmp_path / "bin" / "b.png").write_bytes(b"\0\1")
+    with pytest.raises(UserError, match=r"no text files under .* \(found 2 other files\)"):
+        prepare(tmp_path / "bin", cache)
+    write(tmp_path / "empties" / "a.txt", "")
+    with pytest.raises(UserError, match="all 1 files are empty"):
+        prepare(tmp_path / "empties", cache)
+
+
+def test_non_utf8_few_bytes_replaced(tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture,
+                                     auto_tokenizer) -> None:
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(make_text().encode() + "\n\nCaf\xe9 cr\xe8me.\n".encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="oneday.runner"):
+        p = prepare(f, cache)
+    check_counts(p)
+    assert p.metadata()["invalid_bytes_replaced"] == 2
+    assert any("replaced 2 invalid bytes" in r.getMessage() for r in caplog.records)
+    tok = auto_tokenizer(p.tokenizer_dir)
+    assert any("Caf\ufffd cr\ufffdme." in tok.decode(s.tolist()) for s in segments(p))
+
+
+def test_non_utf8_file_refused(tmp_path: Path, cache: Path) -> None:
+    f = tmp_path / "latin1_heavy.txt"
+    f.write_bytes(("\xe9t\xe9 \xe0 la for\xeat " * 2000).encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1_heavy.txt is not UTF-8 text: \d+ of \d+ bytes"):
+        prepare(f, cache)
+    g = tmp_path / "binary.txt"
+    g.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(UserError, match=r"binary\.txt is not text"):
+        prepare(g, cache)
+
+
+def test_jsonl_line_not_json(tmp_path: Path, cache: Path) -> None:
+    f = tmp_path / "broken.jsonl"
+    lines = [json.dumps({"text": r}) for r in make_rows(500, seed=15)]
+    lines[2] = '{"text": oops}'
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as err:
+        prepare(f, cache)
+    msg = str(err.value)
+    assert "broken.jsonl" in msg and "line 3" in msg and "\n" not in msg
+
+
+def test_missing_text_column_lists_columns(tmp_path: Path, cache: Path) -> None:
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "body": r}) + "\n" for i, r in enumerate(make_rows(20))))
+    with pytest.raises(UserError, match=r"no column 'words'; its columns are: id, body"):
+        prepare(f, cache, text_column="words")
+
+
+def test_several_text_columns_ask_for_one(tmp_path: Path, cache: Path) -> None:
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"a": r, "b": r}) + "\n" for r in make_rows(20)))
+    with pytest.raises(UserError, match=r"several text columns .* --text-column"):
+        prepare(f, cache)
+
+
+@pytest.mark.parametrize("offline_env", [True, False])
+def test_hub_name_offline_fails_fast(cache: Path, monkeypatch: pytest.MonkeyPatch, offline_env: bool) -> None:
+    if not offline_env:  # the quick socket check has to answer instead
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="Hugging Face hub is not available") as err:
+        prepare("roneneldan/TinyStories", cache)
+    assert time.perf_counter() - started < 5
+    assert "roneneldan/TinyStories" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hub_tokenizer_offline_fails_fast(tmp_path: Path, cache: Path) -> None:
+    from transformers import AutoTokenizer  # noqa: F401  (the import itself takes seconds; not timed)
+
+    f = write(tmp_path / "c.txt", make_text())
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="not in the Hugging Face cache"):
+        prepare(f, cache, tokenizer="oneday-tests/no-such-tokenizer")
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize(("vocab", "message"), [(256, "too small"), (2**32 + 1, "too large")])
+def test_vocab_size_bounds(tmp_path: Path, cache: Path, vocab: int, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        prepare(write(tmp_path / "c.txt", make_text()), cache, vocab_size=vocab)
+
+
+def test_corpus_too_small(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(UserError, match=r"corpus too small to hold out a validation set: \d+ documents, [\d,]+ tok"):
+        prepare(write(tmp_path / "small.txt", make_text(20)), cache)
+    assert [p.name for p in (cache / "data").iterdir()] == []
+
+
+def test_nothing_half_written_after_failure(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "mixed"
+    write(root / "a.txt", make_text())
+    write(root / "b.jsonl", '{"text": "fine"}\n{not json}\n')
+    with pytest.raises(UserError, match=r"b.jsonl, line 2"):  # raised while training the tokenizer
+        prepare(root, cache)
+    assert list((cache / "data").iterdir()) == []
+
+    good = write(tmp_path / "good.txt", make_text())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(data_mod, "_split_token_file", fail)  # fails after the token file is written
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(good, cache)
+    assert list((cache / "data").iterdir()) == []
+
+
+def test_runner_data_does_not_import_torch() -> None:
+    code = ("import sys, oneday.runner.data, oneday.runner.sources; "
+            "print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_hub_dataset_path_simulated(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub code path end to end, with the hub replaced by an in-memory streaming dataset."""
+    import datasets
+    import huggingface_hub
+
+    from oneday.runner import sources
+
+    rows = make_rows(500, seed=16)
+    calls: list[dict] = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append({"path": path, "name": name, **kwargs})
+        table = {"id": list(range(len(rows))), "story": list(rows)}
+        return datasets.Dataset.from_dict(table).to_iterable_dataset()  # in memory: no lock files anywhere
+
+    monkeypatch.setattr(sources, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo_id, **kw: type("Info", (), {"sha": "abc123"})())
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    p = prepare("hf:someone/stories", cache, config="small", split="validation")
+    check_counts(p)
+    assert p.train_documents + p.val_documents == len(rows)
+    assert p.source == "hub:someone/stories (small) split validation"
+    assert calls[-1]["path"] == "someone/stories" and calls[-1]["name"] == "small"
+    assert calls[-1]["streaming"] is True and calls[-1]["revision"] == "abc123"
+    assert p.metadata()["settings"]["hub"]["revision"] == "abc123"
+    assert prepare("hf:someone/stories", cache, config="small", split="validation").from_cache
+
+
+class RecordingProgress:
+    def __init__(self) -> None:
+        self.tasks: list[tuple[str, float | None, float]] = []
+
+    def task(self, description: str, *, total: float | None = None, unit: str = ""):
+        import contextlib
+
+        outer = self
+
+        class _Task:
+            done = 0.0
+
+            def advance(self, amount: float = 1.0) -> None:
+                self.done += amount
+
+            def update(self, *, completed=None, total=None, description=None) -> None:
+                pass
+
+        @contextlib.contextmanager
+        def cm():
+            t = _Task()
+            yield t
+            outer.tasks.append((description, total, t.done))
+
+        return cm()
+
+
+def test_progress_reports_each_phase(tmp_path: Path, cache: Path) -> None:
+    f = write(tmp_path / "c.txt", make_text())
+    progress = RecordingProgress()
+    prepare_data(str(f), vocab_size=VOCAB, cache_dir=cache, progress=progress)
+    names = [d for d, _, _ in progress.tasks]
+    assert names[0] == "reading 1 file" and names[1].startswith("training tokenizer") and names[2] == "tokenizing"
+    size = f.stat().st_size
+    assert all(total == size and done == size for _, total, done in progress.tasks)
+
+
+def test_tokenizer_not_a_tokenizer_directory(tmp_path: Path, cache: Path) -> None:
+    f = write(tmp_path / "corpus" / "c.txt", make_text())
+    with pytest.raises(UserError, match="is not a tokenizer directory"):
+        prepare(f, cache, tokenizer=str(tmp_path / "corpus"))
+    with pytest.raises(UserError, match="tokenizer directory not found"):
+        prepare(f, cache, tokenizer=str(tmp_path / "missing"))

@@ -1,0 +1,58 @@
+"""`oneday data prepare` through the real CLI app, and the import cost of the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from oneday.cli import app
+
+runner = CliRunner()
+
+
+def _args(cache: Path, *extra: str) -> list[str]:
+    return ["data", "prepare", "--data", "builtin:pydoc", "--vocab-size", "300", "--cache-dir", str(cache), *extra]
+
+
+def test_prepare_prints_table_then_uses_cache(tmp_path: Path) -> None:
+    first = runner.invoke(app, _args(tmp_path))
+    assert first.exit_code == 0, first.output
+    for word in ("prepared data", "builtin:pydoc", "documents", "train", "bytes/token", "uint16", "fresh",
+                 "tokens/s", str(tmp_path)):
+        assert word in first.stdout, word
+    second = runner.invoke(app, _args(tmp_path))
+    assert second.exit_code == 0, second.output
+    assert "hit: nothing prepared" in second.stdout
+
+
+def test_prepare_json(tmp_path: Path) -> None:
+    result = runner.invoke(app, _args(tmp_path, "--json"))
+    assert result.exit_code == 0, result.output
+    meta = json.loads(result.stdout)  # stdout holds the JSON and nothing else
+    assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
+    assert meta["from_cache"] is False
+    assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+    assert Path(meta["directory"], "train.bin").stat().st_size == 2 * meta["train_tokens"]
+    assert Path(meta["tokenizer_dir"]).is_dir()
+    again = json.loads(runner.invoke(app, _args(tmp_path, "--json")).stdout)
+    assert again["from_cache"] is True and again["key"] == meta["key"]
+
+
+def test_missing_path_exit_code_2_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such.txt"
+    result = runner.invoke(app, ["data", "prepare", "--data", str(missing), "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and "no such file or directory" in lines[0] and "such.txt" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_cli_import_is_light() -> None:
+    code = "import sys, oneday.cli; print(sorted(m for m in ('torch', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
