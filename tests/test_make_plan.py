@@ -1,0 +1,267 @@
+"""`make_plan` on this CPU: a real (tiny) plan end to end, and every refusal before any slow work."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from oneday.errors import UserError
+from oneday.plan import Plan, load_plan, save_plan
+from oneday.planner import make
+from oneday.planner.make import (
+    check_output_path,
+    default_plan_name,
+    load_calibration,
+    make_plan,
+)
+
+DATA = "builtin:pydoc"
+VOCAB = 512
+
+
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for this test session (the CLI tests use the same), so pydoc is prepared once."""
+    return tmp_path_factory.getbasetemp() / "oneday-plan-data-cache"
+
+
+def _plan(cache: Path, **overrides) -> Plan:
+    kwargs = dict(hours=1 / 60, data=DATA, vocab_size=VOCAB, device="cpu", probe_seconds=2.0, cache_dir=cache,
+                  command="test")
+    kwargs.update(overrides)
+    return make_plan(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory: pytest.TempPathFactory) -> Plan:
+    return _plan(shared_cache(tmp_path_factory))
+
+
+def test_plan_is_valid_and_round_trips(plan: Plan, tmp_path: Path) -> None:
+    path = save_plan(plan, tmp_path / "plan.json")
+    again = load_plan(path)
+    assert again == plan
+    assert Plan.from_dict(json.loads(path.read_text())) == plan
+
+
+def test_plan_contents(plan: Plan) -> None:
+    t, m = plan.train, plan.model
+    assert plan.hardware.device == t.device == "cpu"
+    assert t.precision == "fp32" and not t.compile and t.threads and t.threads >= 1
+    assert t.budget_seconds == pytest.approx(60.0)
+    assert t.train_seconds + t.reserve_seconds == pytest.approx(t.budget_seconds)
+    assert 0 < t.train_seconds < t.budget_seconds
+    assert t.seq_len == m.seq_len == 128  # the CPU default for budgets under 5 minutes
+    assert m.vocab_size >= plan.data.vocab_size == VOCAB and m.vocab_size % 64 == 0
+    assert t.micro_batch * t.seq_len <= 4096
+    assert t.planned_tokens == plan.prediction.tokens > 0
+    assert t.eval_every_seconds >= 30 and 60 <= t.checkpoint_every_seconds <= 1800
+    assert 1 <= t.eval_tokens <= plan.data.val_tokens
+    assert plan.prediction.loss_band[0] <= plan.prediction.loss <= plan.prediction.loss_band[1]
+    assert not plan.prediction.calibrated and plan.prediction.law == "epoch-2024"
+    assert plan.provenance.command == "test"
+    assert 0 < plan.provenance.probe_seconds < 30
+    assert plan.data.spec == DATA and Path(plan.data.path).is_dir() and plan.data.train_tokens > 0
+    assert plan.name == default_plan_name(DATA, budget_seconds=60.0, params_total=m.params_total())
+    assert plan.name.startswith("pydoc-1m-")
+    assert any("Measured" in r and "counts against the budget" in r for r in plan.reasons)
+    assert any(r.startswith("Reserved") for r in plan.reasons)
+    assert any(r.startswith("CPU: fp32") for r in plan.reasons)
+
+
+def test_chosen_candidate_is_marked(plan: Plan) -> None:
+    chosen = [c for c in plan.candidates if c.chosen]
+    assert len(chosen) == 1
+    c = chosen[0]
+    assert (c.n_layer, c.d_model, c.n_head) == (plan.model.n_layer, plan.model.d_model, plan.model.n_head)
+    assert c.params_scaling == plan.model.params_scaling()
+    assert c.tokens_per_s == pytest.approx(plan.prediction.tokens_per_s)
+    assert len(plan.candidates) >= 3
+    assert sum(c.measured for c in plan.candidates) >= 1
+    ns = [c.params_scaling for c in plan.candidates]
+    assert ns == sorted(ns) and ns[0] == min(ns)
+    assert (plan.candidates[0].n_layer, plan.candidates[0].d_model) == (2, 128)  # the smallest sensible shape
+
+
+def test_calibration_file_is_used(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"format_version": 1, "name": "pydoc-fit", "E": 1.0, "A": 300.0, "B": 900.0,
+                                "alpha": 0.3478, "beta": 0.3658, "source": "test fit", "points": []}))
+    plan = _plan(shared_cache(tmp_path_factory), calibration=str(path), probe_seconds=1.0, name="calibrated")
+    assert plan.name == "calibrated"
+    assert plan.prediction.calibrated and plan.prediction.law == "pydoc-fit"
+    assert plan.provenance.calibration == str(path.resolve())
+    assert any("calibrated" in r and "test fit" in r for r in plan.reasons)
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals: each is quick (nothing is probed or prepared) and one line
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hours": 0}, "must be more than 0"),
+        ({"hours": -1}, "must be more than 0"),
+        ({"hours": 20000}, "maximum of 10,000"),
+        ({"hours": math.nan}, "expected a number"),
+        ({"seq_len": 100000}, "above the model family's maximum of 32768"),
+        ({"seq_len": 8}, "below the minimum of 16"),
+        ({"probe_seconds": 0}, "--probe-seconds"),
+        ({"probe_seconds": 7200}, "--probe-seconds"),
+        ({"device": "tpu"}, "expected auto, cuda or cpu"),
+        ({"name": "  "}, "--name"),
+        ({"hours": 0.01 / 60, "probe_seconds": None}, "budget too small"),
+    ],
+)
+def test_bad_requests_fail_fast(tmp_path: Path, overrides: dict, message: str) -> None:
+    cache = tmp_path / "cache"
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=message) as info:
+        _plan(cache, **overrides)
+    assert "\n" not in str(info.value)
+    assert not cache.exists()  # no data was prepared
+    assert time.perf_counter() - started < 15
+
+
+def test_budget_too_small_says_the_numbers(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info:
+        _plan(tmp_path / "cache", hours=0.01 / 60, probe_seconds=None)
+    text = str(info.value)
+    assert "0.6 s" in text and "probing" in text and "start-up" in text
+
+
+def test_missing_data_path_passes_through(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does-not-exist"):
+        _plan(tmp_path / "cache", data=str(tmp_path / "does-not-exist"))
+
+
+def _no_gpu() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return True
+    pynvml.nvmlShutdown()
+    return False
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="an NVIDIA driver is present")
+def test_cuda_without_a_gpu(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--device cuda"):
+        _plan(tmp_path / "cache", device="cuda")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_seq_len_longer_than_the_data(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with pytest.raises(UserError, match="longer than the data allows"):
+        _plan(shared_cache(tmp_path_factory), seq_len=30000)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------
+def test_default_names() -> None:
+    assert default_plan_name("builtin:pydoc", budget_seconds=600, params_total=2_470_000) == "pydoc-10m-2.47M"
+    assert default_plan_name("../shared/data", budget_seconds=86400, params_total=124_000_000) == "data-24h-124M"
+    assert default_plan_name("hf:roneneldan/TinyStories", budget_seconds=5400, params_total=9e8) == (
+        "TinyStories-1.5h-900M"
+    )
+    assert default_plan_name("corpus/*.jsonl", budget_seconds=30, params_total=500_000) == "corpus-30s-500k"
+    assert default_plan_name("*.txt", budget_seconds=30, params_total=500_000) == "data-30s-500k"
+    assert default_plan_name("/x/tinyshakespeare.txt", budget_seconds=3600, params_total=2e9) == (
+        "tinyshakespeare-1h-2B"
+    )
+
+
+def _write(tmp_path: Path, raw) -> Path:
+    path = tmp_path / "cal.json"
+    path.write_text(raw if isinstance(raw, str) else json.dumps(raw))
+    return path
+
+
+GOOD = {"E": 1.5, "A": 400.0, "B": 2000.0, "alpha": 0.35, "beta": 0.37, "source": "fit"}
+
+
+def test_load_calibration(tmp_path: Path) -> None:
+    law = load_calibration(_write(tmp_path, GOOD))
+    assert (law.E, law.A, law.B, law.alpha, law.beta, law.source) == (1.5, 400.0, 2000.0, 0.35, 0.37, "fit")
+    assert law.name == "calibrated (cal.json)"
+    assert law.loss(1e6, 1e9) > law.E
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ([1, 2], "holds a JSON object"),
+        ({**GOOD, "alhpa": 0.3}, "alhpa: unknown key"),
+        ({k: v for k, v in GOOD.items() if k != "B"}, "B: missing"),
+        ({**GOOD, "A": "big"}, "A: expected a finite number"),
+        ({**GOOD, "E": -1}, "E: must be >= 0"),
+        ({**GOOD, "beta": 0}, r"beta: must be in \(0, 2\)"),
+        ({**GOOD, "source": ""}, "source"),
+        ({**GOOD, "format_version": 2}, "format_version"),
+        ({**GOOD, "E": 0, "A": 0, "B": 0}, "all 0"),
+    ],
+)
+def test_bad_calibration_files(tmp_path: Path, raw, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        load_calibration(_write(tmp_path, raw))
+
+
+def test_missing_calibration_file_fails_before_probing(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such calibration file"):
+        _plan(tmp_path / "cache", calibration=str(tmp_path / "nope.json"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_check_output_path(tmp_path: Path) -> None:
+    assert check_output_path(tmp_path / "plan.json") == tmp_path / "plan.json"
+    assert list(tmp_path.iterdir()) == []  # the write test leaves nothing behind
+    with pytest.raises(UserError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "plan.json")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        check_output_path(tmp_path / "file" / "plan.json")
+    with pytest.raises(UserError, match="is a folder"):
+        check_output_path(tmp_path)
+    with pytest.raises(UserError, match="cannot write"):
+        check_output_path("/proc/oneday-plan.json")  # a read-only file system, even for root
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write in a read-only folder")
+def test_check_output_path_read_only_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match="cannot write"):
+            check_output_path(folder / "plan.json")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_cadence_rules() -> None:
+    from oneday.models.spec import ModelSpec
+
+    spec = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=512, seq_len=256)
+    setup = make._Setup(device="cpu", dtype="fp32", compile=False, threads=1, memory_limit_bytes=1 << 30,
+                        probe_seconds=12)
+    c = make._cadence(spec, setup=setup, budget_seconds=600, val_tokens=100_000, forward_tokens_per_s=1e5,
+                      compile_seconds=0)
+    assert c.eval_every == 30 and c.eval_count == 20 and c.eval_tokens == 2**16
+    assert c.checkpoint_every == 60 and c.checkpoint_count == 10
+    day = make._cadence(spec, setup=setup, budget_seconds=86400, val_tokens=10**7, forward_tokens_per_s=1e5,
+                        compile_seconds=0)
+    assert day.eval_every == 86400 / 40 and day.checkpoint_every == 1800
+    # a slow device: smaller evaluations first, then fewer of them, within 5% of the budget
+    slow = make._cadence(spec, setup=setup, budget_seconds=600, val_tokens=100_000, forward_tokens_per_s=200,
+                         compile_seconds=0)
+    assert slow.eval_tokens == 8 * 257
+    assert slow.eval_count * slow.eval_each <= 0.05 * 600 + slow.eval_each
+    assert slow.eval_every > 30
