@@ -1,0 +1,159 @@
+"""`RunSummary`: what a run planned and what it achieved, written as `summary.json` in the run folder.
+
+Pure Python (no torch): the CLI, `oneday compare` and the calibration code read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oneday.errors import UserError
+
+SUMMARY_VERSION = 1
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Planned vs achieved for one run (all sessions of it, when it was resumed).
+
+    Times: `train_seconds` is time spent in training steps (the loop's clock, continued across resumes);
+    `wall_seconds` is wall time charged to the budget up to when this summary was written — process start
+    to now for this session, plus what earlier sessions had spent up to the checkpoint this one resumed from
+    (one-off data preparation excluded). `interrupted` runs (Ctrl-C) have a checkpoint to resume from and
+    `finished` False.
+    """
+
+    plan_name: str
+    plan_hash: str
+    run_dir: str
+    device: str
+    # planned
+    budget_seconds: float
+    planned_train_seconds: float
+    planned_tokens: int
+    planned_steps: int
+    predicted_tokens: int
+    predicted_loss: float
+    predicted_loss_band: tuple[float, float]
+    predicted_tokens_per_s: float
+    predicted_mfu: float
+    # achieved
+    steps: int
+    tokens: int
+    train_seconds: float
+    wall_seconds: float
+    session_wall_seconds: float
+    final_val_loss: float | None
+    final_val_bpb: float | None
+    mean_tokens_per_s: float
+    mfu: float
+    final_lr: float | None
+    skipped_steps: int
+    rollbacks: int
+    resumes: int
+    interrupted: bool
+    finished: bool
+    events: tuple[dict[str, Any], ...] = ()
+    data_prep_seconds: float = 0.0
+    model_dir: str | None = None
+    mlflow_run_id: str | None = None
+    mlflow_experiment: str | None = None
+    tracking_uri: str | None = None
+    tracking_error: str | None = None
+    oneday_version: str = ""
+    created: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    summary_version: int = SUMMARY_VERSION
+
+    # -- derived ----------------------------------------------------------------------------------------
+    def loss_gap(self) -> float | None:
+        """Achieved minus predicted final loss (negative: better than predicted)."""
+        return None if self.final_val_loss is None else self.final_val_loss - self.predicted_loss
+
+    def within_band(self) -> bool | None:
+        if self.final_val_loss is None:
+            return None
+        low, high = sorted(self.predicted_loss_band)
+        return low <= self.final_val_loss <= high
+
+    def tokens_gap(self) -> int:
+        """Achieved minus predicted tokens."""
+        return self.tokens - self.predicted_tokens
+
+    def tokens_ratio(self) -> float:
+        return self.tokens / self.predicted_tokens if self.predicted_tokens else float("nan")
+
+    def throughput_ratio(self) -> float:
+        return self.mean_tokens_per_s / self.predicted_tokens_per_s if self.predicted_tokens_per_s else float("nan")
+
+    def budget_used(self) -> float:
+        """Wall seconds charged / budget seconds."""
+        return self.wall_seconds / self.budget_seconds
+
+    # -- serialization ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["predicted_loss_band"] = list(self.predicted_loss_band)
+        raw["events"] = list(self.events)
+        raw["notes"] = list(self.notes)
+        raw["derived"] = {
+            "loss_gap": self.loss_gap(),
+            "within_band": self.within_band(),
+            "tokens_gap": self.tokens_gap(),
+            "tokens_ratio": _num(self.tokens_ratio()),
+            "throughput_ratio": _num(self.throughput_ratio()),
+            "budget_used": _num(self.budget_used()),
+        }
+        return _clean(raw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunSummary:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        kwargs["predicted_loss_band"] = tuple(kwargs.get("predicted_loss_band") or (math.nan, math.nan))
+        kwargs["events"] = tuple(kwargs.get("events") or ())
+        kwargs["notes"] = tuple(kwargs.get("notes") or ())
+        return cls(**kwargs)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def load_summary(path: str | os.PathLike[str]) -> RunSummary:
+    """Read `summary.json` (a file, or a run folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return RunSummary.from_dict(raw)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no summary (the run has not finished)") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: cannot read the run summary ({exc})") from None
+
+
+__all__ = ["SUMMARY_VERSION", "RunSummary", "load_summary"]

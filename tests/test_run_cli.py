@@ -1,0 +1,124 @@
+"""`oneday run` / `oneday sample` on bad input: one line on stderr, exit code 2, nothing trained."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from oneday.cli import app
+from oneday.plan import save_plan
+from tests.factories import make_plan
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors, stderr
+    assert "Traceback" not in stderr
+    return " ".join(stderr.split())
+
+
+def cuda_plan():
+    plan = make_plan()
+    return replace(
+        plan,
+        hardware=replace(plan.hardware, device="cuda", name="NVIDIA H200", dtype="bf16", peak_flops=989e12),
+        train=replace(plan.train, device="cuda", precision="bf16", compile=True),
+    )
+
+
+def test_invalid_plan_names_the_field(tmp_path: Path) -> None:
+    raw = make_plan().to_dict()
+    raw["train"]["lr"] = -1
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(raw))
+    code, _, err = _invoke("run", str(path), "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+    assert "train.lr: must be in (0, 1)" in _one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_plan_file(tmp_path: Path) -> None:
+    code, _, err = _invoke("run", str(tmp_path / "nope.json"))
+    assert code == 2
+    assert "no such plan file" in _one_error_line(err)
+
+
+def test_cuda_plan_on_a_cpu_machine_is_refused(tmp_path: Path) -> None:
+    path = save_plan(cuda_plan(), tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+    line = _one_error_line(err)
+    assert "this plan was made for cuda (NVIDIA H200)" in line
+    assert "--device cpu" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_device_and_threads(tmp_path: Path) -> None:
+    path = save_plan(make_plan(), tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--device", "tpu", "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and "--device" in _one_error_line(err)
+    code, _, err = _invoke("run", str(path), "--threads", "0", "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+
+
+def test_run_dir_of_a_different_plan_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"plan_hash": "0123456789abcdef"}))
+    path = save_plan(make_plan(), tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir))
+    assert code == 2
+    line = _one_error_line(err)
+    assert "different plan" in line and "--force" in line
+    assert (run_dir / "checkpoints" / "step-00000010").is_dir()  # untouched
+
+
+def test_run_dir_of_a_different_plan_detected_from_its_plan_copy(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-00000010").mkdir(parents=True)
+    save_plan(make_plan(lr=1e-3), run_dir / "plan.json")
+    path = save_plan(make_plan(), tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir))
+    assert code == 2 and "different plan" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_unwritable_run_dir(tmp_path: Path, kind: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    run_dir = blocker if kind == "file" else blocker / "run"
+    path = save_plan(make_plan(), tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir))
+    assert code == 2
+    line = _one_error_line(err)
+    assert str(run_dir) in line
+    assert "not a folder" in line or "cannot create" in line
+
+
+def test_sample_missing_or_unfinished_run(tmp_path: Path) -> None:
+    code, _, err = _invoke("sample", str(tmp_path / "nope"))
+    assert code == 2 and "no such run folder" in _one_error_line(err)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    code, _, err = _invoke("sample", str(tmp_path / "run"))
+    assert code == 2 and "has not finished" in _one_error_line(err)
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, oneday.cli; print(any(m in sys.modules for m in ('torch', 'mlflow', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
