@@ -92,8 +92,10 @@ class DataInfo:
 class TrainSpec:
     """Everything the training loop needs, and nothing else.
 
-    Times are wall-clock seconds. `train_seconds` is the part of `budget_seconds` left for training steps
-    after the reserves (probe, compile/warm-up, evals, checkpoints, final save). The LR schedule is keyed to
+    Times are wall-clock seconds. `budget_seconds` is the run's own budget, from process start to exit: the
+    budget the user asked for minus the planner's probe time (`provenance.probe_seconds`), which counted
+    against it. `train_seconds` is the part of it left for training steps after the run's reserves
+    (`reserve_seconds`: start-up, compile/warm-up, evals, checkpoints, final save). The LR schedule is keyed to
     progress = elapsed training seconds / train_seconds: linear warmup over `warmup_fraction`, constant,
     then a cooldown of shape `cooldown_shape` over the last `cooldown_fraction` to `final_lr_fraction`·lr.
     """
@@ -263,6 +265,10 @@ class Plan:
             f"must match hardware.device ({self.hardware.device!r}), got {self.train.device!r}",
         )
 
+    def budget_seconds(self) -> float:
+        """The budget the user asked for: the run's budget plus the planner's probe time."""
+        return self.train.budget_seconds + self.provenance.probe_seconds
+
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(dataclasses.asdict(self))
 
@@ -276,7 +282,7 @@ class Plan:
             for key, value in _to_jsonable(dataclasses.asdict(getattr(self, section))).items():
                 flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         flat["name"] = self.name
-        flat["budget.hours"] = f"{self.train.budget_seconds / 3600:.4g}"
+        flat["budget.hours"] = f"{self.budget_seconds() / 3600:.4g}"
         flat["model.params_total"] = str(self.model.params_total())
         flat["model.params_scaling"] = str(self.model.params_scaling())
         flat["train.tokens_per_step"] = str(self.train.tokens_per_step())

@@ -170,7 +170,7 @@ def format_run_name(plan_name: str, *, budget_seconds: float, params: int) -> st
 
 def run_name(plan: Plan) -> str:
     """The MLflow run name of a plan's run: plan name, budget and total parameter count."""
-    return format_run_name(plan.name, budget_seconds=plan.train.budget_seconds, params=plan.model.params_total())
+    return format_run_name(plan.name, budget_seconds=plan.budget_seconds(), params=plan.model.params_total())
 
 
 def run_tags(*, kind: str, plan_hash: str, plan_name: str, version: str, device: str) -> dict[str, str]:

@@ -119,8 +119,9 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
     checkpoints = int(t.budget_seconds // t.checkpoint_every_seconds)
     lines.append((
         "time",
-        f"budget {fmt_duration(t.budget_seconds)}: {fmt_duration(t.train_seconds)} training, "
-        f"{t.reserve_seconds:.0f} s reserved (probe {probe:.0f} s, start-up{' and compile' if t.compile else ''}, "
+        f"budget {fmt_duration(plan.budget_seconds())}: probe {probe:.0f} s, then a run of "
+        f"{fmt_duration(t.budget_seconds)}: {fmt_duration(t.train_seconds)} training, "
+        f"{t.reserve_seconds:.0f} s reserved (start-up{' and compile' if t.compile else ''}, "
         f"~{evals} evaluation{'s' * (evals != 1)} of {t.eval_tokens:,} tokens every {t.eval_every_seconds:.0f} s, "
         f"{checkpoints} checkpoint{'s' * (checkpoints != 1)} every {t.checkpoint_every_seconds:.0f} s, final save; "
         "see the reasons)",

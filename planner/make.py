@@ -517,7 +517,7 @@ def make_plan(
         memory_limit_bytes=setup.memory_limit_bytes, threads=setup.threads, progress=progress,
         peak_flops=peak,
     )
-    probe_seconds_spent = clock() - probe_started
+    probe_seconds_spent = round(clock() - probe_started, 3)  # as recorded in the provenance
     throughput = fit_throughput(probe.measurements, peak_flops=peak)
 
     # -- reserves and the choice (reserves depend on the chosen shape: iterate to a fixed point) -------
@@ -543,8 +543,10 @@ def make_plan(
     bl = batch_and_lr(spec=chosen.spec, tokens=chosen.tokens, max_micro_batch=max(1, chosen.micro_batch))
 
     # -- assemble -----------------------------------------------------------------------------------------
+    # The probe already spent part of the budget (Cramming counts it too): the run gets the rest, and its
+    # own reserves are what is left of the reserve once the probe is taken out.
     train = TrainSpec(
-        budget_seconds=budget_seconds,
+        budget_seconds=budget_seconds - probe_seconds_spent,
         train_seconds=reserve.train_seconds(),
         seq_len=seq,
         micro_batch=bl.micro_batch,
@@ -568,7 +570,7 @@ def make_plan(
         eval_tokens=cadence.eval_tokens,
         checkpoint_every_seconds=cadence.checkpoint_every,
         keep_checkpoints=KEEP_CHECKPOINTS,
-        reserve_seconds=reserve.reserved_seconds(),
+        reserve_seconds=max(0.0, reserve.reserved_seconds() - probe_seconds_spent),
         seed=0,
     )
     mfu = chosen.mfu

@@ -52,7 +52,9 @@ def test_plan_contents(plan: Plan) -> None:
     t, m = plan.train, plan.model
     assert plan.hardware.device == t.device == "cpu"
     assert t.precision == "fp32" and not t.compile and t.threads and t.threads >= 1
-    assert t.budget_seconds == pytest.approx(60.0)
+    # The probe counts against the budget: the run gets the rest.
+    assert plan.budget_seconds() == pytest.approx(60.0)
+    assert t.budget_seconds == pytest.approx(60.0 - plan.provenance.probe_seconds, abs=1e-3)
     assert t.train_seconds + t.reserve_seconds == pytest.approx(t.budget_seconds)
     assert 0 < t.train_seconds < t.budget_seconds
     assert t.seq_len == m.seq_len == 128  # the CPU default for budgets under 5 minutes

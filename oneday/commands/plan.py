@@ -37,7 +37,7 @@ def _command_line(**options: Any) -> str:
 def _candidates_table(plan: Any) -> Table:
     from oneday.planner.explain import COLUMNS, candidate_rows
 
-    budget = plan.train.budget_seconds
+    budget = plan.budget_seconds()
     title = f"{plan.name}: candidates for {budget / 3600:.3g} h on {plan.hardware.name} ({plan.hardware.device})"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, column in enumerate(COLUMNS):
