@@ -26,9 +26,12 @@ Micro-batch.
   eager search is a safe bound; a compiled OOM still halves the micro-batch.
 - CPU: from the estimate — the largest micro-batch whose estimated memory × `CPU_MEMORY_MARGIN` fits in
   `memory_limit_bytes` — capped at `CPU_MAX_TOKENS_PER_MICRO_BATCH` = 4096 tokens per micro-batch, and
-  smaller when a step would not fit the shape's time slice (not below `CPU_MIN_TOKENS_PER_MICRO_BATCH`
-  = 512 tokens, unless the first warm-up step shows the CPU is much slower than expected — other load —
-  when it shrinks to what the time left allows, down to one sequence). On the 2-core machines here tok/s
+  smaller when a step would not fit the shape's time slice, but never below `CPU_MIN_TOKENS_PER_MICRO_BATCH`
+  = 1024 tokens (or one sequence): below that, per-step overheads dominate and a probe would measure — and
+  the run would train at — a fraction of the CPU's speed (seen here: 128-token micro-batches ran at a
+  fifth of the speed of 1k-token ones). A CPU slower than expected (other load) makes the probe run
+  over its time rather than shrink the micro-batch further; a shape other than the first is skipped then.
+  On the 2-core machines here tok/s
   does not grow past ~2–4k tokens per micro-batch (measured, torch 2.13, fp32, 2 threads: a 1×64 model ran
   10.5k, 9.5k and 9.1k tok/s at 2k, 4k and 8k tokens; a 3×256 one 3.3k, 2.5k and 1.0k), so a larger one
   only makes the probe slower; the run uses at most the measured micro-batch (`batch_and_lr`) and gradient
@@ -81,7 +84,7 @@ CPU_MAX_TOKENS_PER_MICRO_BATCH = 4096
 CUDA_MAX_TOKENS_PER_MICRO_BATCH = 2**17
 CPU_MEMORY_MARGIN = 1.25
 # The time slice may not shrink a CPU micro-batch below this many tokens at first (only a slow first step does).
-CPU_MIN_TOKENS_PER_MICRO_BATCH = 512
+CPU_MIN_TOKENS_PER_MICRO_BATCH = 1024
 MAX_SHAPES = 5
 MIN_TIMED_STEPS = 2
 MAX_TIMED_STEPS = 30
@@ -509,7 +512,10 @@ def _time_shape(
                 # micro-batch so one more warm-up step and the minimum of timed steps fit (CPU tok/s barely
                 # depends on the micro-batch; the run then uses this micro-batch too). Not when compiled: a
                 # new shape would compile again.
-                new = max(1, int(micro * room / ((rest + 1) * steady)))
+                # Never below the floor: a tiny micro-batch measures (and would train at) a fraction of the
+                # CPU's speed, since per-step overheads dominate; an over-long probe is the lesser harm.
+                floor = max(1, CPU_MIN_TOKENS_PER_MICRO_BATCH // spec.seq_len)
+                new = max(min(micro, floor), int(micro * room / ((rest + 1) * steady)))
                 steady *= new / micro
                 micro = new
                 reason = "shrunk to the time left after a slow first step"
