@@ -67,7 +67,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -511,6 +511,18 @@ def make_plan(
     )
     ladder = candidate_shapes(vocab_size=prepared.vocab_size, seq_len=seq, min_params=min_params,
                               max_params=max_params)
+    thread_note = None
+    if setup.device == "cpu" and (setup.threads or 1) > 1:
+        from oneday.planner.measure import fastest_cpu_threads
+
+        threads, speeds = fastest_cpu_threads(ladder[0], max_threads=setup.threads or 1)
+        thread_note = (
+            f"Torch threads: {threads} ("
+            + ", ".join(f"{n} thread{'s' * (n > 1)}: {v:,.0f} tok/s" for n, v in sorted(speeds.items()))
+            + f" on {ladder[0].n_layer}×{ladder[0].d_model} just now; with other load on the machine, fewer "
+            "threads can be faster). Override with `oneday run --threads`."
+        )
+        setup = replace(setup, threads=threads)
     measure_seconds = max(0.5, setup.probe_seconds - (clock() - probe_started))
     probe = probe_throughput(
         ladder, device=setup.device, dtype=setup.dtype, compile=setup.compile, seconds=measure_seconds,
@@ -624,6 +636,8 @@ def make_plan(
         seq_reason=seq_reason, law=law, calibration=calibration, mfu=mfu, budget_seconds=budget_seconds,
         gpu_count=hw.count if setup.device == "cuda" else 1,
     )
+    if thread_note:
+        reasons.append(thread_note)
     plan = Plan(
         name=name.strip() if name else default_plan_name(
             data, budget_seconds=budget_seconds, params_total=chosen.spec.params_total()

@@ -161,3 +161,13 @@ def test_cuda_micro_batch_search_simulated(monkeypatch: pytest.MonkeyPatch) -> N
     assert search(15e9)[0] == 0
     assert measure._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"))
     assert not measure._is_oom(RuntimeError("shape mismatch"))
+
+
+def test_fastest_cpu_threads_measures_both_counts_and_picks_the_faster() -> None:
+    from oneday.planner.measure import fastest_cpu_threads
+
+    spec = ModelSpec(n_layer=1, d_model=64, n_head=1, d_ff=192, vocab_size=256, seq_len=32)
+    assert fastest_cpu_threads(spec, max_threads=1) == (1, {})
+    threads, speeds = fastest_cpu_threads(spec, max_threads=2, tokens=128)
+    assert set(speeds) == {1, 2} and all(v > 0 for v in speeds.values())
+    assert speeds[threads] == max(speeds.values())
