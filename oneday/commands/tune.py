@@ -103,6 +103,12 @@ def _summary(result: Any) -> Table:
                                     f"warmup {p.warmup_fraction:.3f}, cooldown {p.cooldown_fraction:.3f}")
         table.add_row("LR for the plan", f"{result.tuned_lr:.3g} (planner default {result.default_lr:.3g}, "
                                          f"×{result.tuned_lr / result.default_lr:.2f})")
+        if result.plan is not None:
+            train = result.plan.train
+            kept = (result.plan.provenance.tuning or {}).get("schedule", {}).get("searched_and_transferred") is False
+            note = " (the planner's, kept)" if kept else ""
+            table.add_row("schedule for the plan",
+                          f"warmup {train.warmup_fraction:.3f}, cooldown {train.cooldown_fraction:.3f}{note}")
     if result.transfer is not None:
         check = result.transfer
         runs = ", ".join(f"{m:g}×: {loss:.4f}" for m, loss in zip(check.multipliers, check.losses, strict=True))
@@ -132,6 +138,9 @@ def tune(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the TPE sampler.")] = 0,
     beta2: Annotated[bool, typer.Option("--beta2", help="Also tune AdamW's β₂.")] = False,
     weight_decay: Annotated[bool, typer.Option("--weight-decay", help="Also tune the weight decay.")] = False,
+    schedule: Annotated[str, typer.Option(
+        "--schedule", help="Search warmup/cooldown on the proxies and put them into the plan: auto (only when a "
+                           "trial is not much shorter than the target's run), transfer, keep.")] = "auto",
 ) -> None:
     if calibrate and (worker or trials is not None or storage or study):
         raise UserError("--calibrate takes only PLAN, --hours, --out and --tracking-uri")
@@ -157,7 +166,7 @@ def tune(
 
             result = tune_plan(plan, trials=trials, hours=hours, out=out, tracking_uri=tracking_uri, storage=storage,
                                study_name=study, seed=seed, beta2=beta2, weight_decay=weight_decay,
-                               command=shlex.join(["oneday", *sys.argv[1:]]), on_trial=view.on_trial,
+                               schedule=schedule, command=shlex.join(["oneday", *sys.argv[1:]]), on_trial=view.on_trial,
                                on_stage=view.on_stage)
     finally:
         view.close()

@@ -1,0 +1,650 @@
+"""μP proxies of a planned model, and one complete short training run on one of them (a trial).
+
+A proxy copies the planned model's depth, head size (d_head), sequence length, vocabulary and
+tokens-per-parameter ratio, and is narrower: fewer heads, d_model = k·d_head, d_ff scaled in proportion.
+It is built under μP (Yang et al. 2022, Tensor Programs V) with `mup_base_width` = its own width, so its
+width_mult is 1 and a base learning rate found on it means the same thing for any wider μP model with that
+base width: the tuned plan switches the target to `parametrization="mup"` with the same `mup_base_width`,
+and `models.build.param_groups` divides the hidden-matrix LR by width_mult = d_target / d_proxy (DESIGN §5).
+
+Each trial is a complete short run with its own full schedule (warmup, stable, cooldown) keyed to the
+trial's own step count (`TrainSpec.max_steps`), never a prefix of a long run: losses read in the constant
+phase of a warmup-stable-decay schedule rank learning rates wrongly (Hägele et al. 2024). Step-keyed runs
+also make trials comparable when other work on the machine changes their speed.
+
+Sizing (`size_proxy`). A trial must cost a fixed small slice of the tuning budget. The step time of the
+narrowest proxy is measured with a few real training steps (forward, backward, AdamW, in the run's dtype);
+wider proxies are estimated from it in proportion to FLOPs per token (6N + 12·L·d·T), which overestimates
+them (small models run at lower MFU), so the estimate errs on the cheap side; the chosen width is then
+measured itself and stepped down if it turns out more than 25% over its slice. Proxy tokens are
+tokens-per-parameter × N_proxy at the plan's global batch (the batch is kept, so no batch-size correction of
+the LR is needed), with at least `MIN_TRIAL_STEPS` steps; if even the narrowest proxy at that horizon costs
+more than a slice, its steps are cut (never below `MIN_TRIAL_STEPS`) and the LR horizon correction, computed
+from the tokens actually trained, makes up for it. A budget that cannot pay for one such trial is an error.
+
+Trials run with `compile=False` (a compile per trial would cost more than the trial on a GPU) and no periodic
+checkpoints; evaluations come about `EVALS_PER_TRIAL` times a trial (the loop's cadence is in training
+seconds, set from the measured step time) on a fixed validation slice shared by every trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from oneday.errors import UserError
+from oneday.models.spec import ModelSpec
+from oneday.plan import Plan, TrainSpec
+from oneday.planner.laws import lr_horizon_correction
+
+log = logging.getLogger(__name__)
+
+MIN_TRIAL_STEPS = 24
+"""A shorter schedule has no room for warmup, a stable phase and a cooldown."""
+MEASURE_STEPS = 6
+"""Steps of a timing run (the first is warm-up and not timed)."""
+EVALS_PER_TRIAL = 4
+"""Intermediate evaluations land near 25%, 50% and 75% of a trial, then the final one."""
+OVER_SLICE_TOLERANCE = 1.25
+NO_PERIODIC_CHECKPOINTS = 1e9
+EVAL_WINDOWS_MIN = 8
+EVAL_FRACTION_OF_TRIAL = 0.1
+"""Evaluation tokens per trial are ~10% of its training tokens (forward only: ~3% of its compute each)."""
+
+
+class BudgetTooSmallError(UserError):
+    """The tuning budget cannot pay for one trial."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loss a diverged run reports
+
+
+def capped_loss(vocab_size: int) -> float:
+    """The value a diverged trial reports: ln(vocab) + 1 nats, one nat worse than a uniform prediction.
+
+    Reporting NaN would mark the trial FAIL and teach the sampler nothing; a large finite value tells it the
+    region is bad, without a value so large that it flattens the sampler's view of the good region.
+    """
+    return math.log(vocab_size) + 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hyperparameters of one trial
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """What a trial varies: the base LR and the schedule's warmup and cooldown fractions (β₂ and weight
+    decay when the search includes them; None keeps the plan's)."""
+
+    lr: float
+    warmup_fraction: float
+    cooldown_fraction: float
+    beta2: float | None = None
+    weight_decay: float | None = None
+
+    def apply(self, train: TrainSpec) -> TrainSpec:
+        """`train` with these hyperparameters."""
+        changes: dict[str, Any] = {
+            "lr": self.lr, "warmup_fraction": self.warmup_fraction, "cooldown_fraction": self.cooldown_fraction,
+        }
+        if self.beta2 is not None:
+            changes["beta2"] = self.beta2
+        if self.weight_decay is not None:
+            changes["weight_decay"] = self.weight_decay
+        return replace(train, **changes)
+
+    def scaled(self, factor: float) -> TrialParams:
+        """The same schedule at `factor` × the LR."""
+        return replace(self, lr=self.lr * factor)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrialParams:
+        return cls(**{k: float(v) for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The proxy
+
+
+def proxy_model(target: ModelSpec, width: int) -> ModelSpec:
+    """The μP proxy of `target` at `width` (a multiple of its head size): same depth, head size, vocabulary,
+    sequence length; d_ff in the target's proportion; `mup_base_width` = `width` (width_mult 1)."""
+    if width % target.head_dim or width <= 0:
+        raise ValueError(f"proxy width {width} is not a positive multiple of the head size {target.head_dim}")
+    d_ff = max(1, round(target.d_ff * width / target.d_model))
+    return replace(target, d_model=width, n_head=width // target.head_dim, d_ff=d_ff, parametrization="mup",
+                   mup_base_width=width)
+
+
+def proxy_widths(target: ModelSpec) -> list[int]:
+    """Candidate proxy widths, narrowest first: k·d_head for k = 1 .. n_head − 1 (the target itself when it
+    has a single head: there is nothing narrower with the same head size)."""
+    if target.n_head == 1:
+        return [target.d_model]
+    return [k * target.head_dim for k in range(1, target.n_head)]
+
+
+def tokens_per_param(plan: Plan) -> float:
+    """The plan's planned tokens per scaling parameter (non-embedding + head, DESIGN §3)."""
+    return plan.train.planned_tokens / plan.model.params_scaling()
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """The proxy every trial of a study trains, with its measured cost. Stored in the study (as a dict), so
+    every worker and every restart trains exactly the same proxy."""
+
+    model: ModelSpec
+    micro_batch: int
+    grad_accum: int
+    steps: int
+    eval_tokens: int
+    step_seconds: float
+    overhead_seconds: float
+    target_d_model: int
+    target_params: int
+    target_tokens: int
+    notes: tuple[str, ...] = ()
+
+    # -- derived ------------------------------------------------------------------------------------------
+    def batch_tokens(self) -> int:
+        return self.micro_batch * self.grad_accum * self.model.seq_len
+
+    def tokens(self) -> int:
+        """Tokens one trial trains on."""
+        return self.steps * self.batch_tokens()
+
+    def params(self) -> int:
+        """N of the proxy (non-embedding + head)."""
+        return self.model.params_scaling()
+
+    def tokens_per_param(self) -> float:
+        return self.tokens() / self.params()
+
+    def width_mult_to(self, d_model: int) -> float:
+        """width_mult of a μP model of width `d_model` with this proxy's width as base."""
+        return d_model / self.model.d_model
+
+    def horizon_correction(self) -> float:
+        """LR factor from the proxy's token horizon to the target's: (D_target / D_proxy)^−0.32
+        (Bjorck et al., ICLR 2025)."""
+        return lr_horizon_correction(float(self.tokens()), float(self.target_tokens))
+
+    def eval_seconds(self) -> float:
+        """Estimated seconds of one evaluation (forward only, taken as half a training step per token)."""
+        return self.step_seconds * self.eval_tokens / self.batch_tokens() / 2.0
+
+    def train_seconds(self, steps: int | None = None) -> float:
+        return (self.steps if steps is None else steps) * self.step_seconds
+
+    def trial_seconds(self, *, width_scale: float = 1.0) -> float:
+        """Expected wall seconds of one complete trial: set-up, steps, evaluations, final save.
+        `width_scale` multiplies the per-token costs (a wider model at the same horizon)."""
+        return self.overhead_seconds + width_scale * (self.train_seconds() + EVALS_PER_TRIAL * self.eval_seconds())
+
+    def label(self) -> str:
+        m = self.model
+        return f"{m.n_layer}×{m.d_model} ({m.n_head} heads, {_count(self.params())} params)"
+
+    # -- the TrainSpec of one run ---------------------------------------------------------------------------
+    def train_spec(self, base: TrainSpec, params: TrialParams, *, threads: int | None = None,
+                   step_seconds: float | None = None) -> TrainSpec:
+        """The plan's TrainSpec turned into this trial's: its hyperparameters, this proxy's batch and steps,
+        the schedule keyed to steps, evaluations ~`EVALS_PER_TRIAL` times, no periodic checkpoints."""
+        step_s = step_seconds or self.step_seconds
+        train_s = max(1e-3, self.steps * step_s)
+        spec = replace(
+            base,
+            budget_seconds=train_s,
+            train_seconds=train_s,
+            micro_batch=self.micro_batch,
+            grad_accum=self.grad_accum,
+            planned_steps=self.steps,
+            planned_tokens=self.tokens(),
+            max_steps=self.steps,
+            compile=False,
+            eval_every_seconds=train_s / EVALS_PER_TRIAL,
+            eval_tokens=self.eval_tokens,
+            checkpoint_every_seconds=NO_PERIODIC_CHECKPOINTS,
+            keep_checkpoints=1,
+            reserve_seconds=0.0,
+            threads=threads if threads is not None else base.threads,
+        )
+        return params.apply(spec)
+
+    # -- storage ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["notes"] = list(self.notes)
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ProxySpec:
+        raw = dict(raw)
+        raw["model"] = ModelSpec(**raw["model"])
+        raw["notes"] = tuple(raw.get("notes", ()))
+        return cls(**raw)
+
+
+def _count(n: float) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The token arrays every short run of a plan trains and evaluates on."""
+
+    train: Any
+    val: Any
+    val_bytes_per_token: float
+    eot_id: int | None
+    vocab_size: int
+
+
+def load_run_data(plan: Plan) -> RunData:
+    """The plan's prepared data (its key checked); a missing entry is a `UserError` saying how to make it."""
+    from oneday.runner.data import load_prepared
+
+    try:
+        data = load_prepared(plan.data.path)
+    except UserError as exc:
+        spec = plan.data.spec or plan.data.source
+        raise UserError(
+            f"data: {exc}; prepare it with `oneday data prepare --data {spec}` (or make a new plan)") from None
+    if data.key != plan.data.key:
+        raise UserError(f"data: {plan.data.path} holds data with key {data.key}, but the plan was made for "
+                        f"{plan.data.key}; make a new plan for this data")
+    return RunData(train=data.train_array(), val=data.val_array(), val_bytes_per_token=data.val_bytes_per_token(),
+                   eot_id=data.eot_id, vocab_size=data.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One short run
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one short run did. `value(cap)` is what a trial reports: the final validation loss, or `cap`
+    when the run diverged (never NaN)."""
+
+    final_loss: float | None
+    diverged: bool
+    stopped: bool  # ended early by the caller's stop event (pruning, interruption)
+    steps: int
+    tokens: int
+    wall_seconds: float
+    train_seconds: float
+    warmup_seconds: float
+    skipped_steps: int
+    evals: tuple[tuple[int, float], ...] = ()
+    reason: str = ""
+
+    def value(self, cap: float) -> float:
+        if self.diverged or self.final_loss is None or not math.isfinite(self.final_loss):
+            return cap
+        return min(self.final_loss, cap)
+
+    def step_seconds(self) -> float | None:
+        """Mean seconds of a timed step (the first step of a run is warm-up and not timed)."""
+        timed = self.steps - 1
+        return self.train_seconds / timed if timed > 0 and self.train_seconds > 0 else None
+
+
+class _Watch:
+    """Observer around the caller's: ends the run (sets `stop`) as soon as it diverges: a training window
+    whose losses were all non-finite, or a train/val loss above the cap (worse than uniform by a nat)."""
+
+    def __init__(self, inner: Any, *, cap: float, stop: threading.Event) -> None:
+        self.inner = inner
+        self.cap = cap
+        self.stop = stop
+        self.diverged = False
+        self.reason = ""
+        self.evals: list[tuple[int, float]] = []
+
+    def _diverge(self, why: str) -> None:
+        if not self.diverged:
+            self.diverged, self.reason = True, why
+            self.stop.set()
+
+    def on_start(self, *, step: int, tokens: int, resumed: bool) -> None:
+        if self.inner is not None and hasattr(self.inner, "on_start"):
+            self.inner.on_start(step=step, tokens=tokens, resumed=resumed)
+
+    def on_step(self, record: Any) -> None:
+        if not math.isfinite(record.loss):
+            self._diverge(f"non-finite training loss by step {record.step}")
+        elif record.loss > self.cap:
+            self._diverge(f"training loss {record.loss:.2f} above {self.cap:.2f} at step {record.step}")
+        if self.inner is not None and hasattr(self.inner, "on_step"):
+            self.inner.on_step(record)
+
+    def on_eval(self, record: Any) -> None:
+        if math.isfinite(record.val_loss):
+            self.evals.append((record.step, float(record.val_loss)))
+        if not math.isfinite(record.val_loss) or record.val_loss > self.cap:
+            self._diverge(f"validation loss {record.val_loss:.3g} at step {record.step}")
+        if self.inner is not None and hasattr(self.inner, "on_eval") and not self.diverged:
+            self.inner.on_eval(record)
+
+    def on_event(self, kind: str, message: str, *, step: int) -> None:
+        if self.inner is not None and hasattr(self.inner, "on_event"):
+            self.inner.on_event(kind, message, step=step)
+
+
+@contextlib.contextmanager
+def _quiet_loop() -> Iterator[None]:
+    """The loop logs every skipped step as a warning; in a trial a diverging LR is an expected outcome that
+    the trial reports itself, so those lines are kept down to errors while it runs."""
+    logger = logging.getLogger("oneday.runner.loop")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def short_run(
+    model_spec: ModelSpec,
+    train_spec: TrainSpec,
+    data: RunData,
+    *,
+    cap: float,
+    observer: Any = None,
+    stop: threading.Event | None = None,
+    peak_flops: float = 1e12,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunOutcome:
+    """Build `model_spec` and train it for `train_spec.max_steps` steps with the runner's loop; return what
+    happened. Divergence (non-finite or above-`cap` losses, or the loop's `DivergedError`) ends the run early
+    and is reported as `diverged`, not raised. Setting `stop` ends it early too (`stopped`)."""
+    import torch
+
+    from oneday.models.build import build_model, param_groups
+    from oneday.runner.checkpoint import CheckpointStore
+    from oneday.runner.loop import DivergedError, train
+
+    if train_spec.max_steps is None:
+        raise ValueError("short_run needs a step-keyed TrainSpec (max_steps)")
+    started = clock()
+    own_stop = threading.Event()
+    watch = _Watch(observer, cap=cap, stop=own_stop)
+
+    def relay() -> None:  # the caller's stop (pruning, Ctrl-C) also ends the run
+        if stop is not None:
+            while not own_stop.is_set():
+                if stop.wait(0.05):
+                    own_stop.set()
+                    return
+
+    relay_thread = threading.Thread(target=relay, name="oneday-trial-stop", daemon=True)
+    relay_thread.start()
+    device = train_spec.device
+    if device == "cpu" and train_spec.threads:
+        torch.set_num_threads(train_spec.threads)
+    torch.manual_seed(train_spec.seed)
+    model = build_model(model_spec, seed=train_spec.seed, eos_token_id=data.eot_id, device=device)
+    groups = param_groups(model, model_spec, lr=train_spec.lr, weight_decay=train_spec.weight_decay)
+    try:
+        with tempfile.TemporaryDirectory(prefix="oneday-trial-") as tmp, _quiet_loop():
+            store = CheckpointStore(tmp, keep=1)
+            try:
+                result = train(
+                    model=model, param_groups=groups, spec=train_spec, train_tokens=data.train, val_tokens=data.val,
+                    val_bytes_per_token=data.val_bytes_per_token, checkpoints=store, deadline=clock() + 1e9,
+                    flops_per_token=model_spec.flops_per_token(), peak_flops=peak_flops, clock=clock,
+                    observer=watch, device=device, stop=own_stop, log_every=5,
+                )
+            except DivergedError as exc:
+                return RunOutcome(final_loss=None, diverged=True, stopped=False, steps=0, tokens=0,
+                                  wall_seconds=clock() - started, train_seconds=0.0, warmup_seconds=0.0,
+                                  skipped_steps=0, evals=tuple(watch.evals), reason=str(exc))
+    finally:
+        own_stop.set()
+        relay_thread.join(1.0)
+    stopped_by_caller = result.interrupted and not watch.diverged
+    skipped_most = result.steps > 0 and result.skipped_steps * 2 > result.steps
+    diverged = watch.diverged or skipped_most or (
+        result.final_val_loss is not None and not math.isfinite(result.final_val_loss))
+    reason = watch.reason or (f"{result.skipped_steps} of {result.steps} steps skipped (non-finite)"
+                              if skipped_most else "")
+    return RunOutcome(
+        final_loss=None if result.final_val_loss is None else float(result.final_val_loss),
+        diverged=diverged,
+        stopped=stopped_by_caller,
+        steps=result.steps,
+        tokens=result.tokens,
+        wall_seconds=clock() - started,
+        train_seconds=result.train_seconds,
+        warmup_seconds=result.warmup_seconds,
+        skipped_steps=result.skipped_steps,
+        evals=tuple(watch.evals),
+        reason=reason,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sizing
+
+
+@dataclass(frozen=True)
+class _Timing:
+    step_seconds: float
+    overhead_seconds: float
+
+
+def _eval_tokens(plan: Plan, *, tokens: int, val_tokens: int) -> int:
+    seq = plan.model.seq_len
+    want = max(EVAL_WINDOWS_MIN * seq, int(tokens * EVAL_FRACTION_OF_TRIAL))
+    want = min(want, plan.train.eval_tokens, max(seq, val_tokens - 1))
+    return max(seq, want // seq * seq)
+
+
+def _steps_for(plan: Plan, model: ModelSpec) -> int:
+    """Steps at the plan's batch that give `model` the plan's tokens per parameter (at least the minimum)."""
+    tokens = tokens_per_param(plan) * model.params_scaling()
+    return max(MIN_TRIAL_STEPS, round(tokens / plan.train.tokens_per_step()))
+
+
+def warm_up(plan: Plan, data: RunData, *, threads: int | None = None) -> None:
+    """Pay the process's one-off costs (importing torch and transformers, first-touch allocations, the first
+    kernels) with two steps of the narrowest proxy, so that they do not inflate the first timing."""
+    narrow = proxy_model(plan.model, proxy_widths(plan.model)[0])
+    spec = replace(plan.train, micro_batch=1, grad_accum=1, max_steps=2, planned_steps=2, planned_tokens=2,
+                   eval_tokens=plan.model.seq_len, checkpoint_every_seconds=NO_PERIODIC_CHECKPOINTS,
+                   eval_every_seconds=NO_PERIODIC_CHECKPOINTS, compile=False, keep_checkpoints=1,
+                   threads=threads if threads is not None else plan.train.threads)
+    short_run(narrow, spec, data, cap=math.inf)
+
+
+def measure_step(
+    model: ModelSpec,
+    plan: Plan,
+    data: RunData,
+    *,
+    eval_tokens: int,
+    threads: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> _Timing:
+    """Time `MEASURE_STEPS` real training steps of `model` at the plan's batch: the mean step time, and the
+    rest of the wall time (model build, first step, final evaluation and save) as fixed overhead."""
+    train = plan.train
+    probe = ProxySpec(
+        model=model, micro_batch=train.micro_batch, grad_accum=train.grad_accum, steps=MEASURE_STEPS,
+        eval_tokens=eval_tokens, step_seconds=0.05, overhead_seconds=0.0, target_d_model=plan.model.d_model,
+        target_params=plan.model.params_scaling(), target_tokens=train.planned_tokens,
+    )
+    spec = probe.train_spec(train, TrialParams(lr=train.lr, warmup_fraction=0.0, cooldown_fraction=0.0),
+                            threads=threads)
+    outcome = short_run(model, spec, data, cap=math.inf, clock=clock)
+    step = outcome.step_seconds() or max(outcome.wall_seconds / MEASURE_STEPS, 1e-4)
+    eval_s = step * eval_tokens / train.tokens_per_step() / 2.0
+    overhead = max(0.0, outcome.wall_seconds - (MEASURE_STEPS - 1) * step - eval_s)
+    log.debug("measured %s: %.4f s/step, %.2f s overhead", model.d_model, step, overhead)
+    return _Timing(step, overhead)
+
+
+def size_proxy(
+    plan: Plan,
+    data: RunData,
+    *,
+    slice_seconds: float,
+    threads: int | None = None,
+    max_width: int | None = None,
+    timings: dict[int, Any] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> ProxySpec:
+    """The widest proxy (at most `max_width`) whose complete trial fits `slice_seconds` (module docstring);
+    BudgetTooSmallError when even the narrowest cannot run `MIN_TRIAL_STEPS` steps in it. `timings`
+    (width -> measured timing) caches measurements across calls."""
+    if timings is None or not timings:
+        warm_up(plan, data, threads=threads)
+    timings = {} if timings is None else timings
+
+    def measured(model: ModelSpec, eval_tokens: int) -> _Timing:
+        if model.d_model not in timings:
+            timings[model.d_model] = measure_step(model, plan, data, threads=threads, clock=clock,
+                                                  eval_tokens=eval_tokens)
+        return timings[model.d_model]
+
+    target = plan.model
+    train = plan.train
+    widths = proxy_widths(target)
+    widths = [w for w in widths if max_width is None or w <= max_width] or widths[:1]
+    notes: list[str] = []
+    B = train.tokens_per_step()
+
+    def build(width: int, timing: _Timing, steps: int | None = None) -> ProxySpec:
+        model = proxy_model(target, width)
+        n_steps = steps if steps is not None else _steps_for(plan, model)
+        return ProxySpec(
+            model=model, micro_batch=train.micro_batch, grad_accum=train.grad_accum, steps=n_steps,
+            eval_tokens=_eval_tokens(plan, tokens=n_steps * B, val_tokens=len(data.val)),
+            step_seconds=timing.step_seconds, overhead_seconds=timing.overhead_seconds,
+            target_d_model=target.d_model, target_params=target.params_scaling(),
+            target_tokens=train.planned_tokens, notes=tuple(notes),
+        )
+
+    narrow = proxy_model(target, widths[0])
+    narrow_steps = _steps_for(plan, narrow)
+    timing0 = measured(narrow, _eval_tokens(plan, tokens=narrow_steps * B, val_tokens=len(data.val)))
+    fpt0 = narrow.flops_per_token()
+
+    def estimate(width: int) -> ProxySpec:
+        scale = proxy_model(target, width).flops_per_token() / fpt0
+        return build(width, _Timing(timing0.step_seconds * scale, timing0.overhead_seconds))
+
+    fitting = [w for w in widths if estimate(w).trial_seconds() <= slice_seconds]
+    if not fitting:
+        # Even the narrowest is too dear at the plan's tokens per parameter: shorten its horizon.
+        base = build(widths[0], timing0)
+        per_step = base.step_seconds * (1.0 + EVALS_PER_TRIAL * base.eval_tokens / B / 2.0 / base.steps)
+        steps = int((slice_seconds - base.overhead_seconds) / per_step) if per_step > 0 else 0
+        if steps < MIN_TRIAL_STEPS:
+            need = base.overhead_seconds + MIN_TRIAL_STEPS * per_step
+            raise BudgetTooSmallError(
+                f"a trial may cost {slice_seconds:.1f} s, but the shortest trial on the narrowest proxy "
+                f"({base.label()}) needs {need:.1f} s for {MIN_TRIAL_STEPS} steps "
+                f"({base.step_seconds:.3f} s a step, {base.overhead_seconds:.1f} s to set up)"
+            )
+        notes.append(
+            f"The narrowest proxy at the plan's {tokens_per_param(plan):.3g} tokens/parameter would need "
+            f"{base.steps} steps; cut to {steps} to fit a trial's slice ({slice_seconds:.0f} s); the LR horizon "
+            "correction uses the tokens actually trained."
+        )
+        return build(widths[0], timing0, steps=steps)
+
+    width = fitting[-1]
+    if width == widths[0]:
+        return build(width, timing0)
+    timing = measured(proxy_model(target, width), estimate(width).eval_tokens)
+    chosen = build(width, timing)
+    while chosen.trial_seconds() > OVER_SLICE_TOLERANCE * slice_seconds and width != widths[0]:
+        # Measured slower than estimated: step down one width, scaling the new measurement.
+        smaller = widths[widths.index(width) - 1]
+        scale = proxy_model(target, smaller).flops_per_token() / chosen.model.flops_per_token()
+        width = smaller
+        chosen = build(width, _Timing(timing.step_seconds * scale, timing.overhead_seconds))
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The transfer check's model
+
+
+CHECK_MULTIPLIERS = (0.5, 1.0, 2.0)
+"""The transfer check trains η*/2, η*, 2η*."""
+
+
+def check_model(target: ModelSpec, proxy: ProxySpec, width: int) -> ModelSpec:
+    """The transfer check's model: the target's shape at `width`, under μP with the proxy's base width."""
+    return replace(proxy_model(target, width), mup_base_width=proxy.model.d_model)
+
+
+def check_width(proxy: ProxySpec, target: ModelSpec, *, budget_seconds: float) -> int | None:
+    """The transfer check's width: the widest multiple of d_head in (proxy, min(2·proxy, target)] whose three
+    runs (at the proxy's steps, per-token cost scaled by FLOPs per token, which overestimates small widths)
+    fit `budget_seconds`; the narrowest such width when none does; None when the proxy has the target's
+    width (nothing wider to check)."""
+    w_p, w_t, h = proxy.model.d_model, target.d_model, target.head_dim
+    if w_t <= w_p:
+        return None
+    widths = list(range(w_p + h, min(2 * w_p, w_t) + 1, h)) or [w_t]
+    fpt = proxy.model.flops_per_token()
+
+    def cost(width: int) -> float:
+        scale = proxy_model(target, width).flops_per_token() / fpt
+        return len(CHECK_MULTIPLIERS) * proxy.trial_seconds(width_scale=scale)
+
+    fitting = [w for w in widths if cost(w) <= budget_seconds]
+    return fitting[-1] if fitting else widths[0]
+
+
+def check_seconds(proxy: ProxySpec, timing: Any) -> float:
+    """Wall seconds of the three check runs, from the check model's measured `timing`."""
+    check = replace(proxy, step_seconds=timing.step_seconds, overhead_seconds=timing.overhead_seconds)
+    return len(CHECK_MULTIPLIERS) * check.trial_seconds()
+
+
+__all__ = [
+    "CHECK_MULTIPLIERS",
+    "EVALS_PER_TRIAL",
+    "MIN_TRIAL_STEPS",
+    "BudgetTooSmallError",
+    "ProxySpec",
+    "RunData",
+    "RunOutcome",
+    "TrialParams",
+    "capped_loss",
+    "check_model",
+    "check_seconds",
+    "check_width",
+    "load_run_data",
+    "measure_step",
+    "proxy_model",
+    "proxy_widths",
+    "short_run",
+    "size_proxy",
+    "tokens_per_param",
+    "warm_up",
+]

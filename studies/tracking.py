@@ -1,0 +1,346 @@
+"""MLflow logging for a tuning study, and its two plots (DESIGN §5).
+
+The study is a parent run (`oneday.kind=tune-study`): the plan's params, then the best value and best
+params, an optimization-history PNG and an LR-vs-loss PNG, and the tuned plan. Each trial is a child run
+(`oneday.kind=tune-trial`, MLflow's `mlflow.parentRunId`) with its hyperparameters as params (under the
+flattened-plan keys `train.lr`, `train.warmup_fraction`, ... so trials line up with runs in the compare
+view), its loss curves (`val/loss`, `train/loss`, `lr` per optimizer step) and its state: the tag
+`oneday.trial.state` (complete / pruned / failed / diverged) and the run status (FINISHED / KILLED for pruned
+/ FAILED for failed and diverged). The transfer-check runs are children too (`oneday.tune.stage`).
+
+Logged directly with `MlflowClient` (optuna-integration's `MLflowCallback` is deprecated since 4.9): calls
+are few per trial and synchronous. A tracking store that cannot be reached, or fails part way, never stops
+tuning: the first failure logs ONE warning and tracking is off for the rest of the process; the Optuna study
+holds every result anyway. For an HTTP store the port is probed first (3 s) and MLflow's HTTP retries are
+capped, so an outage costs seconds, not minutes. mlflow and matplotlib are imported when first used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from oneday import __version__
+from oneday.tracking_names import (
+    KIND_TUNE_STUDY,
+    KIND_TUNE_TRIAL,
+    METRIC_LR,
+    METRIC_TRAIN_LOSS,
+    METRIC_VAL_LOSS,
+    TAG_MLFLOW_PARENT,
+    TAG_MLFLOW_RUN_NAME,
+    TAG_STUDY,
+    run_tags,
+)
+
+log = logging.getLogger(__name__)
+
+TAG_TRIAL_STATE = "oneday.trial.state"
+TAG_TRIAL_NUMBER = "oneday.trial.number"
+TAG_STAGE = "oneday.tune.stage"
+STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
+MAX_BATCH = 100
+MAX_PARAM_VALUE = 6000
+
+
+def _probe(uri: str, timeout: float = 3.0) -> str | None:
+    """None when the store looks reachable; else why not (HTTP stores: can the port be connected to?)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host = parsed.hostname or "localhost"
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return None
+        except OSError as exc:
+            return f"cannot connect to {host}:{port} ({exc.strerror or exc})"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        if str(db) not in ("", ":memory:") and not db.parent.is_dir():
+            return f"the folder {db.parent} does not exist"
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+class StudyTracker:
+    """Parent and child runs of one study in one experiment. Every method returns quietly after a failure
+    (one warning, then tracking is off); methods that create runs return the run id or None."""
+
+    def __init__(self, uri: str, experiment: str, *, plan_hash: str, plan_name: str, device: str,
+                 study: str) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.study = study
+        self._base_tags = {**run_tags(kind=KIND_TUNE_TRIAL, plan_hash=plan_hash, plan_name=plan_name,
+                                      version=__version__, device=device), TAG_STUDY: study}
+        self._client: Any = None
+        self._experiment_id: str | None = None
+        self.error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    def _fail(self, doing: str, exc: BaseException) -> None:
+        if self.error is None:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.error = f"MLflow tracking at {self.uri} failed while {doing}: {text[:300]}"
+            log.warning("%s; tuning goes on without MLflow (the study keeps every result)", self.error)
+
+    def _ensure(self) -> bool:
+        if self.failed:
+            return False
+        if self._client is not None:
+            return True
+        try:
+            reason = _probe(self.uri)
+            if reason is not None:
+                raise ConnectionError(reason)
+            if urlparse(self.uri).scheme in ("http", "https"):
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+            from mlflow.tracking import MlflowClient
+
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+            client = MlflowClient(tracking_uri=self.uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                try:
+                    self._experiment_id = client.create_experiment(
+                        self.experiment, artifact_location=_artifact_location(self.uri, self.experiment))
+                except Exception:  # another process created it first
+                    experiment = client.get_experiment_by_name(self.experiment)
+                    if experiment is None:
+                        raise
+                    self._experiment_id = experiment.experiment_id
+            else:
+                self._experiment_id = experiment.experiment_id
+                if experiment.lifecycle_stage == "deleted":
+                    client.restore_experiment(self._experiment_id)
+            self._client = client
+            return True
+        except Exception as exc:
+            self._fail("connecting", exc)
+            return False
+
+    def _batch(self, run_id: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+               metrics: Sequence[tuple[str, float, int]] = ()) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        items_p = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in sorted((params or {}).items())]
+        items_t = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
+        items_m = [Metric(k, v, now, step) for k, value, step in metrics if (v := _finite(value)) is not None]
+        for i in range(0, max(len(items_p), len(items_t), 1), MAX_BATCH):
+            p, t = items_p[i:i + MAX_BATCH], items_t[i:i + MAX_BATCH]
+            if p or t:
+                self._client.log_batch(run_id, params=p, tags=t, synchronous=True)
+        for i in range(0, len(items_m), 1000):
+            self._client.log_batch(run_id, metrics=items_m[i:i + 1000], synchronous=True)
+
+    # -- runs -----------------------------------------------------------------------------------------------
+    def start_parent(self, *, run_name: str, params: Mapping[str, Any], resume_run_id: str | None = None) -> str | None:
+        """Create the study's parent run (or mark an earlier one RUNNING again); its run id."""
+        if not self._ensure():
+            return None
+        try:
+            if resume_run_id:
+                try:
+                    run = self._client.get_run(resume_run_id)
+                    if run.info.experiment_id == self._experiment_id and run.info.lifecycle_stage == "active":
+                        self._client.update_run(resume_run_id, status="RUNNING")
+                        return resume_run_id
+                except Exception:
+                    pass
+            tags = {**self._base_tags, "oneday.kind": KIND_TUNE_STUDY, TAG_MLFLOW_RUN_NAME: run_name}
+            run = self._client.create_run(self._experiment_id, run_name=run_name, tags=tags)
+            self._batch(run.info.run_id, params=params)
+            return run.info.run_id
+        except Exception as exc:
+            self._fail("creating the study's run", exc)
+            return None
+
+    def start_child(self, *, parent_run_id: str | None, run_name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, Any] | None = None) -> str | None:
+        """A child run of the study (a trial or a transfer-check run); its run id."""
+        if not self._ensure():
+            return None
+        try:
+            all_tags = {**self._base_tags, TAG_MLFLOW_RUN_NAME: run_name, **(tags or {})}
+            if parent_run_id:
+                all_tags[TAG_MLFLOW_PARENT] = parent_run_id
+            run = self._client.create_run(self._experiment_id, run_name=run_name, tags=all_tags)
+            self._batch(run.info.run_id, params=params)
+            return run.info.run_id
+        except Exception as exc:
+            self._fail(f"creating run {run_name}", exc)
+            return None
+
+    def log(self, run_id: str | None, *, metrics: Sequence[tuple[str, float, int]] = (),
+            params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        """Metrics as (name, value, step); non-finite values are left out."""
+        if run_id is None or not self._ensure():
+            return
+        try:
+            self._batch(run_id, params=params, tags=tags, metrics=metrics)
+        except Exception as exc:
+            self._fail("logging", exc)
+
+    def artifact(self, run_id: str | None, path: str | os.PathLike[str]) -> None:
+        if run_id is None or not self._ensure() or not Path(path).exists():
+            return
+        try:
+            self._client.log_artifact(run_id, str(path))
+        except Exception as exc:
+            self._fail(f"uploading {Path(path).name}", exc)
+
+    def end(self, run_id: str | None, *, status: str = "FINISHED") -> None:
+        if run_id is None or not self._ensure():
+            return
+        try:
+            self._client.set_terminated(run_id, status=status)
+        except Exception as exc:
+            self._fail("ending a run", exc)
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """For a sqlite store, artifacts go beside the database (`<db folder>/mlruns/<experiment>`), as the
+    runner's tracker puts them; other stores choose their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if str(db) in ("", ":memory:"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-") or "experiment"
+    digest = hashlib.sha1(experiment.encode()).hexdigest()[:6]
+    return (db.resolve().parent / "mlruns" / f"{slug}-{digest}").as_uri()
+
+
+class TrialCurve:
+    """An `Observer` that collects one trial's curves and sends them to its child run at each evaluation
+    (a handful of log_batch calls per trial)."""
+
+    def __init__(self, tracker: StudyTracker | None, run_id: str | None) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self._pending: list[tuple[str, float, int]] = []
+
+    def on_step(self, record: Any) -> None:
+        self._pending += [(METRIC_TRAIN_LOSS, record.loss, record.step), (METRIC_LR, record.lr, record.step)]
+
+    def on_eval(self, record: Any) -> None:
+        self._pending.append((METRIC_VAL_LOSS, record.val_loss, record.step))
+        self.flush()
+
+    def flush(self) -> None:
+        if self.tracker is not None and self._pending:
+            self.tracker.log(self.run_id, metrics=self._pending)
+        self._pending = []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure() -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot(1, 1, 1)
+
+
+_STYLE = {
+    "complete": dict(marker="o", color="tab:blue"),
+    "pruned": dict(marker="v", color="tab:orange"),
+    "diverged": dict(marker="x", color="tab:red"),
+    "failed": dict(marker="x", color="tab:gray"),
+}
+
+
+_LABEL = {"pruned": "pruned (loss when stopped)", "diverged": "diverged (capped loss)"}
+
+
+def plot_history(points: Iterable[tuple[int, float, str]], path: str | os.PathLike[str], *,
+                 title: str = "") -> Path:
+    """Optimization history: each trial's value (pruned: its last reported loss) against its number, by
+    state, with the best complete value so far as a step line."""
+    figure, ax = _figure()
+    rows = sorted((n, v, s) for n, v, s in points if _finite(v) is not None)
+    for state, style in _STYLE.items():
+        xs = [n for n, _v, s in rows if s == state]
+        ys = [v for _n, v, s in rows if s == state]
+        if xs:
+            ax.scatter(xs, ys, label=_LABEL.get(state, state), s=30, **style)
+    best: list[tuple[int, float]] = []
+    for n, v, s in rows:
+        if s == "complete" and (not best or v < best[-1][1]):
+            best.append((n, v))
+        elif best:
+            best.append((n, best[-1][1]))
+    if best:
+        ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="tab:green", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title or "optimization history")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(Path(path), format="png")
+    return Path(path)
+
+
+def plot_lr_vs_loss(points: Iterable[tuple[float, float, str]], path: str | os.PathLike[str], *,
+                    chosen_lr: float | None = None, default_lr: float | None = None, title: str = "") -> Path:
+    """Validation loss against the proxy's base LR (log x), by state, with the chosen and default LRs."""
+    figure, ax = _figure()
+    rows = [(lr, v, s) for lr, v, s in points if _finite(v) is not None and _finite(lr) is not None and lr > 0]
+    for state, style in _STYLE.items():
+        xs = [lr for lr, _v, s in rows if s == state]
+        ys = [v for _lr, v, s in rows if s == state]
+        if xs:
+            ax.scatter(xs, ys, label=_LABEL.get(state, state), s=30, **style)
+    if chosen_lr:
+        ax.axvline(chosen_lr, color="tab:green", linestyle="--", label=f"best {chosen_lr:.3g}")
+    if default_lr:
+        ax.axvline(default_lr, color="tab:gray", linestyle=":", label=f"planner default {default_lr:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("proxy base learning rate")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title or "learning rate vs loss")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(Path(path), format="png")
+    return Path(path)
+
+
+__all__ = [
+    "STATUS_OF_STATE",
+    "TAG_STAGE",
+    "TAG_TRIAL_NUMBER",
+    "TAG_TRIAL_STATE",
+    "StudyTracker",
+    "TrialCurve",
+    "plot_history",
+    "plot_lr_vs_loss",
+]
