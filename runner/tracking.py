@@ -219,7 +219,7 @@ class _Close:
     status: str
 
 
-def _probe(uri: str, timeout: float = 3.0) -> str | None:
+def unreachable_reason(uri: str, timeout: float = 3.0) -> str | None:
     """None when the store looks reachable; else why not. Only HTTP(S) stores are probed."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
@@ -347,7 +347,7 @@ class MlflowTracker:
         self._warn(f"MLflow tracking at {self.uri} failed while {doing}: {text[:300]}")
 
     def _setup(self) -> None:
-        reason = _probe(self.uri)
+        reason = unreachable_reason(self.uri)
         if reason is not None:
             raise ConnectionError(reason)
         if urlparse(self.uri).scheme in ("http", "https"):

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from oneday import __version__
+from oneday.runner.tracking import MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, unreachable_reason
 from oneday.tracking_names import (
     KIND_TUNE_STUDY,
     KIND_TUNE_TRIAL,
@@ -48,26 +48,6 @@ TAG_TRIAL_STATE = "oneday.trial.state"
 TAG_TRIAL_NUMBER = "oneday.trial.number"
 TAG_STAGE = "oneday.tune.stage"
 STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
-MAX_BATCH = 100
-MAX_PARAM_VALUE = 6000
-
-
-def _probe(uri: str, timeout: float = 3.0) -> str | None:
-    """None when the store looks reachable; else why not (HTTP stores: can the port be connected to?)."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        host = parsed.hostname or "localhost"
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                return None
-        except OSError as exc:
-            return f"cannot connect to {host}:{port} ({exc.strerror or exc})"
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-        if str(db) not in ("", ":memory:") and not db.parent.is_dir():
-            return f"the folder {db.parent} does not exist"
-    return None
 
 
 def _finite(value: Any) -> float | None:
@@ -110,7 +90,7 @@ class StudyTracker:
         if self._client is not None:
             return True
         try:
-            reason = _probe(self.uri)
+            reason = unreachable_reason(self.uri)
             if reason is not None:
                 raise ConnectionError(reason)
             if urlparse(self.uri).scheme in ("http", "https"):
@@ -149,8 +129,8 @@ class StudyTracker:
         items_p = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in sorted((params or {}).items())]
         items_t = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
         items_m = [Metric(k, v, now, step) for k, value, step in metrics if (v := _finite(value)) is not None]
-        for i in range(0, max(len(items_p), len(items_t), 1), MAX_BATCH):
-            p, t = items_p[i:i + MAX_BATCH], items_t[i:i + MAX_BATCH]
+        for i in range(0, max(len(items_p), len(items_t), 1), MAX_PARAMS_PER_BATCH):
+            p, t = items_p[i:i + MAX_PARAMS_PER_BATCH], items_t[i:i + MAX_PARAMS_PER_BATCH]
             if p or t:
                 self._client.log_batch(run_id, params=p, tags=t, synchronous=True)
         for i in range(0, len(items_m), 1000):
