@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from oneday.models.spec import ModelSpec
 from oneday.plan import Candidate, DataInfo, HardwareInfo, Plan, Prediction, Provenance, TrainSpec
 
@@ -50,3 +52,18 @@ def make_plan(*, data: DataInfo | None = None, model: ModelSpec | None = None, *
         ),
         reasons=("test plan",),
     )
+
+
+def _nvml_missing() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return True
+    pynvml.nvmlShutdown()
+    return False
+
+
+# For tests of what happens on a machine without an NVIDIA GPU (like CI's).
+no_gpu = pytest.mark.skipif(not _nvml_missing(), reason="an NVIDIA driver is present")

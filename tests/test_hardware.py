@@ -20,20 +20,7 @@ from oneday.planner.hardware import (
     probe_hardware,
     resolve_peak_flops,
 )
-
-
-def _nvml_missing() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return True
-    pynvml.nvmlShutdown()
-    return False
-
-
-no_gpu = pytest.mark.skipif(not _nvml_missing(), reason="an NVIDIA driver is present")
+from tests.factories import no_gpu
 
 
 @no_gpu

@@ -19,6 +19,7 @@ from oneday.planner.make import (
     load_calibration,
     make_plan,
 )
+from tests.factories import no_gpu
 
 DATA = "builtin:pydoc"
 VOCAB = 512
@@ -141,18 +142,7 @@ def test_missing_data_path_passes_through(tmp_path: Path) -> None:
         _plan(tmp_path / "cache", data=str(tmp_path / "does-not-exist"))
 
 
-def _no_gpu() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return True
-    pynvml.nvmlShutdown()
-    return False
-
-
-@pytest.mark.skipif(not _no_gpu(), reason="an NVIDIA driver is present")
+@no_gpu
 def test_cuda_without_a_gpu(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--device cuda"):
         _plan(tmp_path / "cache", device="cuda")

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from oneday.cli import app
 from oneday.plan import SCHEMA_VERSION, Plan, load_plan, save_plan
 from tests.factories import make_plan as factory_plan
+from tests.factories import no_gpu
 
 runner = CliRunner()
 
@@ -163,18 +164,7 @@ def test_budget_too_small(tmp_path: Path) -> None:
     assert not cache.exists()
 
 
-def _no_gpu() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return True
-    pynvml.nvmlShutdown()
-    return False
-
-
-@pytest.mark.skipif(not _no_gpu(), reason="an NVIDIA driver is present")
+@no_gpu
 def test_device_cuda_without_gpu(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     line = _fails(cache, tmp_path, "--minutes", "5", "--data", "builtin:pydoc", "--device", "cuda")
