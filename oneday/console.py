@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from oneday.errors import NotBuiltError, UserError
+from oneday.errors import UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -50,7 +50,7 @@ def guard(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, NotBuiltError) as exc:
+        except UserError as exc:
             if state["debug"]:
                 raise
             err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)

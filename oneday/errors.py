@@ -13,8 +13,3 @@ class UserError(Exception):
 
     exit_code = 2
 
-
-class NotBuiltError(Exception):
-    """A command that a later issue fills in; the CLI exits non-zero without output that pretends."""
-
-    exit_code = 3
