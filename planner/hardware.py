@@ -461,7 +461,8 @@ def _cpu_probe(notes: list[str], torch_info: dict[str, Any]) -> HardwareProbe:
     cpu_name, flags = _cpu_info()
     total, available = _host_memory()
     cores = _cpu_cores()
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags and "bf16" not in flags:
+    native_bf16 = bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+    if not native_bf16:
         notes.append("This CPU has no native bf16 matmul (no AVX-512 BF16 or AMX): fp32 is the fast dtype here.")
     return HardwareProbe(
         device="cpu",
@@ -474,7 +475,7 @@ def _cpu_probe(notes: list[str], torch_info: dict[str, Any]) -> HardwareProbe:
         driver_version=None,
         cuda_version=None,
         compute_capability=None,
-        bf16_supported="avx512_bf16" in flags or "amx_bf16" in flags or "bf16" in flags,
+        bf16_supported=native_bf16,
         torch_version=torch_info["torch_version"],
         cpu_cores=cores,
         torch_threads=torch_info["torch_threads"],
