@@ -17,8 +17,13 @@ shared 2-core machine (a clock-keyed run would train fewer tokens when other wor
 the comparison about load, not learning rate). All runs share the seed (same init, same data order) and are
 scored on the same validation tokens (the final evaluation only).
 
-    python bench/tune_transfer.py                        # ~14 min
-    python bench/tune_transfer.py --target-seconds 60    # quicker, noisier
+    python bench/tune_transfer.py                        # ~30 min
+    python bench/tune_transfer.py --target-seconds 100   # ~13 min: 25% of it pays for only a few trials
+
+The default target (~240 s, ~1,800 steps) is the shortest whose 25% pays for a real study here: ~20 trials of
+the proxy's ~75 steps (tokens per parameter kept) and the transfer check. A 100-s target (~700 steps) gives
+the proxy 29 steps by tokens per parameter, below the 64 a trial must train (`proxy.MIN_TRIAL_STEPS`), so its
+~23 s pay for only three trials and the tuner says so.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--target-seconds", type=float, default=110.0, help="about how long one target run takes")
+    parser.add_argument("--target-seconds", type=float, default=240.0, help="about how long one target run takes")
     parser.add_argument("--steps", type=int, default=None, help="target steps (default: from --target-seconds)")
     parser.add_argument("--share", type=float, default=0.25, help="tuning budget as a fraction of T (default 0.25)")
     parser.add_argument("--threads", type=int, default=1)

@@ -218,7 +218,9 @@ def deepseek_batch_tokens(c_flops: float) -> float:
 def lr_horizon_correction(d_from: float, d_to: float) -> float:
     """Factor that moves an optimal LR found at horizon d_from to horizon d_to: (d_to/d_from)^−0.32.
 
-    Bjorck et al., ICLR 2025 (Scaling optimal LR across token horizons): LR* ∝ D^−0.32.
+    Bjorck et al., ICLR 2025 (Scaling optimal LR across token horizons): LR* ∝ D^−0.32, fitted past the
+    first thousands of steps. Over a run's first ~60 steps the optimum rises instead (measured; see
+    `studies.proxy.MIN_TRIAL_STEPS`), so the horizons this moves between should both lie past that.
     """
     _positive("d_from", d_from)
     _positive("d_to", d_to)

@@ -4,7 +4,7 @@ The planner predicts a final loss with a published law (Epoch AI 2024) whose abs
 own data and tokenizer. Calibration trains short runs of the plan's model family at two or three widths
 (each the previous one doubled, the widest chosen so the runs fit the calibration budget, by default
 `CALIBRATION_SHARE` of the plan's budget) and two token horizons each (a quarter of the plan's tokens per
-parameter and the full ratio, at least `MIN_TRIAL_STEPS` steps), reads each run's final validation loss, and
+parameter and the full ratio, at least `min_trial_steps` steps), reads each run's final validation loss, and
 fits L = E + A/N^α + B/D^β with α, β fixed at the Epoch values (`planner.laws.fit_law_eab`: non-negative
 least squares). `oneday plan ... --calibration FILE` then predicts with the fitted law.
 
@@ -39,12 +39,12 @@ from oneday.models.spec import ModelSpec
 from oneday.plan import Plan, load_plan, write_atomic
 from oneday.planner.laws import EPOCH_2024, LossLaw, fit_law_eab, lr_horizon_correction
 from oneday.studies.proxy import (
-    MIN_TRIAL_STEPS,
     ProxySpec,
     TrialParams,
     capped_loss,
     load_run_data,
     measure_step,
+    min_trial_steps,
     proxy_model,
     short_run,
     tokens_per_param,
@@ -114,7 +114,7 @@ def _sizes(plan: Plan, widest: int) -> list[int]:
 
 def _steps(plan: Plan, model: ModelSpec, fraction: float) -> int:
     tokens = fraction * tokens_per_param(plan) * model.params_scaling()
-    return max(MIN_TRIAL_STEPS, round(tokens / plan.train.tokens_per_step()))
+    return max(min_trial_steps(plan), round(tokens / plan.train.tokens_per_step()))
 
 
 def _runs_for(plan: Plan, widths: list[int]) -> list[tuple[ModelSpec, int]]:

@@ -107,6 +107,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TRIALS = 16
 MAX_TRIALS = 200
 MAX_AUTO_TRIALS = 64
+FEW_TRIALS = 6
+"""Fewer trials than this, fitted to the budget, leave TPE little to search with: the command warns."""
 DEFAULT_TUNE_SHARE = 0.2
 CHECK_SHARE = 0.2
 LR_SPAN = 5.0
@@ -586,6 +588,13 @@ def _decide(plan: Plan, data: RunData, *, trials: int | None, hours: float | Non
                 f"{CHECK_SHARE:.0%}): a trial on the narrowest proxy ({proxy.label()}) takes {per_trial:.1f} s; "
                 "give more --hours")
         n_trials = min(MAX_AUTO_TRIALS, fits)
+        if n_trials < FEW_TRIALS:
+            spent = clock() - started
+            enough = spent + max(CHECK_SHARE * budget, 1.1 * check_cost) + 2 * FEW_TRIALS * per_trial
+            log.warning("%s pays for only %d trial%s of %s (%d steps, ~%.1f s each) after measuring and the "
+                        "transfer check: too few to search; about --hours %.2g would give %d", where, n_trials,
+                        "" if n_trials == 1 else "s", proxy.label(), proxy.steps, per_trial, enough / 3600.0,
+                        2 * FEW_TRIALS)
     else:
         n_trials = trials
     if per_trial > 1.5 * slice_seconds:

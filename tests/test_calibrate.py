@@ -21,7 +21,7 @@ def test_calibration_writes_what_the_planner_reads(prepared, tmp_path):
     from oneday.studies.calibrate import HORIZON_FRACTIONS, calibrate_plan
 
     # 4 heads of 16: calibration widths 16, 32, 64 (budget permitting)
-    plan = tiny_plan(prepared, d_model=64, n_head=4, proxy_steps=24, budget_seconds=3600.0)
+    plan = tiny_plan(prepared, d_model=64, n_head=4, budget_seconds=3600.0)
     plan_path = write_plan(plan, tmp_path)
     runs = []
     result = calibrate_plan(plan_path, hours=0.03, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from oneday.cli import app
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that no path in a table wraps
 
 
 def _args(cache: Path, *extra: str) -> list[str]:

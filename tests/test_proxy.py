@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -72,6 +73,43 @@ def test_size_proxy_fits_the_slice_and_refuses_a_slice_too_small(prepared):
     assert tight.steps >= MIN_TRIAL_STEPS
     with pytest.raises(BudgetTooSmallError, match="shortest trial"):
         size_proxy(plan, data, slice_seconds=1e-3, timings=timings)
+
+
+def test_a_trial_trains_the_minimum_steps_but_never_more_than_the_target(prepared):
+    from oneday.studies.proxy import MIN_TRIAL_STEPS, load_run_data, min_trial_steps, size_proxy
+
+    long = tiny_plan(prepared, proxy_steps=24)  # tokens per parameter would give the proxy 24 steps: lifted
+    assert long.train.planned_steps > MIN_TRIAL_STEPS
+    assert size_proxy(long, load_run_data(long), slice_seconds=1e4).steps == MIN_TRIAL_STEPS
+    short = tiny_plan(prepared, proxy_steps=3)  # the target itself trains fewer steps than the minimum
+    assert short.train.planned_steps < MIN_TRIAL_STEPS
+    assert min_trial_steps(short) == short.train.planned_steps
+    assert size_proxy(short, load_run_data(short), slice_seconds=1e4).steps == short.train.planned_steps
+
+
+def test_a_budget_for_few_trials_says_how_much_would_do(prepared, caplog):
+    from oneday.studies.proxy import load_run_data
+    from oneday.studies.tune import CHECK_SHARE, FEW_TRIALS, _decide
+
+    plan = tiny_plan(prepared)
+    data = load_run_data(plan)
+
+    def decide(hours: float):
+        return _decide(plan, data, trials=None, hours=hours, seed=0, beta2=False, weight_decay=False,
+                       schedule="auto", clock=time.monotonic)
+
+    started = time.monotonic()
+    roomy = decide(1.0)
+    measuring = time.monotonic() - started
+    assert roomy.n_trials >= FEW_TRIALS and "too few" not in caplog.text
+    # a budget that pays for the measuring, the transfer check and about three trials
+    per_trial, check = roomy.proxy.trial_seconds(), 1.1 * roomy.check_seconds
+    budget = measuring + check + 3 * per_trial
+    if CHECK_SHARE * budget > check:
+        budget = (measuring + 3 * per_trial) / (1 - CHECK_SHARE)
+    tight = decide(budget / 3600)
+    assert 1 <= tight.n_trials < FEW_TRIALS
+    assert "too few to search; about --hours" in caplog.text
 
 
 def test_short_run_trains_and_reports_divergence(prepared, monkeypatch):

@@ -82,7 +82,7 @@ def test_provenance_records_the_study(tuned):
     assert tuning["mup"] == {"base_width": 32, "target_width": 64, "width_mult": 2.0,
                              "hidden_lr": pytest.approx(result.tuned_lr / 2)}
     schedule = tuning["schedule"]
-    assert (schedule["proxy_steps"], schedule["target_steps"]) == (30, 97)
+    assert (schedule["proxy_steps"], schedule["target_steps"]) == (64, 206)
     assert "do not carry over" in schedule["reason"]
     assert {e.params.cooldown_fraction for e in tuned["events"]} == {0.2}  # not searched: the planner's
     check = tuning["transfer_check"]

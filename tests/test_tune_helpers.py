@@ -2,7 +2,7 @@
 
 The target is 2 layers × 64 wide with 2 heads of 32 (so the only narrower proxy is one head, 32 wide),
 vocabulary 512, sequence length 32, micro-batch 4 (128 tokens a step). Its planned tokens are set so that the
-proxy's tokens per parameter give `PROXY_STEPS` steps a trial (≈ 1 s on one CPU thread).
+proxy's tokens per parameter give `PROXY_STEPS` steps a trial (≈ 1 s on one CPU thread), the fewest a trial may have.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 from oneday.models.spec import ModelSpec
 from oneday.plan import DataInfo, Plan, save_plan
+from oneday.studies.proxy import MIN_TRIAL_STEPS
 from tests.factories import make_plan
 
-PROXY_STEPS = 30
+PROXY_STEPS = MIN_TRIAL_STEPS
 BATCH = 4
 SEQ = 32
 
