@@ -38,7 +38,8 @@ kept for the transfer check. Without `--trials` the number of trials is what fit
 sized for `DEFAULT_TRIALS` slices; when not even the narrowest proxy fits one, the narrowest is used with its
 steps cut to fit a quarter of the budget (or all of it); then as many trials as fit, at most
 `MAX_AUTO_TRIALS`. `--hours` is also this command's deadline: no trial starts that would not end before it.
-A budget that cannot pay for one trial of `MIN_TRIAL_STEPS` steps is an error. The proxy and the number of
+A budget that cannot pay for one trial of `MIN_TRIAL_STEPS` steps is an error; one that pays for fewer than
+`FEW_TRIALS` draws a warning naming the `--hours` that would give twice as many. The proxy and the number of
 trials are decided once, when the study is created, and stored in it; `--trials` on a later start changes
 the number.
 
