@@ -26,6 +26,14 @@ from oneday.errors import UserError
 console = Console()
 err_console = Console(stderr=True)
 
+
+def end_live_frame() -> None:
+    """Call after a live display on `err_console` stops: rich ends its last frame with a newline only on a
+    terminal, so in a log file or a pipe the next line would run on from the table's bottom border."""
+    if not err_console.is_terminal:
+        err_console.line()
+
+
 # Set by the root callback (`oneday --debug ...`).
 state = {"debug": False}
 

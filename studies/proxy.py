@@ -473,7 +473,7 @@ def min_trial_steps(plan: Plan) -> int:
     return max(1, min(MIN_TRIAL_STEPS, plan.train.planned_steps))
 
 
-def _steps_for(plan: Plan, model: ModelSpec) -> int:
+def proxy_steps(plan: Plan, model: ModelSpec) -> int:
     """Steps at the plan's batch that give `model` the plan's tokens per parameter (at least the minimum)."""
     tokens = tokens_per_param(plan) * model.params_scaling()
     return max(min_trial_steps(plan), round(tokens / plan.train.tokens_per_step()))
@@ -549,7 +549,7 @@ def size_proxy(
 
     def build(width: int, timing: _Timing, steps: int | None = None) -> ProxySpec:
         model = proxy_model(target, width)
-        n_steps = steps if steps is not None else _steps_for(plan, model)
+        n_steps = steps if steps is not None else proxy_steps(plan, model)
         return ProxySpec(
             model=model, micro_batch=train.micro_batch, grad_accum=train.grad_accum, steps=n_steps,
             eval_tokens=_eval_tokens(plan, tokens=n_steps * B, val_tokens=len(data.val)),
@@ -559,7 +559,7 @@ def size_proxy(
         )
 
     narrow = proxy_model(target, widths[0])
-    narrow_steps = _steps_for(plan, narrow)
+    narrow_steps = proxy_steps(plan, narrow)
     timing0 = measured(narrow, _eval_tokens(plan, tokens=narrow_steps * B, val_tokens=len(data.val)))
     fpt0 = narrow.flops_per_token()
 
@@ -657,6 +657,7 @@ __all__ = [
     "measure_step",
     "min_trial_steps",
     "proxy_model",
+    "proxy_steps",
     "proxy_widths",
     "short_run",
     "size_proxy",

@@ -90,6 +90,7 @@ from oneday.studies.proxy import (
     check_width,
     load_run_data,
     measure_step,
+    proxy_steps,
     proxy_widths,
     short_run,
     size_proxy,
@@ -579,23 +580,33 @@ def _decide(plan: Plan, data: RunData, *, trials: int | None, hours: float | Non
                                                     eval_tokens=proxy.eval_tokens, threads=plan.train.threads,
                                                     clock=clock)
         check_cost = check_seconds(proxy, timing)
-    trial_budget = budget - max(CHECK_SHARE * budget, 1.1 * check_cost)
+    check_reserve = 1.1 * check_cost
+    trial_budget = budget - max(CHECK_SHARE * budget, check_reserve)
     per_trial = proxy.trial_seconds()
     if trials is None:
-        fits = int((trial_budget - (clock() - started)) // per_trial)  # the measuring came out of the budget
+        spent = clock() - started  # the measuring came out of the budget
+
+        def hours_for(n: int) -> float:
+            """About the --hours that pay for the measuring, the transfer check and n trials, at the proxy's
+            full horizon (a bigger budget no longer cuts its steps; trials and check scale with them)."""
+            scale = proxy_steps(plan, proxy.model) / proxy.steps
+            check, trial = scale * check_reserve, scale * per_trial
+            seconds = spent + check + n * trial
+            return (seconds if CHECK_SHARE * seconds <= check else (spent + n * trial) / (1 - CHECK_SHARE)) / 3600.0
+
+        fits = int((trial_budget - spent) // per_trial)
+        check_note = f"the transfer check's {max(CHECK_SHARE * budget, check_reserve):.3g} s"
         if fits < 1:
             raise UserError(
-                f"{where} is too small for one trial ({trial_budget:.3g} s after the transfer check's "
-                f"{CHECK_SHARE:.0%}): a trial on the narrowest proxy ({proxy.label()}) takes {per_trial:.1f} s; "
-                "give more --hours")
+                f"{where} is too small for one trial ({trial_budget - spent:.3g} s left after measuring and "
+                f"{check_note}): a trial on the narrowest proxy ({proxy.label()}, {proxy.steps} steps) takes "
+                f"{per_trial:.1f} s; about --hours {hours_for(2 * FEW_TRIALS):.2g} would give {2 * FEW_TRIALS}")
         n_trials = min(MAX_AUTO_TRIALS, fits)
         if n_trials < FEW_TRIALS:
-            spent = clock() - started
-            enough = spent + max(CHECK_SHARE * budget, 1.1 * check_cost) + 2 * FEW_TRIALS * per_trial
-            log.warning("%s pays for only %d trial%s of %s (%d steps, ~%.1f s each) after measuring and the "
-                        "transfer check: too few to search; about --hours %.2g would give %d", where, n_trials,
-                        "" if n_trials == 1 else "s", proxy.label(), proxy.steps, per_trial, enough / 3600.0,
-                        2 * FEW_TRIALS)
+            log.warning("%s pays for only %d trial%s of %s (%d steps, ~%.1f s each) after measuring and %s: too "
+                        "few to search; about --hours %.2g would give %d", where, n_trials,
+                        "" if n_trials == 1 else "s", proxy.label(), proxy.steps, per_trial, check_note,
+                        hours_for(2 * FEW_TRIALS), 2 * FEW_TRIALS)
     else:
         n_trials = trials
     if per_trial > 1.5 * slice_seconds:

@@ -173,3 +173,18 @@ def test_a_killed_worker_trial_is_failed_and_the_restart_finishes_the_study(prep
     assert len(new) == 4 - len(before)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
     assert result.out is not None and result.out.exists()
+
+
+def test_the_trial_table_ends_its_line_in_a_log_file(capsys):
+    """Off a terminal rich leaves the live table's last line open; what follows must start a line of its own."""
+    from oneday.commands.tune import TrialView
+    from oneday.studies.proxy import TrialParams
+    from oneday.studies.tune import TrialResult
+
+    view = TrialView()
+    params = TrialParams(lr=3e-3, warmup_fraction=0.1, cooldown_fraction=0.2)
+    view.on_trial(TrialResult(number=0, state="running", params=params))
+    view.on_trial(TrialResult(number=0, state="complete", params=params, value=5.25, seconds=1.0))
+    view.close()
+    err = capsys.readouterr().err
+    assert "5.2500" in err and err.rstrip(" ").endswith("┘\n"), repr(err[-80:])

@@ -17,7 +17,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from oneday.console import console, err_console, guard
+from oneday.console import console, end_live_frame, err_console, guard
 from oneday.errors import UserError
 
 HELP = ("Tune the learning rate and schedule with Optuna on short μP proxy runs and write a tuned plan "
@@ -83,6 +83,7 @@ class TrialView:
         if self.live is not None:
             self.live.update(self.table.render())
             self.live.stop()
+            end_live_frame()
             self.live = None
 
 
@@ -191,6 +192,7 @@ def _calibrate(plan: Path, *, hours: float | None, out: Path | None, tracking_ur
                           f"{run.seconds:.1f}")
 
         result = calibrate_plan(plan, hours=hours, out=out, tracking_uri=tracking_uri, on_run=on_run)
+    end_live_frame()
     law = result.law
     console.print(f"fitted L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha} + {law.B:.4g}/D^{law.beta} "
                   f"(rmse {result.rmse():.4f} nats) -> {result.out}")
