@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -87,29 +86,34 @@ def test_a_trial_trains_the_minimum_steps_but_never_more_than_the_target(prepare
     assert size_proxy(short, load_run_data(short), slice_seconds=1e4).steps == short.train.planned_steps
 
 
-def test_a_budget_for_few_trials_says_how_much_would_do(prepared, caplog):
-    from oneday.studies.proxy import load_run_data
-    from oneday.studies.tune import CHECK_SHARE, FEW_TRIALS, _decide
+def test_a_budget_for_few_trials_says_how_much_would_do(prepared, caplog, monkeypatch):
+    from oneday.studies import proxy, tune
 
+    # Fixed step times (a width's cost in proportion to its d_model) and a clock that never moves: the sizing
+    # is arithmetic, not a race against this machine's load.
+    def fake_measure(model, *args, **kwargs):
+        return proxy._Timing(step_seconds=1e-3 * model.d_model / 32, overhead_seconds=0.1)
+
+    monkeypatch.setattr(proxy, "warm_up", lambda *args, **kwargs: None)
+    monkeypatch.setattr(proxy, "measure_step", fake_measure)
+    monkeypatch.setattr(tune, "measure_step", fake_measure)
     plan = tiny_plan(prepared)
-    data = load_run_data(plan)
+    data = proxy.load_run_data(plan)
 
     def decide(hours: float):
-        return _decide(plan, data, trials=None, hours=hours, seed=0, beta2=False, weight_decay=False,
-                       schedule="auto", clock=time.monotonic)
+        return tune._decide(plan, data, trials=None, hours=hours, seed=0, beta2=False, weight_decay=False,
+                            schedule="auto", clock=lambda: 0.0)
 
-    started = time.monotonic()
     roomy = decide(1.0)
-    measuring = time.monotonic() - started
-    assert roomy.n_trials >= FEW_TRIALS and "too few" not in caplog.text
-    # a budget that pays for the measuring, the transfer check and about three trials
+    assert roomy.n_trials >= tune.FEW_TRIALS and "too few" not in caplog.text
+    # a budget that pays for the transfer check and three and a half trials
     per_trial, check = roomy.proxy.trial_seconds(), 1.1 * roomy.check_seconds
-    budget = measuring + check + 3 * per_trial
-    if CHECK_SHARE * budget > check:
-        budget = (measuring + 3 * per_trial) / (1 - CHECK_SHARE)
+    budget = check + 3.5 * per_trial
+    if tune.CHECK_SHARE * budget > check:
+        budget = 3.5 * per_trial / (1 - tune.CHECK_SHARE)
     tight = decide(budget / 3600)
-    assert 1 <= tight.n_trials < FEW_TRIALS
-    assert "too few to search; about --hours" in caplog.text
+    assert tight.proxy.steps == roomy.proxy.steps and tight.n_trials == 3
+    assert "pays for only 3 trials" in caplog.text and "too few to search; about --hours" in caplog.text
 
 
 def test_short_run_trains_and_reports_divergence(prepared, monkeypatch):
