@@ -247,6 +247,35 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (db.parent / "mlruns" / f"{slug}-{digest}").as_uri()
 
 
+def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
+    """(an `MlflowClient` for `uri`, the id of `experiment`), the experiment created, or restored when deleted.
+    An unreachable store raises ConnectionError at once; HTTP retries are bounded, so a server that goes away
+    mid-run does not hold the caller for minutes. Another process creating the experiment first is fine."""
+    reason = unreachable_reason(uri)
+    if reason is not None:
+        raise ConnectionError(reason)
+    if urlparse(uri).scheme in ("http", "https"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        try:
+            return client, client.create_experiment(experiment,
+                                                    artifact_location=_artifact_location(uri, experiment))
+        except Exception:  # another process created it first
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise
+    elif found.lifecycle_stage == "deleted":
+        client.restore_experiment(found.experiment_id)
+    return client, found.experiment_id
+
+
 class MlflowTracker:
     """Logs one run to MLflow from a daemon thread; every public method returns at once.
 
@@ -347,34 +376,9 @@ class MlflowTracker:
         self._warn(f"MLflow tracking at {self.uri} failed while {doing}: {text[:300]}")
 
     def _setup(self) -> None:
-        reason = unreachable_reason(self.uri)
-        if reason is not None:
-            raise ConnectionError(reason)
-        if urlparse(self.uri).scheme in ("http", "https"):
-            # Bounded retries: a server that goes away mid-run must not keep this thread for minutes.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         from mlflow.entities import Param, RunTag
-        from mlflow.tracking import MlflowClient
 
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
-        client = MlflowClient(tracking_uri=self.uri)
-        experiment = client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            try:
-                experiment_id = client.create_experiment(
-                    self.experiment, artifact_location=_artifact_location(self.uri, self.experiment)
-                )
-            except Exception:  # another process created it first
-                experiment = client.get_experiment_by_name(self.experiment)
-                if experiment is None:
-                    raise
-                experiment_id = experiment.experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-            if experiment.lifecycle_stage == "deleted":
-                client.restore_experiment(experiment_id)
+        client, experiment_id = open_experiment(self.uri, self.experiment)
         run_id = None
         if self._resume_run_id:
             try:
@@ -711,8 +715,10 @@ __all__ = [
     "RunRecorder",
     "SystemSampler",
     "default_experiment",
+    "open_experiment",
     "plot_loss_curve",
     "process_rss_bytes",
     "read_metrics",
     "resolve_tracking_uri",
+    "unreachable_reason",
 ]

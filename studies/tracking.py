@@ -17,19 +17,16 @@ capped, so an outage costs seconds, not minutes. mlflow and matplotlib are impor
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from oneday import __version__
-from oneday.runner.tracking import MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, unreachable_reason
+from oneday.runner.tracking import MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, open_experiment
 from oneday.tracking_names import (
     KIND_TUNE_STUDY,
     KIND_TUNE_TRIAL,
@@ -90,32 +87,7 @@ class StudyTracker:
         if self._client is not None:
             return True
         try:
-            reason = unreachable_reason(self.uri)
-            if reason is not None:
-                raise ConnectionError(reason)
-            if urlparse(self.uri).scheme in ("http", "https"):
-                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-                os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-                os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-            from mlflow.tracking import MlflowClient
-
-            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-            client = MlflowClient(tracking_uri=self.uri)
-            experiment = client.get_experiment_by_name(self.experiment)
-            if experiment is None:
-                try:
-                    self._experiment_id = client.create_experiment(
-                        self.experiment, artifact_location=_artifact_location(self.uri, self.experiment))
-                except Exception:  # another process created it first
-                    experiment = client.get_experiment_by_name(self.experiment)
-                    if experiment is None:
-                        raise
-                    self._experiment_id = experiment.experiment_id
-            else:
-                self._experiment_id = experiment.experiment_id
-                if experiment.lifecycle_stage == "deleted":
-                    client.restore_experiment(self._experiment_id)
-            self._client = client
+            self._client, self._experiment_id = open_experiment(self.uri, self.experiment)
             return True
         except Exception as exc:
             self._fail("connecting", exc)
@@ -199,19 +171,6 @@ class StudyTracker:
             self._client.set_terminated(run_id, status=status)
         except Exception as exc:
             self._fail("ending a run", exc)
-
-
-def _artifact_location(uri: str, experiment: str) -> str | None:
-    """For a sqlite store, artifacts go beside the database (`<db folder>/mlruns/<experiment>`), as the
-    runner's tracker puts them; other stores choose their own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-    if str(db) in ("", ":memory:"):
-        return None
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-") or "experiment"
-    digest = hashlib.sha1(experiment.encode()).hexdigest()[:6]
-    return (db.resolve().parent / "mlruns" / f"{slug}-{digest}").as_uri()
 
 
 class TrialCurve:

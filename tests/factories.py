@@ -67,3 +67,13 @@ def _nvml_missing() -> bool:
 
 # For tests of what happens on a machine without an NVIDIA GPU (like CI's).
 no_gpu = pytest.mark.skipif(not _nvml_missing(), reason="an NVIDIA driver is present")
+
+
+def one_error_line(stderr: str) -> str:
+    """The CLI's stderr, whitespace collapsed, after checking it holds exactly one `error:` line and no
+    traceback (every user-caused error is one clear line)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    return " ".join(stderr.split())

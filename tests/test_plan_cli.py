@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from oneday.cli import app
 from oneday.plan import SCHEMA_VERSION, Plan, load_plan, save_plan
 from tests.factories import make_plan as factory_plan
-from tests.factories import no_gpu
+from tests.factories import no_gpu, one_error_line
 
 runner = CliRunner()
 
@@ -23,13 +23,6 @@ def _invoke(*args: str) -> tuple[int, str, str]:
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
 
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    assert "Traceback" not in stderr
-    return " ".join(stderr.split())
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +126,13 @@ def test_budget_flags(tmp_path: Path, no_probing: None, args: list[str], message
     out = tmp_path / "plan.json"
     code, stdout, stderr = _invoke("plan", *args, "--data", "builtin:pydoc", "--out", str(out))
     assert code == 2
-    assert message in _one_error_line(stderr)
+    assert message in one_error_line(stderr)
     assert not out.exists() and stdout == ""
 
 
 def test_data_is_required(tmp_path: Path, no_probing: None) -> None:
     code, _, stderr = _invoke("plan", "--minutes", "5", "--out", str(tmp_path / "plan.json"))
-    assert code == 2 and "--data is required" in _one_error_line(stderr)
+    assert code == 2 and "--data is required" in one_error_line(stderr)
 
 
 def _fails(cache: Path, tmp_path: Path, *args: str) -> str:
@@ -149,7 +142,7 @@ def _fails(cache: Path, tmp_path: Path, *args: str) -> str:
     assert code == 2, stderr
     assert not out.exists()
     assert time.perf_counter() - started < 20
-    return _one_error_line(stderr)
+    return one_error_line(stderr)
 
 
 def test_missing_data_path(cache: Path, tmp_path: Path) -> None:
@@ -191,7 +184,7 @@ def test_unwritable_out_fails_fast(tmp_path: Path, no_probing: None, where: str)
     code, stdout, stderr = _invoke("plan", "--minutes", "5", "--data", "builtin:pydoc", "--device", "cpu",
                                    "--cache-dir", str(cache), "--out", str(out))
     assert code == 2
-    assert "--out" in _one_error_line(stderr)
+    assert "--out" in one_error_line(stderr)
     assert time.perf_counter() - started < 5
     assert not out.exists() and not cache.exists() and stdout == ""
 
@@ -203,7 +196,7 @@ def test_explain_newer_schema(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw))
     code, _, stderr = _invoke("plan", "--explain", str(path))
     assert code == 2
-    assert "made by a newer oneday" in _one_error_line(stderr)
+    assert "made by a newer oneday" in one_error_line(stderr)
 
 
 def test_explain_hand_edited_plan(tmp_path: Path) -> None:
@@ -213,7 +206,7 @@ def test_explain_hand_edited_plan(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw))
     code, _, stderr = _invoke("plan", "--explain", str(path))
     assert code == 2
-    assert "train.micro_batch: must be >= 1" in _one_error_line(stderr)
+    assert "train.micro_batch: must be >= 1" in one_error_line(stderr)
 
 
 def test_explain_a_factory_plan(tmp_path: Path) -> None:
@@ -226,4 +219,4 @@ def test_explain_a_factory_plan(tmp_path: Path) -> None:
 def test_explain_takes_no_budget(tmp_path: Path) -> None:
     path = save_plan(factory_plan(), tmp_path / "plan.json")
     code, _, stderr = _invoke("plan", "--explain", str(path), "--hours", "1")
-    assert code == 2 and "--explain shows a saved plan" in _one_error_line(stderr)
+    assert code == 2 and "--explain shows a saved plan" in one_error_line(stderr)

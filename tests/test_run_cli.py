@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from oneday.cli import app
 from oneday.plan import save_plan
-from tests.factories import make_plan
+from tests.factories import make_plan, one_error_line
 
 runner = CliRunner()
 
@@ -20,13 +20,6 @@ def _invoke(*args: str):
     result = runner.invoke(app, list(args))
     return result.exit_code, result.stdout, result.stderr
 
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert errors, stderr
-    assert "Traceback" not in stderr
-    return " ".join(stderr.split())
 
 
 def cuda_plan():
@@ -45,21 +38,21 @@ def test_invalid_plan_names_the_field(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw))
     code, _, err = _invoke("run", str(path), "--run-dir", str(tmp_path / "run"))
     assert code == 2
-    assert "train.lr: must be in (0, 1)" in _one_error_line(err)
+    assert "train.lr: must be in (0, 1)" in one_error_line(err)
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_plan_file(tmp_path: Path) -> None:
     code, _, err = _invoke("run", str(tmp_path / "nope.json"))
     assert code == 2
-    assert "no such plan file" in _one_error_line(err)
+    assert "no such plan file" in one_error_line(err)
 
 
 def test_cuda_plan_on_a_cpu_machine_is_refused(tmp_path: Path) -> None:
     path = save_plan(cuda_plan(), tmp_path / "plan.json")
     code, _, err = _invoke("run", str(path), "--run-dir", str(tmp_path / "run"))
     assert code == 2
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert "this plan was made for cuda (NVIDIA H200)" in line
     assert "--device cpu" in line
     assert not (tmp_path / "run").exists()
@@ -68,7 +61,7 @@ def test_cuda_plan_on_a_cpu_machine_is_refused(tmp_path: Path) -> None:
 def test_bad_device_and_threads(tmp_path: Path) -> None:
     path = save_plan(make_plan(), tmp_path / "plan.json")
     code, _, err = _invoke("run", str(path), "--device", "tpu", "--run-dir", str(tmp_path / "run"))
-    assert code == 2 and "--device" in _one_error_line(err)
+    assert code == 2 and "--device" in one_error_line(err)
     code, _, err = _invoke("run", str(path), "--threads", "0", "--run-dir", str(tmp_path / "run"))
     assert code == 2
 
@@ -80,7 +73,7 @@ def test_run_dir_of_a_different_plan_is_refused(tmp_path: Path) -> None:
     path = save_plan(make_plan(), tmp_path / "plan.json")
     code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir))
     assert code == 2
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert "different plan" in line and "--force" in line
     assert (run_dir / "checkpoints" / "step-00000010").is_dir()  # untouched
 
@@ -91,7 +84,7 @@ def test_run_dir_of_a_different_plan_detected_from_its_plan_copy(tmp_path: Path)
     save_plan(make_plan(lr=1e-3), run_dir / "plan.json")
     path = save_plan(make_plan(), tmp_path / "plan.json")
     code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir))
-    assert code == 2 and "different plan" in _one_error_line(err)
+    assert code == 2 and "different plan" in one_error_line(err)
 
 
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])
@@ -102,17 +95,17 @@ def test_unwritable_run_dir(tmp_path: Path, kind: str) -> None:
     path = save_plan(make_plan(), tmp_path / "plan.json")
     code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir))
     assert code == 2
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert str(run_dir) in line
     assert "not a folder" in line or "cannot create" in line
 
 
 def test_sample_missing_or_unfinished_run(tmp_path: Path) -> None:
     code, _, err = _invoke("sample", str(tmp_path / "nope"))
-    assert code == 2 and "no such run folder" in _one_error_line(err)
+    assert code == 2 and "no such run folder" in one_error_line(err)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     code, _, err = _invoke("sample", str(tmp_path / "run"))
-    assert code == 2 and "has not finished" in _one_error_line(err)
+    assert code == 2 and "has not finished" in one_error_line(err)
 
 
 def test_help_does_not_import_torch() -> None:

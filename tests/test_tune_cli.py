@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from oneday.cli import app
 from oneday.plan import save_plan
-from tests.factories import make_plan
+from tests.factories import make_plan, one_error_line
 from tests.test_tune_helpers import prepared_data, subprocess_env, tiny_plan, write_plan
 
 runner = CliRunner()
@@ -27,13 +27,6 @@ def _invoke(*args: str) -> tuple[int, str]:
     result = runner.invoke(app, ["tune", *args])
     return result.exit_code, result.stderr
 
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    assert "Traceback" not in stderr
-    return " ".join(stderr.split())
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def test_a_plan_that_fails_validation(tmp_path):
     path.write_text(json.dumps(raw))
     code, err = _invoke(str(path))
     assert code == 2
-    assert "train.warmup_fraction: must be in [0, 1)" in _one_error_line(err)
+    assert "train.warmup_fraction: must be in [0, 1)" in one_error_line(err)
     assert not (tmp_path / "plan.tune.journal").exists()
 
 
@@ -56,14 +49,14 @@ def test_zero_trials(tmp_path):
     path = save_plan(make_plan(), tmp_path / "plan.json")
     code, err = _invoke(str(path), "--trials", "0")
     assert code == 2
-    assert "--trials: must be at least 1" in _one_error_line(err)
+    assert "--trials: must be at least 1" in one_error_line(err)
 
 
 def test_a_budget_smaller_than_one_trial(prepared, tmp_path):
     path = write_plan(tiny_plan(prepared), tmp_path)
     code, err = _invoke(str(path), "--hours", "0.0001", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert code == 2
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert "--hours 0.0001" in line and "one trial" in line
     assert not (tmp_path / "plan.tuned.json").exists()
 
@@ -73,7 +66,7 @@ def test_an_unreachable_storage(prepared, tmp_path):
     started = time.monotonic()
     code, err = _invoke(str(path), "--storage", "postgresql://127.0.0.1:1/x", "--study", "s")
     assert code == 2
-    assert "--storage postgresql://127.0.0.1:1/x" in _one_error_line(err)
+    assert "--storage postgresql://127.0.0.1:1/x" in one_error_line(err)
     assert time.monotonic() - started < 20
 
 
@@ -81,7 +74,7 @@ def test_a_storage_folder_that_does_not_exist(prepared, tmp_path):
     path = write_plan(tiny_plan(prepared), tmp_path)
     code, err = _invoke(str(path), "--storage", str(tmp_path / "nope" / "study.journal"))
     assert code == 2
-    assert "does not exist" in _one_error_line(err)
+    assert "does not exist" in one_error_line(err)
 
 
 _STORAGES: dict[str, object] = {}
