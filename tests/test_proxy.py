@@ -67,7 +67,10 @@ def test_size_proxy_fits_the_slice_and_refuses_a_slice_too_small(prepared):
     # tokens per parameter kept: proxy tokens / N_proxy == plan tokens / N_target (up to rounding of steps)
     plan_tpp = plan.train.planned_tokens / plan.model.params_scaling()
     assert roomy.tokens() / roomy.params() == pytest.approx(plan_tpp, rel=0.05)
-    tight = size_proxy(plan, data, slice_seconds=roomy.trial_seconds() * 0.3, timings=timings)
+    # a slice the narrowest proxy just fits (from the same cached timings, so not a race against load)
+    narrow = size_proxy(plan, data, slice_seconds=1e4, max_width=32, timings=timings)
+    assert narrow.trial_seconds() < roomy.trial_seconds()
+    tight = size_proxy(plan, data, slice_seconds=narrow.trial_seconds() * 1.05, timings=timings)
     assert tight.model.d_model == 32
     assert tight.steps >= MIN_TRIAL_STEPS
     with pytest.raises(BudgetTooSmallError, match="shortest trial"):
