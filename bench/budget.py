@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temp folder)")
     args = parser.parse_args()
 
-    from oneday.runner.data import prepare_data
-    from oneday.runner.tracking import read_metrics
+    from oneday.data.prepare import prepare_data
+    from oneday.tracking.recorder import read_metrics
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="oneday-budget-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,9 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from oneday.runner.compare import ClientReader, SqliteReader, compare_runs, select_runs, start_ui
+    from oneday.compare.readers import ClientReader, SqliteReader
+    from oneday.compare.runs import compare_runs, select_runs
+    from oneday.compare.ui import start_ui
 
     with tempfile.TemporaryDirectory(prefix="oneday-bench-") as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"

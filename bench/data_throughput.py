@@ -30,8 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from oneday.runner import data as data_mod
-from oneday.runner.sources import ReadStats, resolve_source
+from oneday.data import prepare as data_mod
+from oneday.data.sources import ReadStats, resolve_source
+from oneday.data.tokenizer import BATCH_CHARS, batch_encoder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -58,7 +59,7 @@ def main() -> None:
               "(read + cut + encode + write)")
 
         source = resolve_source(args.data)
-        docs = [d for batch, _ in source.iter_batches(batch_chars=data_mod.BATCH_CHARS, work_dir=Path(tmp),
+        docs = [d for batch, _ in source.iter_batches(batch_chars=BATCH_CHARS, work_dir=Path(tmp),
                                                       stats=ReadStats(), quiet=True) for d in batch]
         jsonl = Path(tmp) / "docs.jsonl"
         jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
@@ -86,14 +87,14 @@ def main() -> None:
 
 
 def _ours(tok: Any, docs: list[str], eot_id: int, dtype: str) -> tuple[int, float, float]:
-    encode = data_mod._batch_encoder(tok)
+    encode = batch_encoder(tok)
     t0, c0 = time.perf_counter(), time.process_time()
     parts, batch, chars = [], [], 0
     for d in [*docs, None]:
         if d is not None:
             batch.append(d)
             chars += len(d)
-        if batch and (d is None or chars >= data_mod.BATCH_CHARS):
+        if batch and (d is None or chars >= BATCH_CHARS):
             ids = encode(batch)
             lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
             flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))

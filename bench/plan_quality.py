@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from oneday.models.spec import ModelSpec  # noqa: E402
 from oneday.plan import Plan, save_plan  # noqa: E402
-from oneday.planner.decide import candidate_shapes, swiglu_ff  # noqa: E402
+from oneday.planner.ladder import candidate_shapes, swiglu_ff  # noqa: E402
 from oneday.planner.make import make_plan  # noqa: E402
 
 

@@ -73,11 +73,13 @@ def main() -> None:
     import torch.nn.functional as F
     from torch import nn
 
+    from oneday.data.windows import WindowSampler
     from oneday.models.build import build_model, init_weights, param_groups
-    from oneday.runner.batches import WindowSampler
     from oneday.runner.checkpoint import CheckpointStore
     from oneday.runner.loop import train
-    from oneday.runner.tracking import FanOut, MlflowTracker, RunRecorder
+    from oneday.runner.records import FanOut
+    from oneday.tracking.recorder import RunRecorder
+    from oneday.tracking.writer import MlflowTracker
 
     cuda = args.device == "cuda"
     if cuda:
@@ -100,7 +102,7 @@ def main() -> None:
         peak = found[0] if found else 989e12
         torch.set_float32_matmul_precision("high")
     else:
-        from oneday.runner.data import prepare_data
+        from oneday.data.prepare import prepare_data
 
         torch.set_num_threads(args.threads)
         prepared = prepare_data("builtin:pydoc", vocab_size=512, cache_dir=Path(tempfile.gettempdir()) / "oneday-bench")

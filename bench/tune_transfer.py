@@ -97,7 +97,7 @@ def main() -> None:
 
     import torch
 
-    from oneday.runner.data import prepare_data
+    from oneday.data.prepare import prepare_data
     from oneday.studies.proxy import load_run_data, measure_step, warm_up
     from oneday.studies.tune import tune_plan
 

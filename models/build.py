@@ -64,7 +64,7 @@ from transformers import (
 
 from oneday.models.spec import ModelSpec
 
-__all__ = ["build_model", "count_parameters", "hf_config", "init_weights", "param_groups"]
+__all__ = ["build_model", "hf_config", "init_weights", "param_groups"]
 
 ATTN_IMPLEMENTATION = "sdpa"
 
@@ -265,8 +265,3 @@ def param_groups(model: PreTrainedModel, spec: ModelSpec, *, lr: float, weight_d
                 {"params": buckets[name], "lr": lr * lr_scale, "lr_scale": lr_scale, "weight_decay": wd, "name": name}
             )
     return groups
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters, each unique tensor once (a tied embedding/head counts once)."""
-    return sum(p.numel() for _n, _m, _a, p in _named_unique_parameters(model))

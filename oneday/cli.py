@@ -11,11 +11,11 @@ from typing import Annotated
 import typer
 
 from oneday import __version__
+from oneday.commands import compare as compare_commands
 from oneday.commands import data as data_commands
 from oneday.commands import plan as plan_commands
 from oneday.commands import run as run_commands
 from oneday.commands import tune as tune_commands
-from oneday.commands import ui as ui_commands
 from oneday.console import console, setup_logging, state
 
 app = typer.Typer(
@@ -51,8 +51,8 @@ app.command("run", help=run_commands.HELP)(run_commands.run)
 app.command("sample", help=run_commands.SAMPLE_HELP)(run_commands.sample)
 app.command("tune", help=tune_commands.HELP)(tune_commands.tune)
 app.add_typer(data_commands.app, name="data")
-app.command("ui", help=ui_commands.HELP)(ui_commands.ui)
-app.command("compare", help=ui_commands.COMPARE_HELP)(ui_commands.compare)
+app.command("ui", help=compare_commands.HELP)(compare_commands.ui)
+app.command("compare", help=compare_commands.COMPARE_HELP)(compare_commands.compare)
 
 
 def main() -> None:

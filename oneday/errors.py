@@ -13,3 +13,10 @@ class UserError(Exception):
 
     exit_code = 2
 
+
+
+def first_line(exc: BaseException, *, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to `limit` characters:
+    what a one-line error or warning quotes of an exception raised by a library."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

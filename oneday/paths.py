@@ -1,9 +1,12 @@
-"""Where oneday keeps things on disk."""
+"""Where oneday keeps things on disk, and how it writes a file so that no reader sees half of it."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from oneday.errors import UserError
 
 CACHE_ENV = "ONEDAY_CACHE"
 
@@ -16,3 +19,50 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "oneday"
+
+
+def check_output_path(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
+    """Fail fast (before any probing) when `path` cannot be written: its folder is missing or not a
+    folder, `path` is a folder, or a file cannot be created there (read-only folder or file system).
+    Creates and removes a temporary file to find out; writes nothing else."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name such as {path / 'plan.json'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise UserError(f"{option} {path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=parent)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise UserError(f"{path}: the folder {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write here ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["CACHE_ENV", "cache_dir", "check_output_path", "write_atomic"]

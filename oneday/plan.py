@@ -9,10 +9,10 @@ checked. Each component receives only its slice: the model builder the `ModelSpe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from oneday.errors import UserError
+from oneday.formats import jsonable
 from oneday.models.spec import ModelSpec, SpecError
+from oneday.paths import write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: `train.reserve_seconds` is derived (`TrainSpec.reserve_seconds()`), not stored; version 1 plans still load."""
 
 
 class PlanError(UserError):
@@ -66,7 +69,7 @@ class HardwareInfo:
 
 @dataclass(frozen=True)
 class DataInfo:
-    """The prepared data the plan was made for (see `oneday.runner.data.PreparedData`)."""
+    """The prepared data the plan was made for (see `oneday.data.prepare.PreparedData`)."""
 
     source: str
     key: str
@@ -95,7 +98,7 @@ class TrainSpec:
     Times are wall-clock seconds. `budget_seconds` is the run's own budget, from process start to exit: the
     budget the user asked for minus the planner's probe time (`provenance.probe_seconds`), which counted
     against it. `train_seconds` is the part of it left for training steps after the run's reserves
-    (`reserve_seconds`: start-up, compile/warm-up, evals, checkpoints, final save). The LR schedule is keyed to
+    (`reserve_seconds()`: start-up, compile/warm-up, evals, checkpoints, final save). The LR schedule is keyed to
     progress = elapsed training seconds / train_seconds: linear warmup over `warmup_fraction`, constant,
     then a cooldown of shape `cooldown_shape` over the last `cooldown_fraction` to `final_lr_fraction`·lr.
     """
@@ -126,7 +129,6 @@ class TrainSpec:
     eval_tokens: int = 65536
     checkpoint_every_seconds: float = 600.0
     keep_checkpoints: int = 2
-    reserve_seconds: float = 0.0
     seed: int = 0
     # Test/benchmark setting: stop after exactly this many optimizer steps, with the schedule keyed to
     # steps instead of the clock (makes runs bitwise reproducible). None in real plans.
@@ -166,7 +168,6 @@ class TrainSpec:
             f"{p}.checkpoint_every_seconds",
             f"must be > 0, got {self.checkpoint_every_seconds}",
         )
-        _require(self.reserve_seconds >= 0, f"{p}.reserve_seconds", f"must be >= 0, got {self.reserve_seconds}")
         _require(self.threads is None or self.threads >= 1, f"{p}.threads", f"must be >= 1, got {self.threads}")
         _require(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", f"must be >= 1, got {self.max_steps}")
         _require(
@@ -174,6 +175,10 @@ class TrainSpec:
             f"{p}.precision",
             "bf16 on CPU is ~50x slower than fp32 on these machines; use fp32",
         )
+
+    def reserve_seconds(self) -> float:
+        """The run's budget that is not training: start-up, compile, evaluations, checkpoints, the final save."""
+        return self.budget_seconds - self.train_seconds
 
     def tokens_per_step(self) -> int:
         """Global batch in tokens: micro_batch · grad_accum · seq_len."""
@@ -270,7 +275,13 @@ class Plan:
         return self.train.budget_seconds + self.provenance.probe_seconds
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
+
+    def digest(self) -> str:
+        """sha256 of the plan's canonical JSON, 16 hex digits: what ties a run folder, its checkpoints, a study
+        and the MLflow runs to this exact plan (any change to the plan gives another digest)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -279,7 +290,7 @@ class Plan:
         """The plan flattened to `section.key` strings, for MLflow params (candidates left out)."""
         flat: dict[str, str] = {}
         for section in ("hardware", "data", "model", "train", "prediction", "provenance"):
-            for key, value in _to_jsonable(dataclasses.asdict(getattr(self, section))).items():
+            for key, value in jsonable(dataclasses.asdict(getattr(self, section))).items():
                 flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         flat["name"] = self.name
         flat["budget.hours"] = f"{self.budget_seconds() / 3600:.4g}"
@@ -302,18 +313,20 @@ class Plan:
             )
         if version < 1:
             raise PlanError(f"schema_version: must be >= 1, got {version}")
+        if version == 1:
+            raw = _from_version_1(raw)
         return _build(cls, raw, "")
 
 
+def _from_version_1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 plan as version 2: `train.reserve_seconds` was stored, and is now derived."""
+    train = raw.get("train")
+    if isinstance(train, dict):
+        raw = {**raw, "train": {k: v for k, v in train.items() if k != "reserve_seconds"}}
+    return {**raw, "schema_version": SCHEMA_VERSION}
+
+
 T = TypeVar("T")
-
-
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v) for v in value]
-    return value
 
 
 def _build(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
@@ -422,27 +435,6 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"{path}: the folder {directory} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write here ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = [
@@ -457,5 +449,4 @@ __all__ = [
     "TrainSpec",
     "load_plan",
     "save_plan",
-    "write_atomic",
 ]

@@ -3,12 +3,12 @@
 Pure Python (no torch, no clock, no I/O), so every rule is unit-testable in milliseconds. The inputs
 are numbers someone else measured: `Measurement`s of real training steps (the measurement module
 builds each candidate, runs forward/backward/optimizer steps at the largest micro-batch that fits and
-times them), the training seconds left after `reserve_seconds`, the data's unique token count and the
+times them), the training seconds left after `budget.reserve_seconds`, the data's unique token count and the
 device's peak FLOP/s (`hardware.resolve_peak_flops`).
 
-The method (DESIGN §3, "hours, not FLOPs"):
-1. `candidate_shapes` enumerates a ladder of sensible shapes between two sizes;
-2. `fit_throughput` models tokens/s across sizes from the measured ones;
+The method ("hours, not FLOPs"; docs/design.md, Planning rules):
+1. `ladder.candidate_shapes` enumerates a ladder of sensible shapes between two sizes;
+2. `throughput.fit_throughput` models tokens/s across sizes from the measured ones;
 3. `choose` turns seconds into tokens per candidate, D(N) = tok/s(N) × seconds, discounts repeated
    data (Muennighoff et al. 2023), predicts the loss L(N, D') with the default law and the band law,
    and picks the minimum — among near-ties the faster shape;
@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from oneday.errors import UserError
-from oneday.models.spec import ModelSpec, Parametrization
+from oneday.formats import human_count
+from oneday.models.spec import ModelSpec
 from oneday.planner.laws import (
     EPOCH_2024,
     HOFFMANN_2022,
@@ -32,272 +33,9 @@ from oneday.planner.laws import (
     effective_tokens,
     epochs,
 )
+from oneday.planner.throughput import Measurement, ThroughputModel
 
-__all__ = [
-    "BatchLR",
-    "CandidateResult",
-    "Decision",
-    "Measurement",
-    "Reserve",
-    "ThroughputModel",
-    "batch_and_lr",
-    "candidate_shapes",
-    "choose",
-    "estimate_memory_bytes",
-    "fit_throughput",
-    "pad_vocab",
-    "reserve_seconds",
-    "shape_key",
-]
-
-# --------------------------------------------------------------------------------------------------
-# Candidate shapes
-# --------------------------------------------------------------------------------------------------
-ShapeKey = tuple[int, int, int, int, int, int]
-
-
-def pad_vocab(vocab_size: int, multiple: int = 64) -> int:
-    """Vocabulary rounded up to a multiple of `multiple` (64 or 128): the LM-head matmul then tiles
-    evenly on tensor cores (Karpathy's nanoGPT 50257 → 50304 gave a ~25% speed-up)."""
-    if vocab_size <= 0 or multiple <= 0:
-        raise ValueError(f"vocab_size and multiple must be positive, got {vocab_size}, {multiple}")
-    return -(-vocab_size // multiple) * multiple
-
-
-def swiglu_ff(d_model: int, multiple: int = 64) -> int:
-    """SwiGLU hidden size: the multiple of `multiple` nearest 8/3·d, which keeps the MLP's parameters
-    at 8·d² like a 4·d GELU MLP (Shazeer 2020, GLU variants; Llama uses the same 2/3·4d rule)."""
-    return max(multiple, round(8 * d_model / 3 / multiple) * multiple)
-
-
-def shape_key(spec: ModelSpec) -> ShapeKey:
-    """What identifies a shape for throughput and memory: (n_layer, d_model, n_head, d_ff, vocab, seq)."""
-    return (spec.n_layer, spec.d_model, spec.n_head, spec.d_ff, spec.vocab_size, spec.seq_len)
-
-
-def _make_spec(
-    n_layer: int,
-    d_model: int,
-    *,
-    head_dim: int,
-    vocab_size: int,
-    seq_len: int,
-    tied_embeddings: bool,
-    parametrization: Parametrization,
-) -> ModelSpec:
-    return ModelSpec(
-        n_layer=n_layer,
-        d_model=d_model,
-        n_head=d_model // head_dim,
-        d_ff=swiglu_ff(d_model),
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        tied_embeddings=tied_embeddings,
-        parametrization=parametrization,
-    )
-
-
-def candidate_shapes(
-    *,
-    vocab_size: int,
-    seq_len: int,
-    min_params: float,
-    max_params: float,
-    head_dim: int = 64,
-    ladder_ratio: float = 1.6,
-    aspect_min: float = 32.0,
-    aspect_max: float = 100.0,
-    aspect_target: float = 64.0,
-    max_layers: int = 64,
-    vocab_multiple: int = 64,
-    tied_embeddings: bool = False,
-    parametrization: Parametrization = "sp",
-) -> list[ModelSpec]:
-    """A ladder of shapes spaced about `ladder_ratio`× apart in N covering [min_params, max_params].
-
-    Rules:
-    - widths d_model are multiples of 64 below 1024 and of 128 from 1024 on, and always of `head_dim`
-      (64 by default; pass 128 for wide models), so n_head = d_model / head_dim;
-    - the aspect ratio d_model / n_layer stays in [aspect_min, aspect_max] (default 32–100): Kaplan
-      et al. 2020 (fig. 5) find the loss within a few percent over a wide band of aspect ratios at
-      fixed N, so the band only keeps shapes away from the degenerate extremes; inside it the shape
-      nearest `aspect_target` = 64 is preferred (4×256, 6×384, 8×512, 12×768 are the classic ones);
-    - d_ff = multiple of 64 nearest 8/3·d (SwiGLU), vocab padded to a multiple of `vocab_multiple`;
-    - N = `ModelSpec.params_scaling()` (non-embedding + head). Targets form a geometric grid from
-      min_params with ratio `ladder_ratio`; for each target the shape with N within ±ratio^0.3 of it
-      and the aspect nearest 64 is taken (else the nearest N); shapes closer than ratio^0.5 in N to
-      the previous one are dropped, so the ladder is spaced ~1.3–2×.
-    Sorted by N. UserError when no shape fits the range.
-    """
-    if not 0 < min_params <= max_params:
-        raise UserError(f"model size range: need 0 < min_params <= max_params, got {min_params:.3g}, {max_params:.3g}")
-    if head_dim <= 0 or head_dim % 2:
-        raise UserError(f"head_dim {head_dim}: must be a positive even number")
-    if ladder_ratio <= 1.0:
-        raise ValueError(f"ladder_ratio must be > 1, got {ladder_ratio}")
-    vocab = pad_vocab(vocab_size, vocab_multiple)
-    make = dict(head_dim=head_dim, vocab_size=vocab, seq_len=seq_len,
-                tied_embeddings=tied_embeddings, parametrization=parametrization)
-
-    # every valid (n_layer, d_model) pair, with its N
-    pool: list[tuple[float, float, int, int]] = []  # (N, aspect deviation, n_layer, d_model)
-    d_model = head_dim
-    while True:
-        step = 64 if d_model < 1024 else 128
-        step = math.lcm(step, head_dim)
-        d_model = -(-d_model // step) * step
-        fewest_layers = max(1, math.ceil(d_model / aspect_max))
-        if _make_spec(fewest_layers, d_model, **make).params_scaling() > max_params * ladder_ratio:
-            break
-        for n_layer in range(1, max_layers + 1):
-            aspect = d_model / n_layer
-            if not aspect_min <= aspect <= aspect_max:
-                continue
-            n = _make_spec(n_layer, d_model, **make).params_scaling()
-            pool.append((n, abs(math.log(aspect / aspect_target)), n_layer, d_model))
-        d_model += step
-
-    chosen: list[tuple[float, float, int, int]] = []
-    window = ladder_ratio**0.3
-    target = min_params
-    while pool and target <= max_params * window:
-        near = [p for p in pool if target / window <= p[0] <= target * window]
-        if near:
-            pick = min(near, key=lambda p: (p[1], abs(math.log(p[0] / target))))
-        else:
-            pick = min(pool, key=lambda p: abs(math.log(p[0] / target)))
-        inside = min_params / window <= pick[0] <= max_params * window
-        if inside and (not chosen or pick[0] >= chosen[-1][0] * ladder_ratio**0.5):
-            chosen.append(pick)
-        target *= ladder_ratio
-    if not chosen:
-        first = math.lcm(64, head_dim)
-        smallest = min(p[0] for p in pool) if pool else _make_spec(1, first, **make).params_scaling()
-        raise UserError(
-            f"model size range {min_params:.3g}–{max_params:.3g}: the smallest shape with vocab {vocab} "
-            f"and head_dim {head_dim} already has N = {smallest:.3g} (the LM head alone is {vocab}×d_model)"
-        )
-    return [_make_spec(p[2], p[3], **make) for p in chosen]
-
-
-# --------------------------------------------------------------------------------------------------
-# Throughput
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Measurement:
-    """Timed real training steps of one shape (forward, backward, optimizer; compiled, in the run's
-    dtype) at the largest micro-batch that fit. `spec` identifies the shape (see `shape_key`)."""
-
-    spec: ModelSpec
-    micro_batch: int
-    tokens_per_s: float
-    peak_memory_bytes: int
-    seconds_measured: float
-
-    def __post_init__(self) -> None:
-        if self.micro_batch < 1 or not self.tokens_per_s > 0:
-            raise ValueError(f"measurement needs micro_batch >= 1 and tokens_per_s > 0, got {self}")
-
-    @property
-    def n_layer(self) -> int:
-        return self.spec.n_layer
-
-    @property
-    def d_model(self) -> int:
-        return self.spec.d_model
-
-    def achieved_flops(self) -> float:
-        """Achieved training FLOP/s: tokens/s × FLOPs/token (6N + 12·L·d·T, PaLM appendix B)."""
-        return self.tokens_per_s * self.spec.flops_per_token()
-
-    def mfu(self, peak_flops: float) -> float:
-        """Model FLOPs utilization: achieved FLOP/s / peak FLOP/s (PaLM, Chowdhery et al. 2022)."""
-        return self.achieved_flops() / peak_flops
-
-
-@dataclass(frozen=True)
-class ThroughputModel:
-    """tokens/s as a function of shape: log(achieved FLOP/s) = a + b·log(FLOPs/token), MFU clamped.
-
-    Measured shapes return their measured tokens/s; others are predicted. See `fit_throughput`.
-    """
-
-    a: float
-    b: float
-    peak_flops: float
-    mfu_low: float
-    mfu_high: float
-    measurements: tuple[Measurement, ...]
-    note: str
-
-    def measurement_for(self, spec: ModelSpec) -> Measurement | None:
-        """The fastest measurement of this shape, if it was measured."""
-        key = shape_key(spec)
-        same = [m for m in self.measurements if shape_key(m.spec) == key]
-        return max(same, key=lambda m: m.tokens_per_s) if same else None
-
-    def predicted_mfu(self, spec: ModelSpec) -> float:
-        """MFU from the fit, clamped to [mfu_low, mfu_high]."""
-        f = spec.flops_per_token()
-        mfu = math.exp(self.a + self.b * math.log(f)) / self.peak_flops
-        return min(self.mfu_high, max(self.mfu_low, mfu))
-
-    def mfu(self, spec: ModelSpec) -> float:
-        """Measured MFU when measured, else the clamped prediction."""
-        m = self.measurement_for(spec)
-        return m.mfu(self.peak_flops) if m else self.predicted_mfu(spec)
-
-    def tokens_per_s(self, spec: ModelSpec) -> float:
-        """Measured tokens/s when measured, else predicted MFU × peak / FLOPs per token."""
-        m = self.measurement_for(spec)
-        if m is not None:
-            return m.tokens_per_s
-        return self.predicted_mfu(spec) * self.peak_flops / spec.flops_per_token()
-
-
-def fit_throughput(measurements: Sequence[Measurement], *, peak_flops: float) -> ThroughputModel:
-    """Model tokens/s across sizes from measured shapes.
-
-    Achieved FLOP/s grows with model size (small models leave the device idle: kernel launch and
-    memory-bound ops dominate; Cramming, Geiping & Goldstein 2023). We fit, by least squares,
-    log(tok/s × F) = a + b·log F, with F = FLOPs/token (6N + 12·L·d·T), i.e. achieved FLOP/s as a
-    power of the per-token cost, and predict tok/s(spec) = exp(a + b·log F)/F. Predicted MFU is
-    clamped to [0.5 × lowest measured MFU, highest measured MFU] and never above 1: no extrapolation
-    beyond what was seen at the top, and at most a halving below it.
-
-    With a single measured size (one point, or several of one shape) the slope is unknown: the model
-    assumes the same achieved FLOP/s for every size (b = 0) and `note` says so. Needs ≥ 1 measurement.
-    """
-    if not measurements:
-        raise ValueError("fit_throughput needs at least one measurement")
-    if not peak_flops > 0:
-        raise ValueError(f"peak_flops must be positive, got {peak_flops!r}")
-    xs = [math.log(m.spec.flops_per_token()) for m in measurements]
-    ys = [math.log(m.achieved_flops()) for m in measurements]
-    mfus = [m.mfu(peak_flops) for m in measurements]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    distinct = len({shape_key(m.spec) for m in measurements})
-    if distinct < 2 or sxx < 1e-12:
-        b = 0.0
-        note = (
-            f"Only one shape measured: assuming the same achieved FLOP/s (MFU {mfus[0]:.1%}) at every "
-            "size; measure a second size to model how throughput changes with size."
-        )
-    else:
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-        note = (
-            f"Throughput fitted on {distinct} measured shapes: achieved FLOP/s ∝ (FLOPs/token)^{b:.2f}, "
-            f"MFU {min(mfus):.1%}–{max(mfus):.1%} measured; predictions clamped to "
-            f"[{0.5 * min(mfus):.1%}, {min(1.0, max(mfus)):.1%}]."
-        )
-    a = my - b * mx
-    high = min(1.0, max(mfus))
-    low = min(high, 0.5 * min(mfus))
-    return ThroughputModel(a=a, b=b, peak_flops=peak_flops, mfu_low=low, mfu_high=high,
-                           measurements=tuple(measurements), note=note)
-
+__all__ = ["BatchLR", "CandidateResult", "Decision", "batch_and_lr", "choose", "estimate_memory_bytes"]
 
 # --------------------------------------------------------------------------------------------------
 # Memory
@@ -395,13 +133,6 @@ class Decision:
         return min(c.predicted_loss, c.band_loss), max(c.predicted_loss, c.band_loss)
 
 
-def _fmt(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
 def choose(
     *,
     candidates: Sequence[ModelSpec],
@@ -415,7 +146,7 @@ def choose(
     tie_tolerance: float = 0.005,
     max_good_epochs: float = 4.0,
 ) -> Decision:
-    """Pick the shape that minimizes predicted loss in `train_seconds` (DESIGN §3, steps 3–4).
+    """Pick the shape that minimizes predicted loss in `train_seconds` (docs/design.md, Planning rules).
 
     For each candidate: D = tok/s × train_seconds; D' = Muennighoff effective tokens given the unique
     tokens; loss = law.loss(N, D') and band = band_law.loss(N, D'). Candidates that do not fit in
@@ -489,8 +220,9 @@ def choose(
     c = rows[chosen_i]
 
     reasons = [
-        f"Chose {c.label()} (N = {_fmt(c.params())}): {_fmt(c.tokens)} tokens in {train_seconds / 3600:.3g} h at "
-        f"{_fmt(c.tokens_per_s)} tok/s (MFU {c.mfu:.1%}, {'measured' if c.measured else 'predicted'}), "
+        f"Chose {c.label()} (N = {human_count(c.params())}): {human_count(c.tokens)} tokens in "
+        f"{train_seconds / 3600:.3g} h at "
+        f"{human_count(c.tokens_per_s)} tok/s (MFU {c.mfu:.1%}, {'measured' if c.measured else 'predicted'}), "
         f"{c.tokens_per_param():.3g} tokens per parameter; predicted loss {c.predicted_loss:.3f} "
         f"({law.name}), {c.band_loss:.3f} under {band_law.name}.",
     ]
@@ -526,10 +258,10 @@ def choose(
         )
     if c.epochs > max_good_epochs:
         reasons.append(
-            f"The data is too small for this budget: {_fmt(c.tokens)} tokens are {c.epochs:.1f} epochs of "
-            f"the {_fmt(unique_tokens)} unique tokens (more than {max_good_epochs:g}); repeated, they are "
-            f"worth {_fmt(c.effective_tokens)} fresh tokens ({c.effective_tokens / c.tokens:.0%}), which "
-            f"costs {c.repetition_cost():+.3f} predicted loss against {_fmt(c.tokens)} fresh tokens "
+            f"The data is too small for this budget: {human_count(c.tokens)} tokens are {c.epochs:.1f} epochs of "
+            f"the {human_count(unique_tokens)} unique tokens (more than {max_good_epochs:g}); repeated, they are "
+            f"worth {human_count(c.effective_tokens)} fresh tokens ({c.effective_tokens / c.tokens:.0%}), which "
+            f"costs {c.repetition_cost():+.3f} predicted loss against {human_count(c.tokens)} fresh tokens "
             "(Muennighoff et al. 2023). More data would help."
         )
     elif c.epochs > 1.0:
@@ -626,8 +358,8 @@ def batch_and_lr(
     if b_opt > tokens / min_steps:
         target = tokens / min_steps
         notes.append(
-            f"Batch capped at {_fmt(target)} tokens (DeepSeek's optimum is {_fmt(b_opt)}) so the run takes "
-            f"at least {min_steps} optimizer steps."
+            f"Batch capped at {human_count(target)} tokens (DeepSeek's optimum is {human_count(b_opt)}) so the "
+            f"run takes at least {min_steps} optimizer steps."
         )
     sequences = max(1, round(target / spec.seq_len))
     grad_accum = -(-sequences // max_micro_batch)
@@ -658,70 +390,3 @@ def batch_and_lr(
         cooldown_shape="1-sqrt",
         notes=tuple(notes),
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Time reserved for what is not training
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Reserve:
-    """How the wall-clock budget splits: everything but training is reserved up front (seconds)."""
-
-    budget_seconds: float
-    probe_seconds: float
-    compile_seconds: float
-    eval_seconds: float
-    checkpoint_seconds: float
-    final_save_seconds: float
-
-    def reserved_seconds(self) -> float:
-        return (self.probe_seconds + self.compile_seconds + self.eval_seconds
-                + self.checkpoint_seconds + self.final_save_seconds)
-
-    def train_seconds(self) -> float:
-        return self.budget_seconds - self.reserved_seconds()
-
-    def train_fraction(self) -> float:
-        return self.train_seconds() / self.budget_seconds
-
-
-def reserve_seconds(
-    *,
-    budget_seconds: float,
-    compile_seconds: float,
-    eval_seconds_each: float,
-    eval_count: int,
-    checkpoint_seconds_each: float,
-    checkpoint_count: int,
-    final_save_seconds: float,
-    probe_seconds: float,
-) -> Reserve:
-    """Training seconds = budget − (probe + compile/warm-up + evals + checkpoints + final save).
-
-    The probing and measuring count against the budget, as in Cramming (Geiping & Goldstein 2023):
-    the budget is the person's wall-clock, not the optimizer's. UserError when nothing is left.
-    """
-    if not budget_seconds > 0:
-        raise UserError(f"budget must be positive, got {budget_seconds:.3g} s")
-    parts = dict(compile_seconds=compile_seconds, eval_seconds_each=eval_seconds_each, eval_count=eval_count,
-                 checkpoint_seconds_each=checkpoint_seconds_each, checkpoint_count=checkpoint_count,
-                 final_save_seconds=final_save_seconds, probe_seconds=probe_seconds)
-    for name, value in parts.items():
-        if value < 0:
-            raise ValueError(f"{name} must be non-negative, got {value!r}")
-    reserve = Reserve(
-        budget_seconds=budget_seconds,
-        probe_seconds=probe_seconds,
-        compile_seconds=compile_seconds,
-        eval_seconds=eval_seconds_each * eval_count,
-        checkpoint_seconds=checkpoint_seconds_each * checkpoint_count,
-        final_save_seconds=final_save_seconds,
-    )
-    if reserve.train_seconds() <= 0:
-        raise UserError(
-            f"budget too small: {budget_seconds:.0f} s leaves nothing for training after "
-            f"{reserve.reserved_seconds():.0f} s of probing ({probe_seconds:.0f}), compiling "
-            f"({compile_seconds:.0f}), evaluation ({reserve.eval_seconds:.0f}), checkpoints "
-            f"({reserve.checkpoint_seconds:.0f}) and the final save ({final_save_seconds:.0f})"
-        )
-    return reserve

@@ -9,38 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from oneday.formats import clock_text, human_count, human_flops
 from oneday.plan import Candidate, Plan
 
-__all__ = ["COLUMNS", "CandidateRow", "candidate_rows", "fmt_count", "fmt_duration", "fmt_flops", "summary_lines"]
+__all__ = ["COLUMNS", "CandidateRow", "candidate_rows", "summary_lines"]
 
 COLUMNS = ("", "shape", "N", "total", "tok/s", "MFU", "how", "micro", "tokens", "epochs", "loss (band)")
 """Column headers: chosen mark, L×d, N (non-embedding + head), all parameters, tokens/s, MFU, whether the
 tokens/s was measured or modelled, micro-batch, tokens in the budget, epochs of the data, predicted loss
 (default law) with the band of both laws."""
-
-
-def fmt_count(x: float) -> str:
-    """12_300_000 → '12.3M'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def fmt_flops(x: float) -> str:
-    """989.4e12 → '989 TFLOP/s'."""
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {unit}FLOP/s"
-    return f"{x:.3g} FLOP/s"
-
-
-def fmt_duration(seconds: float) -> str:
-    """Seconds as h:mm:ss or m:ss."""
-    seconds = max(0, round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 @dataclass(frozen=True)
@@ -56,13 +33,13 @@ def _row(c: Candidate) -> CandidateRow:
     cells = (
         "▶" if c.chosen else "",
         f"{c.n_layer}×{c.d_model}",
-        fmt_count(c.params_scaling),
-        fmt_count(c.params_total),
+        human_count(c.params_scaling),
+        human_count(c.params_total),
         f"{c.tokens_per_s:,.0f}",
         f"{c.mfu:.1%}",
         "measured" if c.measured else "modelled",
         str(c.micro_batch) if fits else "does not fit",
-        fmt_count(c.tokens) if fits else "–",
+        human_count(c.tokens) if fits else "–",
         f"{c.epochs:.2f}" if fits else "–",
         f"{c.predicted_loss:.3f} ({lo:.2f}–{hi:.2f})" if fits else "–",
     )
@@ -81,8 +58,8 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
     lines.append((
         "model",
         f"{m.n_layer}×{m.d_model} ({m.n_head} heads of {m.head_dim}, d_ff {m.d_ff}, vocab {m.vocab_size}, "
-        f"seq {m.seq_len}), N = {fmt_count(m.params_scaling())} (non-embedding + head), "
-        f"{fmt_count(m.params_total())} in all, {fmt_count(m.flops_per_token())} FLOPs/token",
+        f"seq {m.seq_len}), N = {human_count(m.params_scaling())} (non-embedding + head), "
+        f"{human_count(m.params_total())} in all, {human_count(m.flops_per_token())} FLOPs/token",
     ))
     lines.append((
         "batch",
@@ -99,14 +76,14 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
     const = max(0.0, t.train_seconds - warm - cool)
     lines.append((
         "schedule",
-        f"warmup {fmt_duration(warm)} ({t.warmup_fraction:.1%}) → constant {fmt_duration(const)} → "
-        f"{t.cooldown_shape} cooldown {fmt_duration(cool)} ({t.cooldown_fraction:.0%}) to "
-        f"{t.final_lr_fraction:g}× LR, keyed to the clock over {fmt_duration(t.train_seconds)} of training",
+        f"warmup {clock_text(warm)} ({t.warmup_fraction:.1%}) → constant {clock_text(const)} → "
+        f"{t.cooldown_shape} cooldown {clock_text(cool)} ({t.cooldown_fraction:.0%}) to "
+        f"{t.final_lr_fraction:g}× LR, keyed to the clock over {clock_text(t.train_seconds)} of training",
     ))
     lines.append((
         "tokens",
-        f"{fmt_count(t.planned_tokens)} at {p.tokens_per_s:,.0f} tok/s (MFU {p.mfu:.1%}), {p.epochs:.2f} epochs "
-        f"of {fmt_count(d.train_tokens)} unique tokens",
+        f"{human_count(t.planned_tokens)} at {p.tokens_per_s:,.0f} tok/s (MFU {p.mfu:.1%}), {p.epochs:.2f} epochs "
+        f"of {human_count(d.train_tokens)} unique tokens",
     ))
     lo, hi = p.loss_band
     lines.append((
@@ -119,9 +96,9 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
     checkpoints = int(t.budget_seconds // t.checkpoint_every_seconds)
     lines.append((
         "time",
-        f"budget {fmt_duration(plan.budget_seconds())}: probe {probe:.0f} s, then a run of "
-        f"{fmt_duration(t.budget_seconds)}: {fmt_duration(t.train_seconds)} training, "
-        f"{t.reserve_seconds:.0f} s reserved (start-up{' and compile' if t.compile else ''}, "
+        f"budget {clock_text(plan.budget_seconds())}: probe {probe:.0f} s, then a run of "
+        f"{clock_text(t.budget_seconds)}: {clock_text(t.train_seconds)} training, "
+        f"{t.reserve_seconds():.0f} s reserved (start-up{' and compile' if t.compile else ''}, "
         f"~{evals} evaluation{'s' * (evals != 1)} of {t.eval_tokens:,} tokens every {t.eval_every_seconds:.0f} s, "
         f"{checkpoints} checkpoint{'s' * (checkpoints != 1)} every {t.checkpoint_every_seconds:.0f} s, final save; "
         "see the reasons)",
@@ -130,7 +107,7 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
     threads = f", {t.threads} threads" if t.device == "cpu" and t.threads else ""
     lines.append((
         "device",
-        f"{h.name} ({t.device}, {t.precision}{compiled}{threads}), peak {fmt_flops(h.peak_flops)} "
+        f"{h.name} ({t.device}, {t.precision}{compiled}{threads}), peak {human_flops(h.peak_flops)} "
         f"({h.peak_flops_source.split(':')[0]})",
     ))
     lines.append((

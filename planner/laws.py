@@ -26,7 +26,6 @@ __all__ = [
     "epochs",
     "fit_law_eab",
     "lr_horizon_correction",
-    "porian_optimal_n",
 ]
 
 
@@ -196,13 +195,6 @@ def fit_law_eab(
 # --------------------------------------------------------------------------------------------------
 # Other compute-optimal rules
 # --------------------------------------------------------------------------------------------------
-def porian_optimal_n(c_flops: float) -> float:
-    """N* = 0.1189·C^0.4969 (Porian et al. 2024, Resolving discrepancies in compute-optimal scaling,
-    with tuned hyperparameters and short warmup; D/N ≈ 15 at their scales)."""
-    _positive("c_flops", c_flops)
-    return 0.1189 * c_flops**0.4969
-
-
 def deepseek_lr(c_flops: float) -> float:
     """η_opt = 0.3118·C^−0.1250 (DeepSeek LLM, DeepSeek-AI 2024, eq. 1; C in FLOPs)."""
     _positive("c_flops", c_flops)

@@ -10,7 +10,7 @@ This module measures and assembles; the rules live in the pure modules (`laws`, 
    GPUs, a timed matmul on CPUs), then real training steps of several candidate shapes
    (`measure.probe_throughput`). The probe's wall time counts against the budget, as in Cramming
    (Geiping & Goldstein 2023): the person's budget is wall-clock, not optimizer time.
-4. `decide.fit_throughput`, the reserves (`decide.reserve_seconds`), `decide.choose`,
+4. `throughput.fit_throughput`, the reserves (`budget.reserve_seconds`), `decide.choose`,
    `decide.batch_and_lr`, then the `Plan`.
 
 Defaults and why
@@ -32,7 +32,7 @@ Defaults and why
   not fit memory are dropped by the measurement (CPU: by estimate) and by `choose`.
 - memory limit: CUDA 90% of the free memory less 512 MiB (CUDA context, fragmentation); CPU 60% of the
   available RAM (the run also maps the data and other processes share the machine).
-- reserves (seconds, all counted before training, see `decide.reserve_seconds`):
+- reserves (seconds, all counted before training, see `budget.reserve_seconds`):
   start-up = `STARTUP_SECONDS` (imports, model build, first step: 10 s CPU, 20 s CUDA) + compile (the
   compile time measured on the nearest measured shape, scaled by depth; `COMPILE_FALLBACK_SECONDS` = 60 s
   when none was measured); evaluations = count × (eval_tokens / measured no-grad forward tok/s + 0.2 s);
@@ -64,7 +64,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -74,31 +73,22 @@ from typing import Any
 
 from oneday import __version__
 from oneday.errors import UserError
+from oneday.formats import clock_text, human_count, human_seconds
 from oneday.models.spec import MAX_SEQ_LEN, ModelSpec
 from oneday.plan import Candidate, DataInfo, HardwareInfo, Plan, Prediction, Provenance, TrainSpec
-from oneday.planner.decide import (
-    BatchLR,
-    CandidateResult,
-    Decision,
-    Reserve,
-    ThroughputModel,
-    batch_and_lr,
-    candidate_shapes,
-    choose,
-    fit_throughput,
-    pad_vocab,
-    reserve_seconds,
-    swiglu_ff,
-)
+from oneday.planner.budget import Reserve, reserve_seconds
+from oneday.planner.decide import BatchLR, CandidateResult, Decision, batch_and_lr, choose
+from oneday.planner.ladder import candidate_shapes, pad_vocab, swiglu_ff
 from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw
+from oneday.planner.throughput import ThroughputModel, fit_throughput
 from oneday.progress import NULL_PROGRESS, Progress
+from oneday.runner import costs
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_HOURS",
     "MIN_SEQ_LEN",
-    "check_output_path",
     "default_plan_name",
     "load_calibration",
     "make_plan",
@@ -117,7 +107,6 @@ PEAK_MEASURE_SECONDS = 0.5
 
 COMPILE_MIN_SECONDS = 1800.0
 COMPILE_FALLBACK_SECONDS = 60.0
-STARTUP_SECONDS = {"cpu": 10.0, "cuda": 20.0}
 GENEROUS_MFU = 0.5
 MAX_PARAMS_OVER_OPTIMAL = 3.0
 MIN_LADDER_SPAN = 4.0
@@ -130,16 +119,10 @@ CPU_MEMORY_FRACTION = 0.6
 EVAL_MIN_SPACING = 30.0
 EVALS_PER_RUN = 40
 EVAL_TOKENS = {"cuda": 2**20, "cpu": 2**16}
-EVAL_FIXED_SECONDS = 0.2
 EVAL_MAX_SHARE = 0.05
 CHECKPOINT_FRACTION = 0.10
 CHECKPOINT_MIN_SECONDS = 60.0
 CHECKPOINT_MAX_SECONDS = 1800.0
-CHECKPOINT_FIXED_SECONDS = 0.5
-CHECKPOINT_BYTES_PER_PARAM = 12
-FINAL_SAVE_FIXED_SECONDS = 1.5
-FINAL_SAVE_BYTES_PER_PARAM = 8
-DISK_BYTES_PER_S = 200e6
 KEEP_CHECKPOINTS = 2
 MIN_TRAIN_STEPS = 10
 
@@ -218,45 +201,9 @@ def load_calibration(path: str | os.PathLike[str]) -> LossLaw:
     return LossLaw(name=name, source=source, **values)
 
 
-def check_output_path(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
-    """Fail fast (before any probing) when `path` cannot be written: its folder is missing or not a
-    folder, `path` is a folder, or a file cannot be created there (read-only folder or file system).
-    Creates and removes a temporary file to find out; writes nothing else."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"{option} {path}: is a folder; give a file name such as {path / 'plan.json'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise UserError(f"{option} {path}: the folder {parent} does not exist")
-    if not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is not a folder")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=parent)
-    except OSError as exc:
-        raise UserError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
-    os.close(fd)
-    Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 # --------------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------------
-def _count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
-
-
-def _budget_label(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.3g}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.3g}m"
-    return f"{seconds / 3600:.3g}h"
-
-
 def _data_short_name(data: str) -> str:
     """`builtin:pydoc` → pydoc, `hf:roneneldan/TinyStories` → TinyStories, `../x/corpus.txt` → corpus,
     `corpus/*.jsonl` → corpus (a glob is named after its folder)."""
@@ -276,7 +223,7 @@ def _data_short_name(data: str) -> str:
 
 def default_plan_name(data: str, *, budget_seconds: float, params_total: int) -> str:
     """`<data short name>-<budget like 10m/24h>-<size like 12M>`, e.g. `tinystories-24h-124M`."""
-    return f"{_data_short_name(data)}-{_budget_label(budget_seconds)}-{_count(params_total)}"
+    return f"{_data_short_name(data)}-{human_seconds(budget_seconds)}-{human_count(params_total)}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,7 +335,7 @@ def _cadence(
     floor = min(int(val_tokens), 8 * (spec.seq_len + 1))
 
     def each(tokens: int) -> float:
-        return tokens / forward_tokens_per_s + EVAL_FIXED_SECONDS
+        return costs.eval_seconds(tokens, forward_tokens_per_s=forward_tokens_per_s)
 
     while eval_tokens > floor and eval_count * each(eval_tokens) > EVAL_MAX_SHARE * budget_seconds:
         eval_tokens = max(floor, eval_tokens // 2)
@@ -404,10 +351,10 @@ def _cadence(
         eval_each=each(eval_tokens),
         checkpoint_every=checkpoint_every,
         checkpoint_count=int(budget_seconds // checkpoint_every),
-        checkpoint_each=CHECKPOINT_FIXED_SECONDS + CHECKPOINT_BYTES_PER_PARAM * params / DISK_BYTES_PER_S,
-        startup=STARTUP_SECONDS[setup.device],
+        checkpoint_each=costs.checkpoint_seconds(params),
+        startup=costs.startup_seconds(setup.device),
         compile=compile_seconds if setup.compile else 0.0,
-        final_save=FINAL_SAVE_FIXED_SECONDS + FINAL_SAVE_BYTES_PER_PARAM * params / DISK_BYTES_PER_S,
+        final_save=costs.final_save_seconds(params),
     )
 
 
@@ -428,7 +375,7 @@ def _min_reserve_seconds(setup: _Setup) -> float:
     """What any plan on this device must spend besides training: probing, start-up (and compile), and
     the final save of the smallest model — known before anything is measured."""
     compile_ = COMPILE_FALLBACK_SECONDS if setup.compile else 0.0
-    return setup.probe_seconds + STARTUP_SECONDS[setup.device] + compile_ + FINAL_SAVE_FIXED_SECONDS
+    return setup.probe_seconds + costs.startup_seconds(setup.device) + compile_ + costs.FINAL_SAVE_FIXED_SECONDS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,12 +435,12 @@ def make_plan(
         raise UserError(
             f"budget too small: {budget_seconds:.3g} s cannot pay for probing ({setup.probe_seconds:.0f} s), "
             f"start-up{' and compile' if setup.compile else ''} "
-            f"({floor - setup.probe_seconds - FINAL_SAVE_FIXED_SECONDS:.0f} s) and the final save "
-            f"({FINAL_SAVE_FIXED_SECONDS:.1f} s) on {setup.device}, {floor:.0f} s in all, before any training"
+            f"({floor - setup.probe_seconds - costs.FINAL_SAVE_FIXED_SECONDS:.0f} s) and the final save "
+            f"({costs.FINAL_SAVE_FIXED_SECONDS:.1f} s) on {setup.device}, {floor:.0f} s in all, before any training"
         )
 
     # -- data -------------------------------------------------------------------------------------------
-    from oneday.runner.data import prepare_data
+    from oneday.data.prepare import prepare_data
 
     prepared = prepare_data(
         data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, cache_dir=cache_dir,
@@ -582,7 +529,6 @@ def make_plan(
         eval_tokens=cadence.eval_tokens,
         checkpoint_every_seconds=cadence.checkpoint_every,
         keep_checkpoints=KEEP_CHECKPOINTS,
-        reserve_seconds=max(0.0, reserve.reserved_seconds() - probe_seconds_spent),
         seed=0,
     )
     mfu = chosen.mfu
@@ -657,7 +603,7 @@ def make_plan(
         candidates=tuple(_candidate(r) for r in decision.results),
         reasons=tuple(reasons),
     )
-    log.info("plan %s: %s, %s tokens, predicted loss %.3f", plan.name, chosen.label(), _count(chosen.tokens),
+    log.info("plan %s: %s, %s tokens, predicted loss %.3f", plan.name, chosen.label(), human_count(chosen.tokens),
              chosen.predicted_loss)
     return plan
 
@@ -739,13 +685,6 @@ def _candidate(r: CandidateResult) -> Candidate:
     )
 
 
-def _clock(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 def _reasons(
     *,
     decision: Decision,
@@ -777,7 +716,7 @@ def _reasons(
     reasons.append(line)
     startup = "start-up and compile" if setup.compile else "start-up"
     reasons.append(
-        f"Reserved {reserve.reserved_seconds():.0f} s of the {_clock(budget_seconds)} budget: probe "
+        f"Reserved {reserve.reserved_seconds():.0f} s of the {clock_text(budget_seconds)} budget: probe "
         f"{reserve.probe_seconds:.0f} s, {startup} {reserve.compile_seconds:.0f} s, {cadence.eval_count} "
         f"evaluation{'s' * (cadence.eval_count != 1)} of {cadence.eval_tokens:,} tokens every "
         f"{cadence.eval_every:.0f} s ({reserve.eval_seconds:.0f} s), {cadence.checkpoint_count} "

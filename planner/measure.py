@@ -1,12 +1,12 @@
 """Throughput measurement: time real training steps of candidate shapes (DESIGN.md §3, step 2).
 
-`measure_throughput` builds each measured shape with the runner's own builder (`build_model`: the Hugging
+`probe_throughput` builds each measured shape with the runner's own builder (`build_model`: the Hugging
 Face model from `from_config` with SDPA attention, oneday's init), finds the largest micro-batch that fits,
 and times real training steps — forward, backward, gradient clipping, AdamW step over `param_groups` —
 in the dtype and compile setting the run will use, after warm-up. The planner fits its throughput model
-(`decide.fit_throughput`) on what comes back.
+(`throughput.fit_throughput`) on what comes back.
 
-Which shapes. The ladder from `decide.candidate_shapes` is sorted by N and spaced ~1.6× apart, so an
+Which shapes. The ladder from `ladder.candidate_shapes` is sorted by N and spaced ~1.6× apart, so an
 index is a position in log N. Shapes are measured in the order smallest, largest that fits memory, then
 midpoints of the widest remaining gaps (1/2, then 1/4 and 3/4, ...), at most `MAX_SHAPES` of them: the
 throughput model is a line in log-log space, and its two ends plus interior points are what pin it down.
@@ -63,7 +63,7 @@ from typing import Any
 
 from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
-from oneday.planner.decide import Measurement
+from oneday.planner.throughput import Measurement
 from oneday.progress import NULL_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,6 @@ __all__ = [
     "ShapeTiming",
     "ThroughputProbe",
     "measure_order",
-    "measure_throughput",
     "probe_throughput",
     "scale_compile_seconds",
 ]
@@ -178,29 +177,6 @@ def measure_order(count: int, *, limit: int = MAX_SHAPES) -> list[int]:
     return order[:limit]
 
 
-def measure_throughput(
-    specs: Sequence[ModelSpec],
-    *,
-    device: str,
-    dtype: str,
-    compile: bool,
-    seconds: float,
-    memory_limit_bytes: int,
-    threads: int | None,
-    progress: Progress | None = None,
-    peak_flops: float | None = None,
-) -> list[Measurement]:
-    """Measured throughput of several of `specs` (a ladder sorted by N) within about `seconds` in all.
-
-    See the module docstring for which shapes, the micro-batch rule and what is timed; `probe_throughput`
-    returns the same with the details (step times, compile time, forward speed, MFU, what was skipped).
-    """
-    return probe_throughput(
-        specs, device=device, dtype=dtype, compile=compile, seconds=seconds,
-        memory_limit_bytes=memory_limit_bytes, threads=threads, progress=progress, peak_flops=peak_flops,
-    ).measurements
-
-
 def probe_throughput(
     specs: Sequence[ModelSpec],
     *,
@@ -214,7 +190,8 @@ def probe_throughput(
     peak_flops: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> ThroughputProbe:
-    """`measure_throughput` with the details. UserError when not even the smallest shape fits in memory."""
+    """Measured throughput of several of `specs` (a ladder sorted by N) within about `seconds` in all (module
+    docstring: which shapes, the micro-batch rule, what is timed). UserError when not even the smallest shape fits."""
     import torch
 
     import oneday.models.build  # noqa: F401  (transformers: its import, seconds, is not measuring time)
@@ -228,7 +205,7 @@ def probe_throughput(
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds!r}")
     if not specs:
-        raise ValueError("measure_throughput needs at least one shape")
+        raise ValueError("probe_throughput needs at least one shape")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch cannot use a CUDA GPU here")
     specs = sorted(specs, key=lambda s: s.params_scaling())

@@ -54,9 +54,4 @@ def init_distributed(*, timeout_seconds: float | None = None) -> DistInfo | None
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
 
 
-def destroy_distributed() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-__all__ = ["DistInfo", "destroy_distributed", "init_distributed"]
+__all__ = ["DistInfo", "init_distributed"]

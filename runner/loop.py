@@ -32,10 +32,9 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,11 +42,13 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
+from oneday.data.windows import WindowSampler, val_batches
 from oneday.errors import UserError
 from oneday.plan import TrainSpec
-from oneday.runner.batches import WindowSampler, val_batches
+from oneday.runner import costs
 from oneday.runner.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng, unwrap
 from oneday.runner.distributed import DistInfo
+from oneday.runner.records import EvalRecord, Event, LoopResult, NullObserver, Observer, StepRecord
 from oneday.runner.schedule import OVERHEAD_SAFETY, clock_progress, lr_multiplier, train_seconds_left
 
 logger = logging.getLogger(__name__)
@@ -55,92 +56,10 @@ logger = logging.getLogger(__name__)
 MAX_BAD_IN_A_ROW = 3
 MAX_ROLLBACKS = 5
 INJECT_NAN_ENV = "ONEDAY_INJECT_NAN_AT_STEP"
-# Before a checkpoint has been timed, assume it writes model + two Adam moments (3× the fp32 weights) at this rate.
-ASSUMED_SAVE_BYTES_PER_S = 200e6
 
 
 class DivergedError(UserError):
     """Training kept producing non-finite losses after `MAX_ROLLBACKS` rollbacks."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What the steps since the last record did (one record every `log_every` steps)."""
-
-    step: int  # optimizer steps taken so far (including skipped ones)
-    tokens: int  # tokens consumed so far, all ranks
-    lr: float  # base LR of the last step (group LRs are this × their lr_scale)
-    loss: float  # mean training loss over the window's good steps (NaN if all were skipped)
-    grad_norm: float  # mean gradient norm (before clipping) over the window's good steps
-    tokens_per_s: float  # all ranks, over the window's training seconds
-    mfu: float
-    train_elapsed: float
-    budget_fraction: float  # the schedule's progress in [0, 1]
-    epoch: float  # passes over the training windows so far
-
-
-@dataclass(frozen=True)
-class EvalRecord:
-    step: int
-    tokens: int
-    val_loss: float
-    val_bpb: float
-    train_elapsed: float
-    final: bool
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str  # skip, rollback, checkpoint, checkpoint-error, checkpoint-fallback, resume, interrupt
-    message: str
-    step: int
-
-
-class Observer(Protocol):
-    """Receives progress; implemented by the orchestrator (MLflow, metrics.jsonl, the progress bar).
-
-    Only rank 0's observer is called. Subclass `NullObserver` to implement only some methods.
-    """
-
-    def on_start(self, *, step: int, tokens: int, resumed: bool) -> None: ...
-    def on_step(self, record: StepRecord) -> None: ...
-    def on_eval(self, record: EvalRecord) -> None: ...
-    def on_event(self, kind: str, message: str, *, step: int) -> None: ...
-
-
-class NullObserver:
-    def on_start(self, *, step: int, tokens: int, resumed: bool) -> None:
-        pass
-
-    def on_step(self, record: StepRecord) -> None:
-        pass
-
-    def on_eval(self, record: EvalRecord) -> None:
-        pass
-
-    def on_event(self, kind: str, message: str, *, step: int) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class LoopResult:
-    steps: int
-    tokens: int
-    train_seconds: float  # train_elapsed at the end, across resumes
-    skipped_steps: int
-    rollbacks: int
-    resumes: int
-    final_val_loss: float | None  # None when interrupted, and on ranks other than 0
-    final_val_bpb: float | None
-    mean_tokens_per_s: float  # all ranks, over the whole run's training seconds
-    mfu: float
-    final_lr: float
-    interrupted: bool
-    events: tuple[Event, ...]
-    wall_seconds: float = 0.0  # wall time inside train(), across resumes
-    warmup_seconds: float = 0.0  # this session's first step (compile), not in train_seconds
-    epochs: float = 0.0
-    checkpoint: Path | None = None  # the final checkpoint (rank 0)
 
 
 class _LMLoss(nn.Module):
@@ -297,11 +216,12 @@ def train(
         group = torch_dist.new_group(backend="gloo") if dist.backend == "nccl" else None
 
     # --- time bookkeeping ---------------------------------------------------------------------------------
+    # Until the first evaluation and checkpoint are timed, the planner's cost model stands in for them.
     step_prior = spec.train_seconds / spec.planned_steps  # the planner's measured step time
-    param_bytes = sum(p.numel() * p.element_size() for p in raw.parameters())
-    val_windows = sum(b.shape[0] for b in val)
-    eval_seconds = step_prior * val_windows / (A * B) / 3  # forward only: ~1/3 of a training step per token
-    save_seconds = 3 * param_bytes / ASSUMED_SAVE_BYTES_PER_S
+    val_tokens_used = sum(b.shape[0] for b in val) * T
+    eval_seconds = costs.eval_seconds(val_tokens_used,
+                                      forward_tokens_per_s=costs.forward_tokens_per_s(A * B * T / step_prior))
+    save_seconds = costs.checkpoint_seconds(sum(p.numel() for p in raw.parameters()))
     eval_every, save_every = spec.eval_every_seconds, spec.checkpoint_every_seconds
     budget_left = partial(train_seconds_left, deadline=deadline, eval_every_seconds=eval_every,
                           checkpoint_every_seconds=save_every)

@@ -39,35 +39,35 @@ a tuner running many trials in one process) gets the budget counted from the cal
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from oneday import __version__
-from oneday import tracking_names as names
+from oneday import __version__, signals
 from oneday.errors import UserError
-from oneday.plan import Plan, TrainSpec, write_atomic
+from oneday.formats import finite_or_none
+from oneday.paths import write_atomic
+from oneday.plan import Plan, TrainSpec
+from oneday.runner import costs
+from oneday.runner.records import FanOut
 from oneday.runner.summary import RunSummary, load_summary
-from oneday.runner.tracking import FanOut, MlflowTracker, RunRecorder, plot_loss_curve, read_metrics
+from oneday.tracking import names
+from oneday.tracking.plots import plot_loss_curve
+from oneday.tracking.recorder import RunRecorder, read_metrics
+from oneday.tracking.store import resolve_tracking_uri
+from oneday.tracking.writer import MlflowTracker
 
 log = logging.getLogger(__name__)
 
-# After-loop work that does not scale with the model (summary, plot, closing MLflow, interpreter exit),
-# measured on the 2-core CPU machines here, with margin.
-FINAL_RESERVE_FIXED_S = 1.5
-# Conservative sustained write speed for the final save and the artifact copy/upload (bytes/s).
-FINAL_WRITE_BYTES_PER_S = 250e6
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -94,20 +94,8 @@ def process_start_time(clock: Callable[[], float] = time.monotonic) -> float:
 _IMPORTED_AT = time.monotonic()
 
 
-def final_reserve_seconds(param_count: int) -> float:
-    """Seconds kept free after the loop for the final save, artifact upload and exit (see module doc)."""
-    weights = 4 * param_count
-    return FINAL_RESERVE_FIXED_S + 2 * weights / FINAL_WRITE_BYTES_PER_S
-
-
 # --------------------------------------------------------------------------------------------------------
 # Run folder
-
-
-def plan_hash(plan: Plan) -> str:
-    """sha256 of the plan's canonical JSON, 16 hex digits."""
-    text = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -162,7 +150,7 @@ def _stored_hash(paths: RunPaths) -> str | None:
     raw = _read_json(paths.plan)
     if raw is not None:
         try:
-            return plan_hash(Plan.from_dict(raw))
+            return Plan.from_dict(raw).digest()
         except UserError:
             return "unreadable"
     return None
@@ -170,7 +158,7 @@ def _stored_hash(paths: RunPaths) -> str | None:
 
 def prepare_run_dir(paths: RunPaths, plan: Plan, *, force: bool, digest: str | None = None) -> str | None:
     """Create or check the run folder. Returns a note when an earlier run was moved aside (`force`)."""
-    digest = digest or plan_hash(plan)
+    digest = digest or plan.digest()
     root = paths.root
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder; pass another --run-dir")
@@ -314,7 +302,7 @@ class SessionInfo:
 
 def _load_data(plan: Plan, *, progress: Any = None, clock: Callable[[], float] = time.monotonic) -> tuple[Any, float]:
     """The prepared data of the plan, re-preparing a missing cache entry; (data, seconds spent preparing)."""
-    from oneday.runner.data import load_prepared, prepare_data
+    from oneday.data.prepare import load_prepared, prepare_data
 
     info = plan.data
     try:
@@ -408,13 +396,9 @@ def _cpu_peak_flops(threads: int) -> float:
 # Signals
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+def _stop_on_signals(stop: threading.Event) -> contextlib.AbstractContextManager[bool]:
     """SIGINT/SIGTERM set `stop` (the loop saves a checkpoint and returns); a second SIGINT raises
     KeyboardInterrupt. Handlers are restored afterwards. Only in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set() and signum == signal.SIGINT:
@@ -423,12 +407,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
         log.warning("%s: saving a checkpoint and stopping (Ctrl-C again to abort without saving)",
                     signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    return signals.handling((signal.SIGINT, signal.SIGTERM), handler)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -494,13 +473,6 @@ def _event_dicts(events: Any) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
-def _opt_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 # --------------------------------------------------------------------------------------------------------
 # The run
 
@@ -534,7 +506,7 @@ def run_plan(
     dist = init_distributed()
     rank0 = dist is None or dist.rank == 0
     paths = RunPaths(Path(run_dir) if run_dir is not None else Path("runs") / plan.name)
-    digest = plan_hash(plan)
+    digest = plan.digest()
     spec = plan.train
     notes: list[str] = []
 
@@ -568,7 +540,7 @@ def run_plan(
         device_str = dev
 
     # -- tracking (starts early: MLflow's import and set-up overlap with data and model) ----------------
-    uri = names.resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     experiment_name = experiment or names.experiment_name(plan)
     tracker = None
     if rank0:
@@ -659,7 +631,7 @@ def _train_and_finish(
     # -- resume point and the deadline ------------------------------------------------------------------
     store = CheckpointStore(paths.checkpoints, keep=spec.keep_checkpoints)
     prior_wall, resume_step = _prior_wall(store, state)
-    reserve = final_reserve_seconds(param_count)
+    reserve = costs.final_save_seconds(param_count)
     budget_start = process_start + prep_seconds - prior_wall
     deadline = budget_start + spec.budget_seconds - reserve
     session_started = process_start
@@ -720,7 +692,7 @@ def _train_and_finish(
     save_final(model, tokenizer_dir=data.tokenizer_dir, out=paths.final, eot_id=data.eot_id)
     t_saved = clock()
     assert recorder is not None and tracker is not None
-    recorder.finish(step=result.steps, tokens=result.tokens, final_loss=_opt_float(result.final_val_loss))
+    recorder.finish(step=result.steps, tokens=result.tokens, final_loss=finite_or_none(result.final_val_loss))
     run_id = tracker.wait_ready(timeout=5.0)
     summary = _summary(plan, spec=spec, result=result, paths=paths, digest=digest, dev=dev,
                        prep_seconds=prep_seconds, wall=charged(), session_wall=clock() - session_started,
@@ -739,7 +711,7 @@ def _train_and_finish(
     tracker.set_tags({names.TAG_INTERRUPTED: str(bool(result.interrupted)).lower()})
     status = "KILLED" if result.interrupted else "FINISHED"
     t_outputs = clock()
-    tracker.close(status=status, timeout=max(30.0, deadline + final_reserve_seconds(param_count) - clock()))
+    tracker.close(status=status, timeout=max(30.0, deadline + costs.final_save_seconds(param_count) - clock()))
     log.debug("after the loop: final save %.2f s, summary and plot %.2f s, MLflow %.2f s (reserved %.2f s); "
               "charged %.2f s of %.0f s", t_saved - t_end, t_outputs - t_saved, clock() - t_outputs, reserve,
               charged(), spec.budget_seconds)
@@ -830,9 +802,9 @@ def _summary(
         predicted_tokens_per_s=pred.tokens_per_s, predicted_mfu=pred.mfu,
         steps=int(result.steps), tokens=int(result.tokens), train_seconds=float(result.train_seconds),
         wall_seconds=round(wall, 3), session_wall_seconds=round(session_wall, 3),
-        final_val_loss=_opt_float(result.final_val_loss), final_val_bpb=_opt_float(result.final_val_bpb),
+        final_val_loss=finite_or_none(result.final_val_loss), final_val_bpb=finite_or_none(result.final_val_bpb),
         mean_tokens_per_s=float(result.mean_tokens_per_s), mfu=float(result.mfu),
-        final_lr=_opt_float(result.final_lr), skipped_steps=int(result.skipped_steps),
+        final_lr=finite_or_none(result.final_lr), skipped_steps=int(result.skipped_steps),
         rollbacks=int(result.rollbacks), resumes=int(result.resumes), interrupted=bool(result.interrupted),
         finished=not result.interrupted, events=_event_dicts(result.events), data_prep_seconds=round(prep_seconds, 3),
         model_dir=str(paths.final) if paths.final.exists() else None, mlflow_run_id=run_id,
@@ -904,8 +876,6 @@ def sample_run(
 __all__ = [
     "RunPaths",
     "SessionInfo",
-    "final_reserve_seconds",
-    "plan_hash",
     "prepare_run_dir",
     "process_start_time",
     "run_plan",

@@ -14,15 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from oneday.errors import UserError
+from oneday.formats import finite_or_none, jsonable
 
 SUMMARY_VERSION = 1
-
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -113,11 +107,11 @@ class RunSummary:
             "loss_gap": self.loss_gap(),
             "within_band": self.within_band(),
             "tokens_gap": self.tokens_gap(),
-            "tokens_ratio": _num(self.tokens_ratio()),
-            "throughput_ratio": _num(self.throughput_ratio()),
-            "budget_used": _num(self.budget_used()),
+            "tokens_ratio": finite_or_none(self.tokens_ratio()),
+            "throughput_ratio": finite_or_none(self.throughput_ratio()),
+            "budget_used": finite_or_none(self.budget_used()),
         }
-        return _clean(raw)
+        return jsonable(raw)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -130,16 +124,6 @@ class RunSummary:
         kwargs["events"] = tuple(kwargs.get("events") or ())
         kwargs["notes"] = tuple(kwargs.get("notes") or ())
         return cls(**kwargs)
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def load_summary(path: str | os.PathLike[str]) -> RunSummary:

@@ -36,7 +36,8 @@ from typing import Any
 
 from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
-from oneday.plan import Plan, load_plan, write_atomic
+from oneday.paths import check_output_path, write_atomic
+from oneday.plan import Plan, load_plan
 from oneday.planner.laws import EPOCH_2024, LossLaw, fit_law_eab, lr_horizon_correction
 from oneday.studies.proxy import (
     ProxySpec,
@@ -140,7 +141,6 @@ def calibrate_plan(
     clock: Callable[[], float] = time.monotonic,
 ) -> CalibrationResult:
     """Run the calibration (module docstring) and write the calibration file (default `<plan>.calibration.json`)."""
-    from oneday.planner.make import check_output_path
 
     started = clock()
     if hours is not None and not (hours > 0 and math.isfinite(hours)):
@@ -230,11 +230,11 @@ def calibrate_plan(
 
 
 def _start_tracking(plan: Plan, *, tracking_uri: str | None) -> tuple[Any, str | None] | None:
-    from oneday.studies.tracking import StudyTracker
-    from oneday.studies.tune import plan_digest
-    from oneday.tracking_names import KIND_CALIBRATION, TAG_KIND, experiment_name, resolve_tracking_uri
+    from oneday.tracking.names import KIND_CALIBRATION, TAG_KIND, experiment_name
+    from oneday.tracking.store import resolve_tracking_uri
+    from oneday.tracking.study import StudyTracker
 
-    tracker = StudyTracker(resolve_tracking_uri(tracking_uri), experiment_name(plan), plan_hash=plan_digest(plan),
+    tracker = StudyTracker(resolve_tracking_uri(tracking_uri), experiment_name(plan), plan_hash=plan.digest(),
                            plan_name=plan.name, device=plan.train.device, study="calibration")
     run_id = tracker.start_child(parent_run_id=None, run_name=f"calibrate-{plan.name}", params=plan.flat_params(),
                                  tags={TAG_KIND: KIND_CALIBRATION})

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from oneday.errors import UserError
+from oneday.formats import human_count
 from oneday.models.spec import ModelSpec
 from oneday.plan import Plan, TrainSpec
 from oneday.planner.laws import lr_horizon_correction
@@ -203,7 +204,7 @@ class ProxySpec:
 
     def label(self) -> str:
         m = self.model
-        return f"{m.n_layer}×{m.d_model} ({m.n_head} heads, {_count(self.params())} params)"
+        return f"{m.n_layer}×{m.d_model} ({m.n_head} heads, {human_count(self.params())} params)"
 
     # -- the TrainSpec of one run ---------------------------------------------------------------------------
     def train_spec(self, base: TrainSpec, params: TrialParams, *, threads: int | None = None,
@@ -226,7 +227,6 @@ class ProxySpec:
             eval_tokens=self.eval_tokens,
             checkpoint_every_seconds=NO_PERIODIC_CHECKPOINTS,
             keep_checkpoints=1,
-            reserve_seconds=0.0,
             threads=threads if threads is not None else base.threads,
         )
         return params.apply(spec)
@@ -243,13 +243,6 @@ class ProxySpec:
         raw["model"] = ModelSpec(**raw["model"])
         raw["notes"] = tuple(raw.get("notes", ()))
         return cls(**raw)
-
-
-def _count(n: float) -> str:
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{suffix}"
-    return f"{n:.0f}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -269,7 +262,7 @@ class RunData:
 
 def load_run_data(plan: Plan) -> RunData:
     """The plan's prepared data (its key checked); a missing entry is a `UserError` saying how to make it."""
-    from oneday.runner.data import load_prepared
+    from oneday.data.prepare import load_prepared
 
     try:
         data = load_prepared(plan.data.path)

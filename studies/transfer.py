@@ -47,26 +47,17 @@ from optuna.trial import TrialState
 
 from oneday import __version__
 from oneday.errors import UserError
+from oneday.formats import jsonable
 from oneday.plan import Plan, save_plan
 from oneday.studies.proxy import CHECK_MULTIPLIERS, RunData, TrialParams, check_model, short_run
-from oneday.studies.tracking import TAG_STAGE, TAG_TRIAL_STATE, StudyTracker, plot_history, plot_lr_vs_loss
 from oneday.studies.tune import StudySettings, TransferCheck, TrialResult, TuneResult
+from oneday.tracking.plots import plot_history, plot_lr_vs_loss
+from oneday.tracking.study import TAG_STAGE, TAG_TRIAL_STATE, StudyTracker
 
 log = logging.getLogger(__name__)
 
 MAX_PLAN_LR = 0.5
 FIT_MIN_TRIALS = 5
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe and finite: non-finite floats become None (a plan never holds NaN)."""
-    if isinstance(value, float):
-        return round(value, 8) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def transfer_check(
@@ -156,12 +147,14 @@ def tuned_plan(plan: Plan, settings: StudySettings, chosen: TrialParams, *, tuni
         f"{kept}."
     )
     return replace(plan, name=name, model=model, train=train,
-                   provenance=replace(plan.provenance, tuning=_clean(tuning)), reasons=(*plan.reasons, reason))
+                   provenance=replace(plan.provenance, tuning=jsonable(tuning, digits=8)),
+                   reasons=(*plan.reasons, reason))
 
 
 def _untuned_plan(plan: Plan, *, tuning: dict[str, Any]) -> Plan:
     reason = f"`oneday tune` kept the planner's defaults: {tuning.get('result_note', '')}"
-    return replace(plan, provenance=replace(plan.provenance, tuning=_clean(tuning)), reasons=(*plan.reasons, reason))
+    return replace(plan, provenance=replace(plan.provenance, tuning=jsonable(tuning, digits=8)),
+                   reasons=(*plan.reasons, reason))
 
 
 def _plot(trials: list[TrialResult], folder: Path, *, chosen_lr: float | None, default_lr: float,
@@ -296,9 +289,9 @@ def finish_study(
         })
         new_plan = tuned_plan(plan, settings, chosen, tuning=tuning)
     seconds = clock() - started
-    new_plan = replace(new_plan, provenance=replace(new_plan.provenance, tuning=_clean(
+    new_plan = replace(new_plan, provenance=replace(new_plan.provenance, tuning=jsonable(
         {**new_plan.provenance.tuning, "warnings": warnings, "seconds": round(seconds, 1),
-         "budget_fraction": seconds / plan.train.budget_seconds})))  # type: ignore[arg-type]
+         "budget_fraction": seconds / plan.train.budget_seconds}, digits=8)))  # type: ignore[arg-type]
     save_plan(new_plan, out)
     stage(f"wrote {out}")
     plots = _plot(trials, out.with_name(f"{out.stem}.plots"), chosen_lr=tuning.get("lr", {}).get("proxy"),

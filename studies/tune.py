@@ -56,8 +56,6 @@ still both start the last missing trial: a study may end with one trial more per
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -77,8 +75,11 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from oneday import signals
 from oneday.errors import UserError
+from oneday.paths import check_output_path
 from oneday.plan import Plan, load_plan
+from oneday.runner.records import FanOut
 from oneday.studies.proxy import (
     BudgetTooSmallError,
     ProxySpec,
@@ -96,7 +97,7 @@ from oneday.studies.proxy import (
     size_proxy,
 )
 from oneday.studies.pruning import TolerantHalvingPruner
-from oneday.studies.tracking import (
+from oneday.tracking.study import (
     STATUS_OF_STATE,
     TAG_TRIAL_NUMBER,
     TAG_TRIAL_STATE,
@@ -388,13 +389,7 @@ def open_storage(storage: str) -> BaseStorage:
 
 def default_study_name(plan: Plan) -> str:
     """`<plan name>-<8 hex digits of the plan's hash>`: a changed plan gets a new study."""
-    return f"{plan.name}-{plan_digest(plan)[:8]}"
-
-
-def plan_digest(plan: Plan) -> str:
-    """sha256 of the plan's canonical JSON, 16 hex digits (the runner's `plan_hash`)."""
-    text = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{plan.name}-{plan.digest()[:8]}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -445,23 +440,6 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     if failed:
         log.warning("marked trial(s) %s as failed: their process is gone", ", ".join(map(str, failed)))
     return failed
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, so the running trial is marked FAIL as for Ctrl-C (main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -620,7 +598,7 @@ def _decide(plan: Plan, data: RunData, *, trials: int | None, hours: float | Non
     search_schedule, schedule_note = schedule_rule(proxy.steps, plan.train.planned_steps, schedule)
     space = SearchSpace.around(default, schedule=search_schedule, beta2=beta2, weight_decay=weight_decay)
     return StudySettings(
-        plan_hash=plan_digest(plan), plan_name=plan.name, proxy=proxy, space=space, n_trials=n_trials,
+        plan_hash=plan.digest(), plan_name=plan.name, proxy=proxy, space=space, n_trials=n_trials,
         budget_seconds=budget, seed=seed, default_params=default, cap=capped_loss(plan.model.vocab_size),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), check_width=width,
         check_seconds=check_cost, schedule_note=schedule_note,
@@ -640,7 +618,7 @@ def _settings_of(study: optuna.Study, plan: Plan, *, name: str) -> StudySettings
         raise UserError(f"study {name} was not made by `oneday tune` (it has no oneday settings); "
                         "use another --study name")
     settings = StudySettings.from_dict(raw)
-    if settings.plan_hash != plan_digest(plan):
+    if settings.plan_hash != plan.digest():
         raise UserError(f"study {name} was made for another plan ({settings.plan_name}, hash {settings.plan_hash}); "
                         "tune this plan under another --study name")
     return settings
@@ -710,23 +688,6 @@ class _Reporter:
             self.stop.set()
 
 
-class _Fan:
-    def __init__(self, *observers: Any) -> None:
-        self.observers = [o for o in observers if o is not None]
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        if not name.startswith("on_"):
-            raise AttributeError(name)
-
-        def call(*args: Any, **kwargs: Any) -> None:
-            for observer in self.observers:
-                method = getattr(observer, name, None)
-                if method is not None:
-                    method(*args, **kwargs)
-
-        return call
-
-
 @dataclass
 class _Context:
     plan: Plan
@@ -781,8 +742,9 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
         state = "failed"
         try:
             spec = settings.proxy.train_spec(ctx.plan.train, params)
-            outcome = short_run(settings.proxy.model, spec, ctx.data, cap=settings.cap, observer=_Fan(curve, reporter),
-                                stop=stop, peak_flops=ctx.plan.hardware.peak_flops, clock=ctx.clock)
+            outcome = short_run(settings.proxy.model, spec, ctx.data, cap=settings.cap,
+                                observer=FanOut(curve, reporter), stop=stop,
+                                peak_flops=ctx.plan.hardware.peak_flops, clock=ctx.clock)
             trial.set_user_attr("steps", outcome.steps)
             trial.set_user_attr("wall_seconds", round(outcome.wall_seconds, 3))
             if reporter.pruned_at is not None and not outcome.diverged:
@@ -837,7 +799,8 @@ def run_trials(
     objective = _objective(ctx)
     limit = max_failures if max_failures is not None else max(3, settings.n_trials // 2)
     per_trial = settings.proxy.trial_seconds()
-    with _optuna_quiet(), _sigterm_as_interrupt():
+    # SIGTERM unwinds like Ctrl-C, so the running trial is marked FAIL, not left RUNNING.
+    with _optuna_quiet(), signals.handling((signal.SIGTERM,), signals.raise_interrupt):
         while True:
             fail_dead_trials(study)
             counts = _count(study)
@@ -864,10 +827,11 @@ def run_trials(
 
 
 def _tracker(plan: Plan, *, tracking_uri: str | None, study_name: str) -> StudyTracker:
-    from oneday.tracking_names import experiment_name, resolve_tracking_uri
+    from oneday.tracking.names import experiment_name
+    from oneday.tracking.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    return StudyTracker(uri, experiment_name(plan), plan_hash=plan_digest(plan), plan_name=plan.name,
+    return StudyTracker(uri, experiment_name(plan), plan_hash=plan.digest(), plan_name=plan.name,
                         device=plan.train.device, study=study_name)
 
 
@@ -966,7 +930,6 @@ def tune_plan(
     line when a stage starts (measuring, trials, waiting for workers, transfer check). Every problem the user
     can fix is a `UserError` raised before trials start.
     """
-    from oneday.planner.make import check_output_path
     from oneday.studies.transfer import finish_study
 
     started = clock()

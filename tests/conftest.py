@@ -1,4 +1,10 @@
-"""Shared test setup: never touch the network, keep CPU threads predictable on the 2-core machines."""
+"""Shared test setup, so that `python -m pytest` alone is the whole test command (README and CI run the same line).
+
+- Never touch the network: hub look-ups fail at once instead of retrying for ~47 s.
+- One torch/OpenMP thread: the suite runs tiny models on shared 2-core machines, where two threads can be several
+  times slower than one under load; subprocesses the tests start (`oneday run`, torchrun) inherit the same.
+Set here, before any test module imports huggingface_hub, datasets, transformers or torch.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ import sys
 
 import pytest
 
-# Hub look-ups fail at once instead of retrying for ~47 s (DESIGN.md section 7); set before any import
-# of huggingface_hub/datasets/transformers reads it.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -27,7 +27,7 @@ def make_plan(*, data: DataInfo | None = None, model: ModelSpec | None = None, *
     train = TrainSpec(
         budget_seconds=60.0, train_seconds=50.0, seq_len=model.seq_len, micro_batch=4, grad_accum=1,
         lr=3e-3, planned_tokens=200_000, planned_steps=800, device="cpu", precision="fp32", threads=1,
-        eval_every_seconds=10.0, eval_tokens=2048, checkpoint_every_seconds=10.0, reserve_seconds=10.0,
+        eval_every_seconds=10.0, eval_tokens=2048, checkpoint_every_seconds=10.0,
     )
     train = replace(train, **train_overrides)
     return Plan(

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oneday.data.windows import WindowSampler, val_batches, val_windows
 from oneday.errors import UserError
-from oneday.runner.batches import WindowSampler, val_batches, val_windows
 
 SEQ = 8
 

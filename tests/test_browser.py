@@ -80,9 +80,10 @@ def served(playwright_api, tmp_path_factory) -> Any:
 
     import oneday.models.build
     import oneday.runner.loop  # noqa: F401
+    from oneday.compare.runs import compare_runs
+    from oneday.compare.ui import compare_url, start_ui
+    from oneday.data.prepare import prepare_data
     from oneday.plan import DataInfo
-    from oneday.runner.compare import compare_runs, compare_url, start_ui
-    from oneday.runner.data import prepare_data
     from oneday.runner.run import run_plan
 
     root = tmp_path_factory.mktemp("browser")
@@ -109,7 +110,7 @@ def served(playwright_api, tmp_path_factory) -> Any:
         )
         for name, d_model, lr, budget in RUNS:
             plan = make_plan(data=data, model=tiny_model(d_model=d_model, d_ff=3 * d_model), lr=lr,
-                             budget_seconds=budget, train_seconds=budget, reserve_seconds=0.0,
+                             budget_seconds=budget, train_seconds=budget,
                              eval_every_seconds=3.0, checkpoint_every_seconds=60.0)
             summary = run_plan(replace(plan, name=name), run_dir=root / "runs" / name, tracking_uri=uri, threads=1,
                                process_start=time.monotonic())

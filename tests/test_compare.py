@@ -2,7 +2,7 @@
 rows, sorting, blanks for older runs, bad input, JSON, the plot, the UI links, and the shared names.
 
 Runs are logged through `MlflowClient` the way the runner logs them (same names from
-`oneday.tracking_names`): a few seconds, no training. `log_fake_run` is also used by bench/compare_speed.py.
+`oneday.tracking.names`): a few seconds, no training. `log_fake_run` is also used by bench/compare_speed.py.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from oneday import tracking_names as names
 from oneday.cli import app
 from oneday.errors import UserError
 from oneday.plan import Plan
+from oneday.tracking import names
+from oneday.tracking import store as tracking_store
 from tests.factories import make_plan, tiny_model
 
 cli = CliRunner()
@@ -121,7 +122,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 
 def test_compare_rows(store):
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     comparison = compare_runs(store["uri"])
     assert comparison.experiment == "oneday/test"
@@ -140,7 +141,7 @@ def test_compare_rows(store):
 
 
 def test_older_run_gives_blanks(store):
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     old = next(r for r in compare_runs(store["uri"]).rows if r.name == "old-run")
     assert old.kind == "run" and old.tokens == 5000
@@ -150,7 +151,8 @@ def test_older_run_gives_blanks(store):
 
 
 def test_sqlite_reader_agrees_with_mlflow_client(store):
-    from oneday.runner.compare import ClientReader, SqliteReader, row_from_record, select_runs
+    from oneday.compare.readers import ClientReader, SqliteReader
+    from oneday.compare.runs import row_from_record, select_runs
 
     fast = select_runs(SqliteReader(store["db"]), last=50, kinds=None)
     slow = select_runs(ClientReader(store["uri"]), last=50, kinds=None)
@@ -165,7 +167,7 @@ def test_sqlite_reader_agrees_with_mlflow_client(store):
 
 
 def test_last_kinds_and_experiment(store):
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     assert [r.name for r in compare_runs(store["uri"], last=2, sort="start").rows] == ["c-24h-172k", "b-8h-558k"]
     every = compare_runs(store["uri"], kinds=None)
@@ -181,7 +183,7 @@ def test_last_kinds_and_experiment(store):
     ("start", "c-24h-172k"), ("lr", "b-8h-558k"),
 ])
 def test_sort(store, key, first):
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     rows = compare_runs(store["uri"], sort=key).rows
     assert rows[0].name == first
@@ -189,7 +191,7 @@ def test_sort(store, key, first):
 
 
 def test_differing_params(store):
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     comparison = compare_runs(store["uri"])
     diff = comparison.differing_params
@@ -201,7 +203,7 @@ def test_differing_params(store):
 
 
 def test_plot(store, tmp_path):
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     out = tmp_path / "cmp.png"
     comparison = compare_runs(store["uri"], plot=out)
@@ -214,7 +216,7 @@ def test_plot(store, tmp_path):
 
 
 def test_bad_input(store, tmp_path):
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     with pytest.raises(UserError, match="holds no oneday runs"):
         compare_runs(store["uri"], experiment="plain")
@@ -242,7 +244,7 @@ def test_bad_input(store, tmp_path):
 def test_empty_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables and the Default experiment
@@ -251,7 +253,7 @@ def test_empty_store(tmp_path):
 
 
 def test_links():
-    from oneday.runner.compare import compare_url, experiment_url, metric_url
+    from oneday.compare.ui import compare_url, experiment_url, metric_url
 
     assert experiment_url("http://h:1/", "7") == "http://h:1/#/experiments/7"
     assert compare_url("http://h:1", ["r1", "r2"], ["7", "7"]) == \
@@ -347,13 +349,13 @@ def test_names(monkeypatch, tmp_path):
     assert names.experiment_name(plan) == "oneday/test"
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert names.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_store.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://x:5000")
-    assert names.resolve_tracking_uri() == "http://x:5000"
-    assert names.resolve_tracking_uri("sqlite:///a.db") == "sqlite:///a.db"
-    assert names.sqlite_path("sqlite:///a.db") == tmp_path / "a.db"
-    assert names.sqlite_path("sqlite:////abs/b.db") == Path("/abs/b.db")
-    assert names.sqlite_path("sqlite:///:memory:") is None and names.sqlite_path("http://x") is None
+    assert tracking_store.resolve_tracking_uri() == "http://x:5000"
+    assert tracking_store.resolve_tracking_uri("sqlite:///a.db") == "sqlite:///a.db"
+    assert tracking_store.sqlite_path("sqlite:///a.db") == tmp_path / "a.db"
+    assert tracking_store.sqlite_path("sqlite:////abs/b.db") == Path("/abs/b.db")
+    assert tracking_store.sqlite_path("sqlite:///:memory:") is None and tracking_store.sqlite_path("http://x") is None
     assert names.run_tags(kind="tune-study", plan_hash="h", plan_name="p", version="v", device="d") == {
         "oneday.kind": "tune-study", "oneday.plan_hash": "h", "oneday.plan_name": "p", "oneday.version": "v",
         "oneday.device": "d"}

@@ -1,4 +1,4 @@
-"""The data pipeline (oneday.runner.data / .sources): every source kind, the cache, the split, bad input.
+"""The data pipeline (oneday.data.prepare / .sources): every source kind, the cache, the split, bad input.
 
 Corpora are written by the tests into tmp_path (a few hundred KB of pseudo-words, so a 300-400 token BPE
 trains and tokenizes in a fraction of a second); the cache is always under tmp_path.
@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oneday.errors import UserError
-from oneday.runner import data as data_mod
-from oneday.runner.data import (
-    EOT,
+from oneday.data import prepare as data_mod
+from oneday.data.prepare import (
     VAL_MIN_TOKENS,
     PreparedData,
     choose_dtype,
@@ -31,7 +29,9 @@ from oneday.runner.data import (
     load_prepared,
     prepare_data,
 )
-from oneday.runner.sources import DOC_MAX_CHARS, DOC_TARGET_CHARS, split_documents
+from oneday.data.sources import DOC_MAX_CHARS, DOC_TARGET_CHARS, split_documents
+from oneday.data.tokenizer import EOT
+from oneday.errors import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 VOCAB = 400
@@ -202,7 +202,7 @@ def test_directory_recursive_counts_kinds(tmp_path: Path, cache: Path, caplog: p
     write(root / "sub" / "empty.txt", "")
     (root / "image.png").write_bytes(b"\x89PNG\0\0")
     write(root / ".hidden" / "skip.txt", "never read " * 100)
-    with caplog.at_level(logging.INFO, logger="oneday.runner"):
+    with caplog.at_level(logging.INFO, logger="oneday.data"):
         p = prepare(root, cache)
     check_counts(p)
     assert p.source == f"3 files under {root} (1 .jsonl, 1 .md, 1 .txt)"
@@ -402,7 +402,7 @@ def test_non_utf8_few_bytes_replaced(tmp_path: Path, cache: Path, caplog: pytest
                                      auto_tokenizer) -> None:
     f = tmp_path / "latin1.txt"
     f.write_bytes(make_text().encode() + "\n\nCaf\xe9 cr\xe8me.\n".encode("latin-1"))
-    with caplog.at_level(logging.WARNING, logger="oneday.runner"):
+    with caplog.at_level(logging.WARNING, logger="oneday.data"):
         p = prepare(f, cache)
     check_counts(p)
     assert p.metadata()["invalid_bytes_replaced"] == 2
@@ -503,7 +503,7 @@ def test_nothing_half_written_after_failure(tmp_path: Path, cache: Path, monkeyp
 
 
 def test_runner_data_does_not_import_torch() -> None:
-    code = ("import sys, oneday.runner.data, oneday.runner.sources; "
+    code = ("import sys, oneday.data.prepare, oneday.data.sources; "
             "print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -514,7 +514,7 @@ def test_hub_dataset_path_simulated(cache: Path, monkeypatch: pytest.MonkeyPatch
     import datasets
     import huggingface_hub
 
-    from oneday.runner import sources
+    from oneday.data import sources
 
     rows = make_rows(500, seed=16)
     calls: list[dict] = []

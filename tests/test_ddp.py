@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from oneday.data.windows import WindowSampler
 from oneday.models.build import build_model, param_groups
-from oneday.runner.batches import WindowSampler
 from oneday.runner.checkpoint import CheckpointStore
-from oneday.runner.distributed import destroy_distributed, init_distributed
+from oneday.runner.distributed import init_distributed
 from oneday.runner.loop import NullObserver, train
 from tests.test_loop import MODEL, SPEC, TRAIN, VAL, FakeClock
 
@@ -70,7 +70,7 @@ def _worker(rank: int, tmp: str, port: int) -> None:
                        stop=stop, name="stop")
     out["stop"] = {"steps": result.steps, "interrupted": result.interrupted}
     torch.save(out, Path(tmp) / f"rank{rank}.pt")
-    destroy_distributed()
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -10,19 +10,11 @@ import pytest
 
 from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
-from oneday.planner.decide import (
-    Measurement,
-    ThroughputModel,
-    batch_and_lr,
-    candidate_shapes,
-    choose,
-    estimate_memory_bytes,
-    fit_throughput,
-    pad_vocab,
-    reserve_seconds,
-    shape_key,
-)
+from oneday.planner.budget import reserve_seconds
+from oneday.planner.decide import batch_and_lr, choose, estimate_memory_bytes
+from oneday.planner.ladder import candidate_shapes, pad_vocab, shape_key
 from oneday.planner.laws import EPOCH_2024, deepseek_batch_tokens, deepseek_lr, effective_tokens
+from oneday.planner.throughput import Measurement, ThroughputModel, fit_throughput
 
 PEAK = 989.4e12  # H100 SXM bf16
 HOUR = 3600.0

@@ -18,7 +18,6 @@ from oneday.planner.laws import (
     epochs,
     fit_law_eab,
     lr_horizon_correction,
-    porian_optimal_n,
 )
 
 
@@ -58,8 +57,7 @@ def test_deepseek_reference_values() -> None:
     assert deepseek_batch_tokens(1e18) == pytest.approx(2.26e5, rel=0.01)
 
 
-def test_porian_and_horizon() -> None:
-    assert porian_optimal_n(1e18) == pytest.approx(0.1189 * 1e18**0.4969)
+def test_horizon_correction() -> None:
     assert lr_horizon_correction(1e9, 1e9) == 1.0
     assert lr_horizon_correction(1e9, 2e9) == pytest.approx(2**-0.32)
     assert lr_horizon_correction(2e9, 1e9) > 1.0

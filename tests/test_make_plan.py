@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from oneday.errors import UserError
+from oneday.paths import check_output_path
 from oneday.plan import Plan, load_plan, save_plan
 from oneday.planner import make
 from oneday.planner.make import (
-    check_output_path,
     default_plan_name,
     load_calibration,
     make_plan,
@@ -56,7 +56,7 @@ def test_plan_contents(plan: Plan) -> None:
     # The probe counts against the budget: the run gets the rest.
     assert plan.budget_seconds() == pytest.approx(60.0)
     assert t.budget_seconds == pytest.approx(60.0 - plan.provenance.probe_seconds, abs=1e-3)
-    assert t.train_seconds + t.reserve_seconds == pytest.approx(t.budget_seconds)
+    assert t.train_seconds + t.reserve_seconds() == pytest.approx(t.budget_seconds)
     assert 0 < t.train_seconds < t.budget_seconds
     assert t.seq_len == m.seq_len == 128  # the CPU default for budgets under 5 minutes
     assert m.vocab_size >= plan.data.vocab_size == VOCAB and m.vocab_size % 64 == 0

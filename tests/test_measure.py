@@ -8,13 +8,13 @@ import pytest
 
 from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
-from oneday.planner.decide import Measurement, candidate_shapes, fit_throughput
+from oneday.planner.ladder import candidate_shapes
 from oneday.planner.measure import (
     CPU_MAX_TOKENS_PER_MICRO_BATCH,
     measure_order,
-    measure_throughput,
     probe_throughput,
 )
+from oneday.planner.throughput import Measurement, fit_throughput
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,9 @@ def test_measure_order_spreads_over_the_ladder() -> None:
 def test_measures_at_least_two_shapes_within_the_bound(ladder: list[ModelSpec]) -> None:
     seconds = 3.0
     started = time.perf_counter()
-    measurements = measure_throughput(
+    measurements = probe_throughput(
         ladder, device="cpu", dtype="fp32", compile=False, seconds=seconds, memory_limit_bytes=4 << 30, threads=1,
-    )
+    ).measurements
     elapsed = time.perf_counter() - started
     assert len(measurements) >= 2
     assert all(isinstance(m, Measurement) for m in measurements)
@@ -88,7 +88,7 @@ def test_a_tiny_bound_still_measures_the_smallest(ladder: list[ModelSpec]) -> No
 def test_memory_limit_drops_shapes_or_refuses(ladder: list[ModelSpec]) -> None:
     small = ladder[0].estimate_train_memory_bytes(micro_batch=1)
     with pytest.raises(UserError, match="not even the smallest shape"):
-        measure_throughput(ladder, device="cpu", dtype="fp32", compile=False, seconds=1.0,
+        probe_throughput(ladder, device="cpu", dtype="fp32", compile=False, seconds=1.0,
                            memory_limit_bytes=small // 2, threads=1)
     # room for the smallest at micro-batch 1 (with the margin) but not for the largest
     limit = int(1.3 * small)
@@ -102,18 +102,18 @@ def test_memory_limit_drops_shapes_or_refuses(ladder: list[ModelSpec]) -> None:
 def test_bad_settings_are_refused(ladder: list[ModelSpec]) -> None:
     kwargs = dict(compile=False, seconds=1.0, memory_limit_bytes=1 << 30, threads=1)
     with pytest.raises(UserError, match="bf16 on the CPU"):
-        measure_throughput(ladder, device="cpu", dtype="bf16", **kwargs)
+        probe_throughput(ladder, device="cpu", dtype="bf16", **kwargs)
     with pytest.raises(UserError, match="expected cpu or cuda"):
-        measure_throughput(ladder, device="tpu", dtype="fp32", **kwargs)
+        probe_throughput(ladder, device="tpu", dtype="fp32", **kwargs)
     with pytest.raises(ValueError):
-        measure_throughput([], device="cpu", dtype="fp32", **kwargs)
+        probe_throughput([], device="cpu", dtype="fp32", **kwargs)
 
 
 def test_thread_count_is_restored(ladder: list[ModelSpec]) -> None:
     import torch
 
     before = torch.get_num_threads()
-    measure_throughput(ladder[:1], device="cpu", dtype="fp32", compile=False, seconds=0.5,
+    probe_throughput(ladder[:1], device="cpu", dtype="fp32", compile=False, seconds=0.5,
                        memory_limit_bytes=1 << 30, threads=1)
     assert torch.get_num_threads() == before
 

@@ -23,9 +23,9 @@ import pytest
 
 from oneday.errors import UserError
 from oneday.plan import DataInfo, Plan, load_plan, save_plan
-from oneday.runner.run import RunPaths, plan_hash, prepare_run_dir, run_plan, sample_run
+from oneday.runner.run import RunPaths, prepare_run_dir, run_plan, sample_run
 from oneday.runner.summary import load_summary
-from oneday.runner.tracking import read_metrics
+from oneday.tracking.recorder import read_metrics
 from tests.factories import make_plan
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ ONEDAY = str(Path(sys.executable).with_name("oneday"))
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
-    from oneday.runner.data import prepare_data
+    from oneday.data.prepare import prepare_data
 
     return prepare_data("builtin:pydoc", vocab_size=512, cache_dir=tmp_path_factory.mktemp("cache"))
 
@@ -105,7 +105,7 @@ def test_summary(trained, prepared):
     assert summary.skipped_steps == 0 and summary.rollbacks == 0 and summary.resumes == 0
     assert summary.predicted_loss == plan.prediction.loss
     assert summary.mlflow_run_id and summary.tracking_error is None
-    assert summary.plan_hash == plan_hash(plan)
+    assert summary.plan_hash == plan.digest()
     # the budget holds (in-process: no interpreter start/exit in it); a loaded 2-core machine gets slack
     assert summary.wall_seconds <= BUDGET + 1.0
     assert trained["wall"] <= BUDGET + 3.0
@@ -116,7 +116,7 @@ def test_summary(trained, prepared):
                 "resumes", "events", "mlflow_run_id", "interrupted"):
         assert key in raw
     assert load_plan(run_dir / "plan.json") == plan
-    assert json.loads((run_dir / "run.json").read_text())["plan_hash"] == plan_hash(plan)
+    assert json.loads((run_dir / "run.json").read_text())["plan_hash"] == plan.digest()
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 

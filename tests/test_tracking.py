@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from oneday.runner.records import FanOut
 from oneday.runner.summary import RunSummary, load_summary
-from oneday.runner.tracking import (
-    FanOut,
-    MlflowTracker,
-    RunRecorder,
-    SystemSampler,
-    default_experiment,
-    plot_loss_curve,
-    read_metrics,
-    resolve_tracking_uri,
-)
+from oneday.tracking.names import default_experiment
+from oneday.tracking.plots import plot_loss_curve
+from oneday.tracking.recorder import RunRecorder, read_metrics
+from oneday.tracking.store import resolve_tracking_uri
+from oneday.tracking.system import SystemSampler
+from oneday.tracking.writer import MlflowTracker
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,7 @@ def test_default_experiment(source, expected):
 
 
 def test_run_name():
-    from oneday.tracking_names import format_run_name
+    from oneday.tracking.names import format_run_name
 
     assert format_run_name("tiny", budget_seconds=60, params=412_000) == "tiny-1m-412k"
     assert format_run_name("tiny-1m", budget_seconds=60, params=412_000) == "tiny-1m-412k"
@@ -184,7 +181,7 @@ def test_mlflow_tracker_sqlite(tmp_path):
 
 
 def test_unreachable_server_does_not_block(caplog):
-    with caplog.at_level(logging.WARNING, logger="oneday.runner.tracking"):
+    with caplog.at_level(logging.WARNING, logger="oneday.tracking.writer"):
         started = time.monotonic()
         tracker = MlflowTracker(uri="http://127.0.0.1:9", experiment="e", run_name="r", params={"a": "b"}).start()
         for i in range(2000):
@@ -213,7 +210,7 @@ def test_failure_mid_run_warns_once(tmp_path, caplog):
             raise ConnectionError("store went away")
 
     tracker._client = Broken()
-    with caplog.at_level(logging.WARNING, logger="oneday.runner.tracking"):
+    with caplog.at_level(logging.WARNING, logger="oneday.tracking.writer"):
         for i in range(50):
             tracker.log_metrics({"train/loss": 1.0}, step=i)
             time.sleep(0.01)

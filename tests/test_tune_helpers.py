@@ -24,7 +24,7 @@ SEQ = 32
 
 def prepared_data(tmp_path_factory: Any) -> Any:
     """builtin:pydoc with a 512-token BPE, prepared once per test session (the cache is shared)."""
-    from oneday.runner.data import prepare_data
+    from oneday.data.prepare import prepare_data
 
     cache = Path(tmp_path_factory.getbasetemp()) / "oneday-tune-cache"
     return prepare_data("builtin:pydoc", vocab_size=512, cache_dir=cache)

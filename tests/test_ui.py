@@ -52,7 +52,7 @@ def _store(path: Path) -> Path:
 
 
 def test_port_in_use_names_it_and_a_free_one(tmp_path):
-    from oneday.runner.compare import port_free
+    from oneday.compare.ui import port_free
 
     db = _store(tmp_path / "mlflow.db")
     with socket.socket() as busy:
@@ -83,7 +83,7 @@ def test_missing_store_is_not_created(tmp_path, monkeypatch):
 
 
 def test_server_uri_and_bad_port(tmp_path):
-    from oneday.runner.compare import BROWSER_BLOCKED_PORTS
+    from oneday.compare.ui import BROWSER_BLOCKED_PORTS
 
     result = cli.invoke(app, ["ui", "--tracking-uri", "http://127.0.0.1:5000"])
     assert result.exit_code == 2 and "is an MLflow server already" in _err(result)
@@ -103,7 +103,7 @@ def test_server_uri_and_bad_port(tmp_path):
 
 
 def test_stop_ends_the_whole_process_group(tmp_path):
-    from oneday.runner.compare import UiServer, process_group_alive
+    from oneday.compare.ui import UiServer, process_group_alive
 
     # a parent that ignores SIGTERM, with a child: both must be gone after stop()
     script = "trap '' TERM; sleep 300 & wait"
@@ -165,7 +165,7 @@ def _processes_with(text: str) -> list[int]:
 
 
 def test_ui_starts_links_the_runs_and_stops_on_ctrl_c(ui_store):
-    from oneday.runner.compare import port_free
+    from oneday.compare.ui import port_free
 
     port = _free_port()
     process = subprocess.Popen(

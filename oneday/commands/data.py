@@ -1,6 +1,6 @@
 """`oneday data prepare`: tokenize a corpus into cached token files.
 
-Thin: parse options, call `oneday.runner.data.prepare_data`, print a table (or JSON). The library (and
+Thin: parse options, call `oneday.data.prepare.prepare_data`, print a table (or JSON). The library (and
 with it datasets/tokenizers/transformers) is imported when the command runs, so `oneday --help` stays fast.
 """
 
@@ -44,7 +44,7 @@ def prepare(
 ) -> None:
     """Tokenize a corpus into cached train/validation token files (a second run with the same input is free)."""
     from oneday.console import RichProgress
-    from oneday.runner.data import prepare_data
+    from oneday.data.prepare import prepare_data
 
     started = time.perf_counter()
     prepared = prepare_data(data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column,

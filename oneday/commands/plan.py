@@ -136,7 +136,8 @@ def plan(
     if data is None:
         raise UserError("--data is required: a file, folder, glob, builtin:pydoc or a hub dataset")
 
-    from oneday.planner.make import MAX_HOURS, check_output_path, make_plan
+    from oneday.paths import check_output_path
+    from oneday.planner.make import MAX_HOURS, make_plan
 
     if budget_hours > MAX_HOURS:
         raise UserError(f"{flag}: {value:g} is more than the supported maximum of {MAX_HOURS:,.0f} hours")

@@ -20,24 +20,10 @@ from rich.table import Table
 from rich.text import Text
 
 from oneday.console import console, err_console, guard
+from oneday.formats import clock_text, number_or
 
 HELP = "Train the planned model to the deadline: resumable, logged to MLflow."
 SAMPLE_HELP = "Generate text from a trained run's saved model."
-
-
-def _clock_text(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
-
-
-def _num(value: float | None, fmt: str) -> str:
-    if value is None or value != value:  # None or NaN
-        return "–"
-    return format(value, fmt)
-
-
 class _StatsColumn(ProgressColumn):
     def __init__(self, view: RunView) -> None:
         super().__init__()
@@ -97,13 +83,13 @@ class RunView:
         elapsed = self.info.elapsed()
         remaining = max(0.0, self.info.budget_seconds - elapsed)
         parts = [
-            f"{_clock_text(elapsed)}/{_clock_text(self.info.budget_seconds)}",
+            f"{clock_text(elapsed)}/{clock_text(self.info.budget_seconds)}",
             f"step {self.step:,}",
-            f"loss {_num(self.loss, '.3f')}",
-            f"val {_num(self.val_loss, '.3f')}",
-            f"{_num(self.tokens_per_s, ',.0f')} tok/s",
-            f"MFU {_num(None if self.mfu is None else 100 * self.mfu, '.1f')}%",
-            f"ETA {_clock_text(remaining)}",
+            f"loss {number_or(self.loss, '.3f')}",
+            f"val {number_or(self.val_loss, '.3f')}",
+            f"{number_or(self.tokens_per_s, ',.0f')} tok/s",
+            f"MFU {number_or(None if self.mfu is None else 100 * self.mfu, '.1f')}%",
+            f"ETA {clock_text(remaining)}",
         ]
         return "  ".join(parts)
 
@@ -155,11 +141,11 @@ def summary_table(summary: Any) -> Table:
     table.add_row("tokens", f"{summary.predicted_tokens:,}", f"{summary.tokens:,}")
     table.add_row("steps", f"{summary.planned_steps:,}", f"{summary.steps:,}")
     table.add_row("val loss", f"{summary.predicted_loss:.3f} ({low:.3f}–{high:.3f})",
-                  _num(summary.final_val_loss, ".3f"))
-    table.add_row("val bits/byte", "", _num(summary.final_val_bpb, ".3f"))
+                  number_or(summary.final_val_loss, ".3f"))
+    table.add_row("val bits/byte", "", number_or(summary.final_val_bpb, ".3f"))
     table.add_row("tokens/s", f"{summary.predicted_tokens_per_s:,.0f}", f"{summary.mean_tokens_per_s:,.0f}")
     table.add_row("MFU", f"{100 * summary.predicted_mfu:.1f}%", f"{100 * summary.mfu:.1f}%")
-    table.add_row("time", _clock_text(summary.budget_seconds), _clock_text(summary.wall_seconds))
+    table.add_row("time", clock_text(summary.budget_seconds), clock_text(summary.wall_seconds))
     if summary.skipped_steps or summary.rollbacks or summary.resumes:
         table.add_row("skipped / rollbacks / resumes", "",
                       f"{summary.skipped_steps} / {summary.rollbacks} / {summary.resumes}")

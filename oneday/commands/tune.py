@@ -19,17 +19,13 @@ from rich.table import Table
 
 from oneday.console import console, end_live_frame, err_console, guard
 from oneday.errors import UserError
+from oneday.formats import number_or
 
 HELP = ("Tune the learning rate and schedule with Optuna on short μP proxy runs and write a tuned plan "
         "(--worker: only run trials of a shared study; --calibrate: fit the loss law to this data).")
 
 _STATE_STYLE = {"running": "cyan", "complete": "green", "pruned": "yellow", "failed": "red", "diverged": "red",
                 "waiting": "dim"}
-
-
-def _fmt(value: float | None, fmt: str) -> str:
-    return "–" if value is None or value != value else format(value, fmt)
-
 
 class TrialTable:
     """The live table of trials: number, LR, warmup, cooldown, loss, state, seconds; the best row in bold."""
@@ -52,9 +48,9 @@ class TrialTable:
             r = self.rows[number]
             p = r.params
             table.add_row(
-                str(number), _fmt(p.lr if p else None, ".3g"), _fmt(p.warmup_fraction if p else None, ".3f"),
-                _fmt(p.cooldown_fraction if p else None, ".3f"), _fmt(r.value, ".4f"),
-                f"[{_STATE_STYLE.get(r.state, '')}]{r.state}[/]", _fmt(r.seconds, ".1f"), (r.note or "")[:40],
+                str(number), number_or(p.lr if p else None, ".3g"), number_or(p.warmup_fraction if p else None, ".3f"),
+                number_or(p.cooldown_fraction if p else None, ".3f"), number_or(r.value, ".4f"),
+                f"[{_STATE_STYLE.get(r.state, '')}]{r.state}[/]", number_or(r.seconds, ".1f"), (r.note or "")[:40],
                 style="bold" if number == best else None,
             )
         return table
@@ -188,7 +184,7 @@ def _calibrate(plan: Path, *, hours: float | None, out: Path | None, tracking_ur
     with Live(table, console=err_console, refresh_per_second=4):
         def on_run(run: Any) -> None:
             table.add_row(str(run.d_model), f"{run.params:,}", f"{run.tokens:,}", str(run.steps), f"{run.lr:.3g}",
-                          _fmt(run.loss, ".4f") if run.loss is not None else "[red]diverged[/red]",
+                          number_or(run.loss, ".4f") if run.loss is not None else "[red]diverged[/red]",
                           f"{run.seconds:.1f}")
 
         result = calibrate_plan(plan, hours=hours, out=out, tracking_uri=tracking_uri, on_run=on_run)

@@ -1,4 +1,4 @@
-"""MLflow logging for a tuning study, and its two plots (DESIGN §5).
+"""MLflow logging for a tuning study (its plots are drawn by `oneday.tracking.plots`).
 
 The study is a parent run (`oneday.kind=tune-study`): the plan's params, then the best value and best
 params, an optimization-history PNG and an LR-vs-loss PNG, and the tuned plan. Each trial is a child run
@@ -18,16 +18,16 @@ capped, so an outage costs seconds, not minutes. mlflow and matplotlib are impor
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from oneday import __version__
-from oneday.runner.tracking import MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH, open_experiment
-from oneday.tracking_names import (
+from oneday.errors import first_line
+from oneday.formats import finite_or_none
+from oneday.tracking.names import (
     KIND_TUNE_STUDY,
     KIND_TUNE_TRIAL,
     METRIC_LR,
@@ -38,6 +38,8 @@ from oneday.tracking_names import (
     TAG_STUDY,
     run_tags,
 )
+from oneday.tracking.store import open_experiment
+from oneday.tracking.writer import MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +47,6 @@ TAG_TRIAL_STATE = "oneday.trial.state"
 TAG_TRIAL_NUMBER = "oneday.trial.number"
 TAG_STAGE = "oneday.tune.stage"
 STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 class StudyTracker:
@@ -77,8 +71,7 @@ class StudyTracker:
     # -- plumbing -----------------------------------------------------------------------------------------
     def _fail(self, doing: str, exc: BaseException) -> None:
         if self.error is None:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.error = f"MLflow tracking at {self.uri} failed while {doing}: {text[:300]}"
+            self.error = f"MLflow tracking at {self.uri} failed while {doing}: {first_line(exc)}"
             log.warning("%s; tuning goes on without MLflow (the study keeps every result)", self.error)
 
     def _ensure(self) -> bool:
@@ -100,7 +93,7 @@ class StudyTracker:
         now = int(time.time() * 1000)
         items_p = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in sorted((params or {}).items())]
         items_t = [RunTag(k, str(v)[:8000]) for k, v in (tags or {}).items()]
-        items_m = [Metric(k, v, now, step) for k, value, step in metrics if (v := _finite(value)) is not None]
+        items_m = [Metric(k, v, now, step) for k, value, step in metrics if (v := finite_or_none(value)) is not None]
         for i in range(0, max(len(items_p), len(items_t), 1), MAX_PARAMS_PER_BATCH):
             p, t = items_p[i:i + MAX_PARAMS_PER_BATCH], items_t[i:i + MAX_PARAMS_PER_BATCH]
             if p or t:
@@ -195,91 +188,4 @@ class TrialCurve:
         self._pending = []
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Plots
-
-
-def _figure() -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 5), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure, figure.add_subplot(1, 1, 1)
-
-
-_STYLE = {
-    "complete": dict(marker="o", color="tab:blue"),
-    "pruned": dict(marker="v", color="tab:orange"),
-    "diverged": dict(marker="x", color="tab:red"),
-    "failed": dict(marker="x", color="tab:gray"),
-}
-
-
-_LABEL = {"pruned": "pruned (loss when stopped)", "diverged": "diverged (capped loss)"}
-
-
-def plot_history(points: Iterable[tuple[int, float, str]], path: str | os.PathLike[str], *,
-                 title: str = "") -> Path:
-    """Optimization history: each trial's value (pruned: its last reported loss) against its number, by
-    state, with the best complete value so far as a step line."""
-    figure, ax = _figure()
-    rows = sorted((n, v, s) for n, v, s in points if _finite(v) is not None)
-    for state, style in _STYLE.items():
-        xs = [n for n, _v, s in rows if s == state]
-        ys = [v for _n, v, s in rows if s == state]
-        if xs:
-            ax.scatter(xs, ys, label=_LABEL.get(state, state), s=30, **style)
-    best: list[tuple[int, float]] = []
-    for n, v, s in rows:
-        if s == "complete" and (not best or v < best[-1][1]):
-            best.append((n, v))
-        elif best:
-            best.append((n, best[-1][1]))
-    if best:
-        ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="tab:green", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title or "optimization history")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right")
-    figure.tight_layout()
-    figure.savefig(Path(path), format="png")
-    return Path(path)
-
-
-def plot_lr_vs_loss(points: Iterable[tuple[float, float, str]], path: str | os.PathLike[str], *,
-                    chosen_lr: float | None = None, default_lr: float | None = None, title: str = "") -> Path:
-    """Validation loss against the proxy's base LR (log x), by state, with the chosen and default LRs."""
-    figure, ax = _figure()
-    rows = [(lr, v, s) for lr, v, s in points if _finite(v) is not None and _finite(lr) is not None and lr > 0]
-    for state, style in _STYLE.items():
-        xs = [lr for lr, _v, s in rows if s == state]
-        ys = [v for _lr, v, s in rows if s == state]
-        if xs:
-            ax.scatter(xs, ys, label=_LABEL.get(state, state), s=30, **style)
-    if chosen_lr:
-        ax.axvline(chosen_lr, color="tab:green", linestyle="--", label=f"best {chosen_lr:.3g}")
-    if default_lr:
-        ax.axvline(default_lr, color="tab:gray", linestyle=":", label=f"planner default {default_lr:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("proxy base learning rate")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title or "learning rate vs loss")
-    ax.grid(True, alpha=0.3, which="both")
-    ax.legend(loc="upper right")
-    figure.tight_layout()
-    figure.savefig(Path(path), format="png")
-    return Path(path)
-
-
-__all__ = [
-    "STATUS_OF_STATE",
-    "TAG_STAGE",
-    "TAG_TRIAL_NUMBER",
-    "TAG_TRIAL_STATE",
-    "StudyTracker",
-    "TrialCurve",
-    "plot_history",
-    "plot_lr_vs_loss",
-]
+__all__ = ["STATUS_OF_STATE", "TAG_STAGE", "TAG_TRIAL_NUMBER", "TAG_TRIAL_STATE", "StudyTracker", "TrialCurve"]

@@ -1,6 +1,6 @@
-"""The data pipeline: a corpus in, cached flat token files out (issue #2; DESIGN.md section 4).
+"""`prepare_data`: a corpus in, a cache entry of flat token files out.
 
-`prepare_data(spec)` reads a corpus (see `oneday.runner.sources` for the spec syntax and what a document
+`prepare_data(spec)` reads a corpus (see `oneday.data.sources` for the spec syntax and what a document
 is), trains a byte-level BPE tokenizer on it or loads a given one, tokenizes every document, holds out a
 validation set by whole documents, and writes a cache entry ``<cache>/data/<key>/``:
 
@@ -23,9 +23,7 @@ evaluation reads a fixed subset anyway); 8,192 tokens is the least that gives a 
 (32 windows of 256) on a 0.75 MB corpus. A corpus with fewer than 10 documents or fewer than 81,920
 tokens (where 8,192 would exceed 10%) is refused as too small to split.
 
-Tokenizer training reads at most `TOKENIZER_SAMPLE_CHARS` (200M characters) of text, taken as evenly
-spaced batches across the corpus: the merges of an 8k-64k vocabulary are settled long before that, while
-training time and memory keep growing with the text.
+The tokenizer is trained or loaded by `oneday.data.tokenizer`.
 
 Speed: documents are encoded in batches of ~2M characters with the `tokenizers` library's
 `encode_batch_fast` (Rust, all cores), and each batch becomes one numpy array (ids flattened with
@@ -49,36 +47,42 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oneday.errors import UserError
-from oneday.paths import cache_dir as resolve_cache_dir
-from oneday.progress import NULL_PROGRESS, Progress, Task
-from oneday.runner.sources import (
+from oneday.data.sources import (
     DOC_MAX_CHARS,
     DOC_TARGET_CHARS,
     ReadStats,
     Source,
-    hub_offline_reason,
     resolve_source,
 )
+from oneday.data.tokenizer import (
+    BATCH_CHARS,
+    DEFAULT_VOCAB_SIZE,
+    MAX_VOCAB_SIZE,
+    TokenizerRef,
+    auto_tokenizer,
+    batch_encoder,
+    check_vocab_size,
+    eot_id_of,
+    package_version,
+    resolve_tokenizer,
+    train_tokenizer,
+)
+from oneday.errors import UserError
+from oneday.paths import cache_dir as resolve_cache_dir
+from oneday.progress import NULL_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_SUBDIR = "tokenizer"
-EOT = "<|endoftext|>"
-SPECIAL_TOKENS = (EOT,)
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
-MAX_VOCAB_SIZE = 2**32
-DEFAULT_VOCAB_SIZE = 8192
 UINT16_MAX_VOCAB = 2**16
 
 VAL_FRACTION = 0.005
@@ -88,14 +92,7 @@ VAL_MAX_SHARE = 0.10
 VAL_OVERSHOOT = 1.5
 MIN_DOCUMENTS = 10
 
-TOKENIZER_SAMPLE_CHARS = 200_000_000
-BPE_MIN_FREQUENCY = 2
-BATCH_CHARS = 2 << 20
 MOVE_CHUNK_TOKENS = 8 << 20
-# Files of a tokenizer directory that do not decide the tokenizer and may be huge (model weights).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt"})
-_MAX_TOKENIZER_FILE_BYTES = 256 << 20
 _TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]+-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
@@ -152,14 +149,6 @@ def choose_dtype(vocab_size: int) -> str:
     raise UserError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
 
 
-def _check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
-                        f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special token)")
-    if vocab_size > MAX_VOCAB_SIZE:
-        raise UserError(f"vocab size {vocab_size:,} is too large: token files hold at most 2**32 ids")
-
-
 def _val_target(total_tokens: int) -> int:
     return min(VAL_MAX_TOKENS, max(VAL_MIN_TOKENS, math.ceil(VAL_FRACTION * total_tokens)))
 
@@ -191,176 +180,6 @@ def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndar
                     return np.sort(np.asarray(chosen, dtype=np.int64))
     raise UserError(f"cannot hold out ~{target:,} validation tokens by whole documents: the documents are too "
                     f"large (largest {int(doc_tokens.max()):,} of {total:,} tokens); split them into smaller ones")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-@dataclass
-class _TokenizerRef:
-    origin: str  # "trained", "dir" or "hub"
-    name: str | None = None
-    identity: dict[str, Any] = field(default_factory=dict)
-    loaded: Any = None
-
-
-def _package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _resolve_tokenizer(tokenizer: str | None, vocab_size: int) -> _TokenizerRef:
-    """What tokenizer to use and its identity for the cache key (files hashed, or training settings)."""
-    if tokenizer is None:
-        return _TokenizerRef("trained", identity={
-            "train": "byte-level-bpe", "vocab_size": vocab_size, "min_frequency": BPE_MIN_FREQUENCY,
-            "sample_chars": TOKENIZER_SAMPLE_CHARS, "special_tokens": list(SPECIAL_TOKENS),
-            "tokenizers": _package_version("tokenizers"),
-        })
-    path = Path(tokenizer).expanduser()
-    if path.is_dir():
-        return _TokenizerRef("dir", name=str(path), identity={"dir": _hash_tokenizer_dir(path)})
-    if path.exists():
-        raise UserError(f"tokenizer {tokenizer} is a file; give the directory that holds it "
-                        "(tokenizer.json, tokenizer_config.json)")
-    if tokenizer.startswith(("/", ".", "~")) or tokenizer.count("/") > 1:
-        raise UserError(f"tokenizer directory not found: {tokenizer}")
-    reason = hub_offline_reason()
-    tok = _auto_tokenizer(tokenizer, local_files_only=reason is not None, offline_reason=reason)
-    digest = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() \
-        if getattr(tok, "backend_tokenizer", None) is not None else repr(sorted(tok.get_vocab().items()))
-    return _TokenizerRef("hub", name=tokenizer, identity={"hub": tokenizer, "sha256": digest}, loaded=tok)
-
-
-def _hash_tokenizer_dir(path: Path) -> list[dict[str, str]]:
-    """Hash the top-level files of a tokenizer directory (weights skipped: a model directory also works).
-
-    Refuses a directory without tokenizer files at once, before anything is hashed or loaded (passing a
-    data directory by mistake must not hash gigabytes).
-    """
-    import xxhash
-
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not any(p.name in _TOKENIZER_FILES or p.suffix == ".model" for p in files):
-        raise UserError(f"{path} is not a tokenizer directory (no {', '.join(sorted(_TOKENIZER_FILES))})")
-    entries = []
-    for f in files:
-        if f.suffix in _WEIGHT_SUFFIXES or f.stat().st_size > _MAX_TOKENIZER_FILE_BYTES:
-            continue
-        entries.append({"path": f.name, "xxh3_128": xxhash.xxh3_128(f.read_bytes()).hexdigest()})
-    return entries
-
-
-def _auto_tokenizer(name: str, *, local_files_only: bool = False, offline_reason: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
-    except Exception as exc:  # OSError, ValueError, hub errors: all mean "cannot load this tokenizer"
-        log.debug("data: loading tokenizer %s failed", name, exc_info=True)
-        if offline_reason:
-            raise UserError(f"tokenizer {name!r} is not a local directory and not in the Hugging Face cache, "
-                            f"and the hub is not available ({offline_reason})") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load tokenizer {name!r}: {first}") from None
-
-
-def _eot_id(tok: Any, name: str) -> int:
-    if tok.eos_token_id is not None:
-        return int(tok.eos_token_id)
-    if EOT in tok.get_vocab():
-        return int(tok.convert_tokens_to_ids(EOT))
-    raise UserError(f"tokenizer {name} has no end-of-text token (no eos token and no {EOT})")
-
-
-def _training_texts(source: Source, *, work_dir: Path, task: Task) -> Iterator[str]:
-    """Documents for tokenizer training: evenly spaced batches, at most TOKENIZER_SAMPLE_CHARS in all."""
-    total = source.total_bytes
-    stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total else 1
-    taken = 0
-    batches = source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=ReadStats(), quiet=True)
-    for i, (docs, nbytes) in enumerate(batches):
-        task.advance(nbytes)
-        if i % stride:
-            continue
-        yield from docs
-        taken += sum(len(d) for d in docs)
-        if taken >= TOKENIZER_SAMPLE_CHARS:
-            log.info("data: tokenizer trained on a %d-character sample of the corpus", taken)
-            break
-
-
-def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress: Progress) -> Any:
-    """Train a byte-level BPE (GPT-2 style pre-tokenization, `<|endoftext|>` special) on the corpus.
-
-    Returned wrapped as a transformers `PreTrainedTokenizerFast` (eos = bos = unk = pad = `<|endoftext|>`;
-    unk is never produced by a byte-level model) so `save_pretrained` writes files that
-    `AutoTokenizer.from_pretrained` loads. The wrapper comes from `transformers.tokenization_utils_tokenizers`,
-    which does not import torch.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=BPE_MIN_FREQUENCY,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    failure: list[BaseException] = []
-    seen = [0]
-
-    def texts(task: Task) -> Iterator[str]:
-        # Exceptions raised inside an iterator consumed by Rust come back re-wrapped; keep the original.
-        try:
-            for doc in _training_texts(source, work_dir=work_dir, task=task):
-                seen[0] += 1
-                yield doc
-        except BaseException as exc:
-            failure.append(exc)
-            raise
-
-    with progress.task(f"training tokenizer (vocab {vocab_size:,})", total=source.total_bytes, unit="B") as task:
-        try:
-            bpe.train_from_iterator(texts(task), trainer)
-        except BaseException:
-            if failure:
-                raise failure[0] from None
-            raise
-    if failure:
-        raise failure[0]
-    if seen[0] == 0:
-        raise UserError(f"no text in {source.description}")
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT, unk_token=EOT,
-                                  pad_token=EOT, clean_up_tokenization_spaces=False)
-    if len(tok) < vocab_size:
-        log.info("data: the tokenizer has %d tokens, fewer than the %d asked for (no pair in the text "
-                 "occurs %d times to merge further)", len(tok), vocab_size, BPE_MIN_FREQUENCY)
-    return tok
-
-
-def _batch_encoder(tok: Any) -> Callable[[list[str]], list[list[int]]]:
-    """A function from documents to token ids without special tokens, truncation or padding.
-
-    Fast tokenizers encode through a copy of their Rust backend with `encode_special_tokens` on, so a
-    document containing the literal text `<|endoftext|>` is tokenized as text, never as a separator.
-    """
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        log.warning("data: the tokenizer is not a fast (Rust) tokenizer; tokenizing will be slow")
-        return lambda docs: tok(docs, add_special_tokens=False)["input_ids"]
-    from tokenizers import Tokenizer
-
-    enc = Tokenizer.from_str(backend.to_str())
-    enc.no_truncation()
-    enc.no_padding()
-    enc.encode_special_tokens = True
-    encode = getattr(enc, "encode_batch_fast", enc.encode_batch)
-    return lambda docs: [e.ids for e in encode(docs, add_special_tokens=False)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -547,9 +366,9 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
     """
     started = time.perf_counter()
     progress = progress or NULL_PROGRESS
-    _check_vocab_size(vocab_size)
+    check_vocab_size(vocab_size)
     source = resolve_source(spec, text_column=text_column, config=config, split=split)
-    tok_ref = _resolve_tokenizer(tokenizer, vocab_size)
+    tok_ref = resolve_tokenizer(tokenizer, vocab_size)
     if tok_ref.origin != "trained" and vocab_size != DEFAULT_VOCAB_SIZE:
         log.info("data: --vocab-size is ignored with a given tokenizer")
 
@@ -606,7 +425,7 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
     return prepared
 
 
-def _build(source: Source, tok_ref: _TokenizerRef, *, spec: str, key: str, vocab_size: int,
+def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_size: int,
            settings: dict[str, Any], work_dir: Path, progress: Progress) -> dict[str, Any]:
     """Do the work into `work_dir`: tokenizer, token files; return the metadata (written by the caller)."""
     seconds: dict[str, float] = {}
@@ -616,9 +435,9 @@ def _build(source: Source, tok_ref: _TokenizerRef, *, spec: str, key: str, vocab
     elif tok_ref.loaded is not None:
         tok = tok_ref.loaded
     else:
-        tok = _auto_tokenizer(tok_ref.name or "")
+        tok = auto_tokenizer(tok_ref.name or "")
     name = tok_ref.name or "trained byte-level BPE"
-    eot_id = _eot_id(tok, name)
+    eot_id = eot_id_of(tok, name)
     tokenizer_dir = work_dir / TOKENIZER_SUBDIR
     tok.save_pretrained(str(tokenizer_dir))
     backend = getattr(tok, "backend_tokenizer", None)
@@ -629,7 +448,7 @@ def _build(source: Source, tok_ref: _TokenizerRef, *, spec: str, key: str, vocab
     t0 = time.perf_counter()
     stats = ReadStats()
     all_path = work_dir / "all.bin"
-    table = _tokenize_corpus(source, _batch_encoder(tok), eot_id=eot_id, dtype=dtype, out_path=all_path,
+    table = _tokenize_corpus(source, batch_encoder(tok), eot_id=eot_id, dtype=dtype, out_path=all_path,
                              work_dir=work_dir, stats=stats, progress=progress)
     seconds["tokenize"] = round(time.perf_counter() - t0, 3)
     vocab = len(tok)
@@ -690,5 +509,5 @@ def _build(source: Source, tok_ref: _TokenizerRef, *, spec: str, key: str, vocab
         "seconds": seconds,
         "tokens_per_second": round(total_tokens / max(seconds["tokenize"], 1e-9)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "oneday_version": _package_version("oneday"),
+        "oneday_version": package_version("oneday"),
     }

@@ -1,10 +1,9 @@
 """The names every oneday MLflow run shares, so runs from `run`, `tune` and calibration compare side by side.
 
-One module holds them (DESIGN.md §4 "Tracking"; issue #6): the runner and the tuner log under these names, and
+One module holds them: the runner and the tuner log under these names, and
 `oneday compare` / `oneday ui` read by them. Pure Python, no mlflow import: the CLI imports this cheaply.
 
-- Tracking store: the `--tracking-uri` flag, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`
-  (MLflow 3's own default file, made absolute so a server started elsewhere finds the same file).
+- Tracking store: see `oneday.tracking.store`.
 - Experiment: one per data set, `oneday/<short data set name>` (`builtin:pydoc` -> `oneday/pydoc`).
 - Run name: `<plan name>-<budget>-<model size>` (`tiny-12s-172k`, `base-8h-124M`), parts already in the plan
   name are not repeated.
@@ -18,16 +17,14 @@ One module holds them (DESIGN.md §4 "Tracking"; issue #6): the runner and the t
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from oneday.formats import human_count, human_seconds
 
 if TYPE_CHECKING:  # oneday.plan imports the model spec; keep this module import-light
     from oneday.plan import Plan
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-DEFAULT_DB = "mlflow.db"
 EXPERIMENT_PREFIX = "oneday/"
 
 # -- what a run is: the `oneday.kind` tag --------------------------------------------------------------------
@@ -89,7 +86,7 @@ PARAM_NAME = "name"
 PARAM_BUDGET_HOURS = "budget.hours"
 PARAM_BUDGET_SECONDS = "train.budget_seconds"
 PARAM_PARAMS_TOTAL = "model.params_total"
-PARAM_PARAMS_SCALING = "model.params_scaling"  # N: non-embedding + LM head (DESIGN.md §3)
+PARAM_PARAMS_SCALING = "model.params_scaling"  # N: non-embedding + LM head
 PARAM_N_LAYER = "model.n_layer"
 PARAM_D_MODEL = "model.d_model"
 PARAM_LR = "train.lr"
@@ -100,27 +97,6 @@ PARAM_PREDICTED_TOKENS_PER_S = "prediction.tokens_per_s"
 
 
 # -- functions ---------------------------------------------------------------------------------------------
-
-
-def resolve_tracking_uri(flag: str | None = None) -> str:
-    """The flag, else `$MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db` (MLflow 3's own default file)."""
-    if flag:
-        return flag
-    env = os.environ.get(TRACKING_URI_ENV)
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI (relative paths made absolute), else None
-    (in-memory databases and other stores)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    if path in ("", ":memory:"):
-        return None
-    return Path(path).expanduser().resolve()
 
 
 def default_experiment(source: str) -> str:
@@ -138,25 +114,6 @@ def default_experiment(source: str) -> str:
 def experiment_name(plan: Plan) -> str:
     """The experiment a plan's runs go to: one per data set (`default_experiment` of the data spec)."""
     return default_experiment(plan.data.spec or plan.data.source)
-
-
-def human_count(n: float) -> str:
-    """`172352` -> `172k`, `124e6` -> `124M`."""
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{suffix}"
-    return f"{n:.0f}"
-
-
-def human_seconds(seconds: float) -> str:
-    """`12` -> `12s`, `90` -> `1.5m`, `28800` -> `8h`."""
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:g}h"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.3g}h"
-    if seconds >= 60:
-        return f"{seconds / 60:.3g}m"
-    return f"{seconds:.3g}s"
 
 
 def format_run_name(plan_name: str, *, budget_seconds: float, params: int) -> str:
@@ -182,7 +139,6 @@ def run_tags(*, kind: str, plan_hash: str, plan_name: str, version: str, device:
 
 
 __all__ = [
-    "DEFAULT_DB",
     "EVAL_METRICS",
     "KINDS",
     "METRICS",
@@ -190,10 +146,6 @@ __all__ = [
     "default_experiment",
     "experiment_name",
     "format_run_name",
-    "human_count",
-    "human_seconds",
-    "resolve_tracking_uri",
     "run_name",
     "run_tags",
-    "sqlite_path",
 ]

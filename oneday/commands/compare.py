@@ -1,4 +1,4 @@
-"""`oneday ui` and `oneday compare`: thin wrappers over `oneday.runner.compare` (start_ui / compare_runs).
+"""`oneday ui` and `oneday compare`: thin wrappers over `oneday.compare` (start_ui / compare_runs).
 
 Only argument parsing and drawing (rich) live here; the library is imported when a command runs, so
 `oneday --help` stays fast and never imports mlflow or matplotlib.
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from oneday.console import console, err_console, guard
+from oneday.formats import human_count, human_seconds, number_or
 
 HELP = ("Start the MLflow UI (lean: one worker, no job runner) on the runs' store and print the links to the "
         "experiment and to a side-by-side view of the latest runs.")
@@ -36,7 +37,7 @@ def ui(
                     ] = 5,
 ) -> None:
     """Serve the MLflow UI on the local store until Ctrl-C."""
-    from oneday.runner.compare import start_ui
+    from oneday.compare.ui import start_ui
 
     with err_console.status("starting the MLflow UI ..."):
         server = start_ui(tracking_uri, host=host, port=port, experiment=experiment, last=last)
@@ -58,25 +59,12 @@ def ui(
         raise UserError(f"the MLflow server stopped by itself (exit code {code}); its log: {server.log_path}")
     err_console.print("MLflow UI stopped")
 
-
-def _num(value: float | None, fmt: str) -> str:
-    return "" if value is None else format(value, fmt)
-
-
 def _count(value: float | None) -> str:
-    if value is None:
-        return ""
-    from oneday.tracking_names import human_count
-
-    return human_count(value)
+    return "" if value is None else human_count(value)
 
 
 def _hours(value: float | None) -> str:
-    if value is None:
-        return ""
-    from oneday.tracking_names import human_seconds
-
-    return human_seconds(round(value * 3600, 3))
+    return "" if value is None else human_seconds(round(value * 3600, 3))
 
 
 def comparison_table(comparison: Any) -> Table:
@@ -94,8 +82,8 @@ def comparison_table(comparison: Any) -> Table:
             name += f" [{row.status.lower()}]"
         table.add_row(
             name, _hours(row.budget_hours), _count(row.params_scaling), _count(row.tokens),
-            _count(row.predicted_tokens), _num(row.val_loss, ".3f"), _num(row.predicted_loss, ".3f"),
-            _num(row.gap_loss, "+.3f"), _num(row.val_bpb, ".3f"),
+            _count(row.predicted_tokens), number_or(row.val_loss, ".3f", ""), number_or(row.predicted_loss, ".3f", ""),
+            number_or(row.gap_loss, "+.3f", ""), number_or(row.val_bpb, ".3f", ""),
             "" if row.mfu is None else f"{100 * row.mfu:.1f}%", _count(row.tokens_per_s), style=style,
         )
     return table
@@ -121,7 +109,7 @@ def compare(
     plot_x: Annotated[str, typer.Option("--plot-x", help="x axis of --plot: budget or tokens.")] = "budget",
 ) -> None:
     """Compare the latest runs of an experiment: which did best, with what settings, how far from the plan."""
-    from oneday.runner.compare import compare_runs
+    from oneday.compare.runs import compare_runs
 
     kinds: tuple[str, ...] | None = ("run",)
     if kind:

@@ -1,0 +1,224 @@
+"""The tokenizer of a prepared corpus: a byte-level BPE trained on it, or an existing one (a folder or a hub name).
+
+`resolve_tokenizer` says which tokenizer and gives its identity for the cache key (the files' hashes, or the
+training settings); `train_tokenizer` trains a byte-level BPE (GPT-2 pre-tokenization, `<|endoftext|>` as the
+only special token) on evenly spaced batches of at most `TOKENIZER_SAMPLE_CHARS` (200M characters) of the
+corpus: the merges of an 8k-64k vocabulary are settled long before that, while training time and memory keep
+growing with the text. `batch_encoder` encodes batches of documents through the Rust backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from oneday.data.sources import ReadStats, Source, hub_offline_reason
+from oneday.errors import UserError, first_line
+from oneday.progress import Progress, Task
+
+log = logging.getLogger(__name__)
+
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = (EOT,)
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
+MAX_VOCAB_SIZE = 2**32
+DEFAULT_VOCAB_SIZE = 8192
+TOKENIZER_SAMPLE_CHARS = 200_000_000
+BPE_MIN_FREQUENCY = 2
+BATCH_CHARS = 2 << 20
+# Files of a tokenizer directory that do not decide the tokenizer and may be huge (model weights).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt"})
+_MAX_TOKENIZER_FILE_BYTES = 256 << 20
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+                        f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special token)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size:,} is too large: token files hold at most 2**32 ids")
+
+
+@dataclass
+class TokenizerRef:
+    origin: str  # "trained", "dir" or "hub"
+    name: str | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
+    loaded: Any = None
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def resolve_tokenizer(tokenizer: str | None, vocab_size: int) -> TokenizerRef:
+    """What tokenizer to use and its identity for the cache key (files hashed, or training settings)."""
+    if tokenizer is None:
+        return TokenizerRef("trained", identity={
+            "train": "byte-level-bpe", "vocab_size": vocab_size, "min_frequency": BPE_MIN_FREQUENCY,
+            "sample_chars": TOKENIZER_SAMPLE_CHARS, "special_tokens": list(SPECIAL_TOKENS),
+            "tokenizers": package_version("tokenizers"),
+        })
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        return TokenizerRef("dir", name=str(path), identity={"dir": _hash_tokenizer_dir(path)})
+    if path.exists():
+        raise UserError(f"tokenizer {tokenizer} is a file; give the directory that holds it "
+                        "(tokenizer.json, tokenizer_config.json)")
+    if tokenizer.startswith(("/", ".", "~")) or tokenizer.count("/") > 1:
+        raise UserError(f"tokenizer directory not found: {tokenizer}")
+    reason = hub_offline_reason()
+    tok = auto_tokenizer(tokenizer, local_files_only=reason is not None, offline_reason=reason)
+    digest = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() \
+        if getattr(tok, "backend_tokenizer", None) is not None else repr(sorted(tok.get_vocab().items()))
+    return TokenizerRef("hub", name=tokenizer, identity={"hub": tokenizer, "sha256": digest}, loaded=tok)
+
+
+def _hash_tokenizer_dir(path: Path) -> list[dict[str, str]]:
+    """Hash the top-level files of a tokenizer directory (weights skipped: a model directory also works).
+
+    Refuses a directory without tokenizer files at once, before anything is hashed or loaded (passing a
+    data directory by mistake must not hash gigabytes).
+    """
+    import xxhash
+
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not any(p.name in _TOKENIZER_FILES or p.suffix == ".model" for p in files):
+        raise UserError(f"{path} is not a tokenizer directory (no {', '.join(sorted(_TOKENIZER_FILES))})")
+    entries = []
+    for f in files:
+        if f.suffix in _WEIGHT_SUFFIXES or f.stat().st_size > _MAX_TOKENIZER_FILE_BYTES:
+            continue
+        entries.append({"path": f.name, "xxh3_128": xxhash.xxh3_128(f.read_bytes()).hexdigest()})
+    return entries
+
+
+def auto_tokenizer(name: str, *, local_files_only: bool = False, offline_reason: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+    except Exception as exc:  # OSError, ValueError, hub errors: all mean "cannot load this tokenizer"
+        log.debug("data: loading tokenizer %s failed", name, exc_info=True)
+        if offline_reason:
+            raise UserError(f"tokenizer {name!r} is not a local directory and not in the Hugging Face cache, "
+                            f"and the hub is not available ({offline_reason})") from None
+        raise UserError(f"cannot load tokenizer {name!r}: {first_line(exc)}") from None
+
+
+def eot_id_of(tok: Any, name: str) -> int:
+    if tok.eos_token_id is not None:
+        return int(tok.eos_token_id)
+    if EOT in tok.get_vocab():
+        return int(tok.convert_tokens_to_ids(EOT))
+    raise UserError(f"tokenizer {name} has no end-of-text token (no eos token and no {EOT})")
+
+
+def _training_texts(source: Source, *, work_dir: Path, task: Task) -> Iterator[str]:
+    """Documents for tokenizer training: evenly spaced batches, at most TOKENIZER_SAMPLE_CHARS in all."""
+    total = source.total_bytes
+    stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total else 1
+    taken = 0
+    batches = source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=ReadStats(), quiet=True)
+    for i, (docs, nbytes) in enumerate(batches):
+        task.advance(nbytes)
+        if i % stride:
+            continue
+        yield from docs
+        taken += sum(len(d) for d in docs)
+        if taken >= TOKENIZER_SAMPLE_CHARS:
+            log.info("data: tokenizer trained on a %d-character sample of the corpus", taken)
+            break
+
+
+def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress: Progress) -> Any:
+    """Train a byte-level BPE (GPT-2 style pre-tokenization, `<|endoftext|>` special) on the corpus.
+
+    Returned wrapped as a transformers `PreTrainedTokenizerFast` (eos = bos = unk = pad = `<|endoftext|>`;
+    unk is never produced by a byte-level model) so `save_pretrained` writes files that
+    `AutoTokenizer.from_pretrained` loads. The wrapper comes from `transformers.tokenization_utils_tokenizers`,
+    which does not import torch.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers.tokenization_utils_tokenizers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=BPE_MIN_FREQUENCY,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    failure: list[BaseException] = []
+    seen = [0]
+
+    def texts(task: Task) -> Iterator[str]:
+        # Exceptions raised inside an iterator consumed by Rust come back re-wrapped; keep the original.
+        try:
+            for doc in _training_texts(source, work_dir=work_dir, task=task):
+                seen[0] += 1
+                yield doc
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    with progress.task(f"training tokenizer (vocab {vocab_size:,})", total=source.total_bytes, unit="B") as task:
+        try:
+            bpe.train_from_iterator(texts(task), trainer)
+        except BaseException:
+            if failure:
+                raise failure[0] from None
+            raise
+    if failure:
+        raise failure[0]
+    if seen[0] == 0:
+        raise UserError(f"no text in {source.description}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOT, bos_token=EOT, unk_token=EOT,
+                                  pad_token=EOT, clean_up_tokenization_spaces=False)
+    if len(tok) < vocab_size:
+        log.info("data: the tokenizer has %d tokens, fewer than the %d asked for (no pair in the text "
+                 "occurs %d times to merge further)", len(tok), vocab_size, BPE_MIN_FREQUENCY)
+    return tok
+
+
+def batch_encoder(tok: Any) -> Callable[[list[str]], list[list[int]]]:
+    """A function from documents to token ids without special tokens, truncation or padding.
+
+    Fast tokenizers encode through a copy of their Rust backend with `encode_special_tokens` on, so a
+    document containing the literal text `<|endoftext|>` is tokenized as text, never as a separator.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        log.warning("data: the tokenizer is not a fast (Rust) tokenizer; tokenizing will be slow")
+        return lambda docs: tok(docs, add_special_tokens=False)["input_ids"]
+    from tokenizers import Tokenizer
+
+    enc = Tokenizer.from_str(backend.to_str())
+    enc.no_truncation()
+    enc.no_padding()
+    enc.encode_special_tokens = True
+    encode = getattr(enc, "encode_batch_fast", enc.encode_batch)
+    return lambda docs: [e.ids for e in encode(docs, add_special_tokens=False)]
+
+
+__all__ = [
+    "DEFAULT_VOCAB_SIZE",
+    "EOT",
+    "TokenizerRef",
+    "auto_tokenizer",
+    "batch_encoder",
+    "check_vocab_size",
+    "eot_id_of",
+    "resolve_tokenizer",
+    "train_tokenizer",
+]

@@ -1,0 +1,61 @@
+"""What a run spends besides training steps: the one cost model of the planner's reserves and the runner's clock.
+
+Pure Python, numbers in and seconds out. The planner reserves these costs before it turns the budget into
+tokens (`planner.budget`); the runner uses the same functions for its estimates until it has timed the real
+thing (the loop's first checkpoint and evaluation) and for the time it keeps free after the loop (the final
+save). One model in one place, so the plan and the run agree on where the budget goes.
+
+The constants were measured on the 2-core CPU machines this project is developed on, with margin:
+- start-up (imports, model build, first step): ~6 s on a CPU, more on a GPU (CUDA context, kernel loading);
+- a checkpoint writes the fp32 weights and both Adam moments (12 bytes a parameter) and fsyncs them;
+- the final save writes the fp32 weights twice (`save_pretrained`, then the copy or upload to the artifact
+  store: 8 bytes a parameter), then the summary, the plot, the MLflow close and the interpreter exit;
+- sustained disk writes are taken at 200 MB/s, slow enough for a network file system or a busy disk.
+"""
+
+from __future__ import annotations
+
+DISK_BYTES_PER_S = 200e6
+STARTUP_SECONDS = {"cpu": 10.0, "cuda": 20.0}
+CHECKPOINT_FIXED_SECONDS = 0.5
+CHECKPOINT_BYTES_PER_PARAM = 12
+FINAL_SAVE_FIXED_SECONDS = 1.5
+FINAL_SAVE_BYTES_PER_PARAM = 8
+EVAL_FIXED_SECONDS = 0.2
+FORWARD_SPEEDUP = 3.0
+"""A forward pass without gradients costs about a third of a training step per token (backward ≈ 2× forward)."""
+
+
+def startup_seconds(device: str) -> float:
+    """Process start to the first training step, compile excluded."""
+    return STARTUP_SECONDS[device]
+
+
+def checkpoint_seconds(params: int) -> float:
+    """One checkpoint of a model of `params` parameters: weights and both AdamW moments in fp32, fsynced."""
+    return CHECKPOINT_FIXED_SECONDS + CHECKPOINT_BYTES_PER_PARAM * params / DISK_BYTES_PER_S
+
+
+def final_save_seconds(params: int) -> float:
+    """After the loop: the final model and tokenizer, summary, plot, artifact upload and process exit."""
+    return FINAL_SAVE_FIXED_SECONDS + FINAL_SAVE_BYTES_PER_PARAM * params / DISK_BYTES_PER_S
+
+
+def eval_seconds(eval_tokens: int, *, forward_tokens_per_s: float) -> float:
+    """One evaluation of `eval_tokens` validation tokens at the measured no-grad forward speed."""
+    return eval_tokens / forward_tokens_per_s + EVAL_FIXED_SECONDS
+
+
+def forward_tokens_per_s(train_tokens_per_s: float) -> float:
+    """No-grad forward speed estimated from the training speed, for when it was not measured."""
+    return FORWARD_SPEEDUP * train_tokens_per_s
+
+
+__all__ = [
+    "DISK_BYTES_PER_S",
+    "checkpoint_seconds",
+    "eval_seconds",
+    "final_save_seconds",
+    "forward_tokens_per_s",
+    "startup_seconds",
+]
