@@ -1,6 +1,9 @@
-"""Data pipeline throughput: `prepare_data` on ../shared/data, and its tokenizing step vs `datasets.map`.
+"""Data pipeline throughput: `prepare_data` on a corpus, and its tokenizing step vs `datasets.map`.
 
-    python bench/data_throughput.py [--data ../shared/data] [--vocab-size 8192] [--repeat 3]
+    python bench/data_throughput.py [--data CORPUS] [--vocab-size 8192] [--repeat 3]
+
+The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
+this repository: ~7.8 MB in 12 files); pass `--data` anywhere else.
 
 1. Prepares the corpus into a fresh temporary cache (tokenizer training included): seconds, tokens,
    tokens/s, and the time of each phase.

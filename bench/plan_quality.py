@@ -7,10 +7,11 @@ only the shape differs (the shapes come from the planner's own candidate ladder,
 Prints validation loss and bits per byte per configuration, the planned one marked, and how far the plan's
 loss is from the best grid entry (goal: within 2%).
 
-    python bench/plan_quality.py                               # 5 minutes per run, ../shared/data
+    python bench/plan_quality.py                               # 5 minutes per run, the default corpus
     python bench/plan_quality.py --minutes 3 --threads 1 --workdir /tmp/pq
 
-The whole benchmark takes about (1 + number of configurations) × the budget. Runs share the machine with
+The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
+this repository); pass `--data` anywhere else. The whole benchmark takes about (1 + number of configurations) × the budget. Runs share the machine with
 nothing else only if you make it so: on a loaded 2-core machine, use --threads 1.
 """
 

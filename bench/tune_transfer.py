@@ -1,6 +1,7 @@
 """Does `oneday tune` find the learning rate that an LR grid on the full-size model finds, at a fraction of the cost?
 
-On the CPU, with a small corpus from ../shared/data (default: the TinyStories slice, a 1024-token BPE):
+On the CPU, with a small corpus (default: the TinyStories slice among the development machines' corpora in
+`../shared/data`, beside the checkout and outside this repository; `--data` takes any other; a 1024-token BPE):
 
 0. The target: a 4-layer, 192-wide Llama (6 heads of 32, SwiGLU 512, seq 64, batch 8×64 tokens), trained for
    a fixed number of steps sized so that one run takes about `--target-seconds` here. The planner's batch/LR

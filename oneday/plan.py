@@ -1,4 +1,4 @@
-"""plan.json: the contract between `oneday plan`, `oneday tune` and `oneday run` (DESIGN.md §2).
+"""plan.json: the contract between `oneday plan`, `oneday tune` and `oneday run` (docs/design.md, The plan).
 
 One frozen dataclass per section. Loading is strict: unknown keys, wrong types and impossible values are
 rejected with a `PlanError` naming the field (`train.lr: must be > 0, got -1`); `schema_version` is

@@ -33,6 +33,8 @@ from oneday.data.sources import DOC_MAX_CHARS, DOC_TARGET_CHARS, split_documents
 from oneday.data.tokenizer import EOT
 from oneday.errors import UserError
 
+# The development machines keep real English corpora beside the checkout (outside this repository). The one test
+# that reads them (WikiText-2) skips where they are not; every other test writes its own tiny data.
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 VOCAB = 400
 

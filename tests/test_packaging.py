@@ -63,3 +63,10 @@ def test_wheel_carries_the_license_and_the_command(wheel: Path) -> None:
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     assert "oneday = oneday.cli:main" in entry_points
     assert "oneday/__main__.py" in names  # `python -m oneday`, e.g. `torchrun -m oneday run plan.json`
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """`python -m oneday` is the CLI (so `torchrun -m oneday run plan.json` needs no path to the script)."""
+    done = subprocess.run([sys.executable, "-m", "oneday", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("oneday ")
