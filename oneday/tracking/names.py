@@ -82,7 +82,6 @@ STEP_METRICS = {
 EVAL_METRICS = {"val_loss": METRIC_VAL_LOSS, "val_bpb": METRIC_VAL_BPB}
 
 # -- params the comparison reads (keys of `Plan.flat_params()`) ---------------------------------------------
-PARAM_NAME = "name"
 PARAM_BUDGET_HOURS = "budget.hours"
 PARAM_BUDGET_SECONDS = "train.budget_seconds"
 PARAM_PARAMS_TOTAL = "model.params_total"
@@ -92,8 +91,6 @@ PARAM_D_MODEL = "model.d_model"
 PARAM_LR = "train.lr"
 PARAM_PREDICTED_LOSS = "prediction.loss"
 PARAM_PREDICTED_TOKENS = "prediction.tokens"
-PARAM_PREDICTED_MFU = "prediction.mfu"
-PARAM_PREDICTED_TOKENS_PER_S = "prediction.tokens_per_s"
 
 
 # -- functions ---------------------------------------------------------------------------------------------

@@ -80,7 +80,6 @@ class RunRecorder:
         self._predicted_logged = False
         self.last_step = 0
         self.last_tokens = 0
-        self.start_step: int | None = None
         self.resumed = False
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -98,7 +97,6 @@ class RunRecorder:
 
     # -- Observer ----------------------------------------------------------------------------------------
     def on_start(self, *, step: int, tokens: int, resumed: bool) -> None:
-        self.start_step = step
         self.resumed = resumed
         self.last_step, self.last_tokens = step, tokens
         self.write({"kind": "event", "event": "resume" if resumed else "start", "step": step, "tokens": tokens,

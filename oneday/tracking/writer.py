@@ -103,7 +103,6 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self.resumed = False
         self.error: str | None = None
-        self.metrics_sent = 0
 
     # -- training-thread side ----------------------------------------------------------------------------
     @property
@@ -198,7 +197,6 @@ class MlflowTracker:
         try:
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 self._client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
-            self.metrics_sent += len(metrics)
         except Exception as exc:
             self._fail("logging metrics", exc)
 
