@@ -30,7 +30,8 @@ Speed: documents are encoded in batches of ~2M characters with the `tokenizers` 
 `np.fromiter`, end-of-text tokens put in with `np.insert`) appended to the token file; nothing iterates
 over tokens in Python, and no Arrow copy of the text or the ids is written. The Rust encoder is the
 bottleneck -- the same one `datasets.map(batched=True)` calls through transformers -- so the tokenizing
-step runs at least as fast as `datasets.map` (bench/data_throughput.py measures both).
+step runs at parity with `datasets.map` (bench/data_throughput.py measures both: 251k against 287k tokens/s
+of wall time, 376k against 342k per CPU-second, on a 2-core machine under load).
 """
 
 from __future__ import annotations
