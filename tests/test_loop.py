@@ -15,16 +15,9 @@ from oneday.errors import UserError
 from oneday.models.build import build_model, param_groups
 from oneday.plan import TrainSpec
 from oneday.runner.checkpoint import CheckpointStore
-from oneday.runner.loop import (
-    INJECT_NAN_ENV,
-    MAX_ROLLBACKS,
-    DivergedError,
-    EvalRecord,
-    LoopResult,
-    NullObserver,
-    StepRecord,
-    train,
-)
+from oneday.runner.faults import INJECT_NAN_ENV
+from oneday.runner.loop import MAX_ROLLBACKS, DivergedError, train
+from oneday.runner.records import EvalRecord, LoopResult, NullObserver, StepRecord
 from tests.factories import tiny_model
 
 torch.set_num_threads(1)

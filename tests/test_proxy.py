@@ -120,7 +120,7 @@ def test_a_budget_for_few_trials_says_how_much_would_do(prepared, caplog, monkey
 
 
 def test_short_run_trains_and_reports_divergence(prepared, monkeypatch):
-    from oneday.runner.loop import INJECT_NAN_ENV
+    from oneday.runner.faults import INJECT_NAN_ENV
     from oneday.studies.proxy import TrialParams, capped_loss, load_run_data, proxy_model, short_run
     from oneday.studies.tune import StudySettings  # noqa: F401  (the module imports cleanly)
 

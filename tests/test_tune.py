@@ -221,7 +221,7 @@ def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(prepared, tmp_pa
 def test_every_trial_diverging_keeps_the_default_lr(prepared, tmp_path, monkeypatch):
     import optuna
 
-    from oneday.runner.loop import INJECT_NAN_ENV
+    from oneday.runner.faults import INJECT_NAN_ENV
     from oneday.studies.proxy import capped_loss
     from oneday.studies.tune import open_storage, tune_plan
 

@@ -1,0 +1,118 @@
+"""The one training step: the loss, the optimizer, the precision, and an optimizer step over micro-batches.
+
+The run's loop (`oneday.runner.loop`), the planner's throughput probe (`oneday.planner.timing`) and
+`bench/throughput.py` all train through this module, so the planner times exactly the step the run trains:
+same loss, same optimizer kernel, same autocast, same clipping, same skip of a bad step.
+
+- `LMLoss`: the model and the next-token cross-entropy as one module. The logits are upcast to fp32 inside
+  it, so under `torch.compile` the upcast fuses into the loss instead of materialising fp32 logits.
+- `make_optimizer`: AdamW over the μP parameter groups (`models.build.param_groups`), always the fused kernel.
+  Fused AdamW runs on CUDA and (torch ≥ 2.4) on the CPU; one kernel updates every tensor, and it reads
+  `optimizer.found_inf` (the hook `torch.amp.GradScaler` uses) to leave weights and moments untouched on a
+  bad step, so skipping one needs no host sync. The same rule on both devices keeps the probe honest.
+- `autocast`: bf16 autocast on CUDA when the plan says bf16 (weights and optimizer state stay fp32); no
+  autocast otherwise (bf16 on a CPU without AVX-512 BF16/AMX is ~50× slower than fp32).
+- `TrainStep`: one optimizer step over `grad_accum` micro-batches of a batch of windows (seq_len + 1 tokens
+  each): forward under autocast, backward of loss / grad_accum (DDP all-reduces gradients on the last
+  micro-step only), gradient clipping, the on-device bad-step flag (a non-finite loss or gradient norm, on
+  any rank) fed to the fused optimizer, the update. It returns [mean loss, gradient norm, bad] as a device
+  tensor: the host reads it only when it wants to (the loop every few steps).
+- `evaluate`: the mean next-token loss over fixed validation batches, no gradients (what an evaluation costs
+  is what the probe times as the forward speed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+
+
+class LMLoss(nn.Module):
+    """A causal LM and its next-token loss: `forward(inputs, targets)` -> mean cross-entropy (fp32)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=inputs, use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def make_optimizer(param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float = 1e-8,
+                   weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """Fused AdamW over `param_groups` (each group's own `lr`/`weight_decay` are kept; module docstring)."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+
+def autocast(device: str | torch.device, precision: str) -> Autocast:
+    """A factory of the autocast context for `precision` on `device`: bf16 on CUDA, else none."""
+    if torch.device(device).type == "cuda" and precision == "bf16":
+        return partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+class TrainStep:
+    """One optimizer step over `grad_accum` micro-batches (module docstring). `net` is `LMLoss`, possibly
+    compiled and/or wrapped in DDP (`ddp=True`: gradients all-reduced on the last micro-step, the bad-step
+    flag agreed across ranks); `params` are the raw module's parameters (for clipping)."""
+
+    def __init__(self, net: nn.Module, *, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer,
+                 grad_accum: int, grad_clip: float, precision: Autocast = nullcontext, ddp: bool = False) -> None:
+        self.net = net
+        self.params = list(params)
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.ddp = ddp
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Train on `batch` ([grad_accum · micro_batch, seq_len + 1] token ids on the device); returns the
+        device tensor [mean loss, gradient norm before clipping, 1.0 if the update was skipped else 0.0]."""
+        accum = self.grad_accum
+        micro = batch.shape[0] // accum
+        loss_sum = torch.zeros((), device=batch.device)
+        for i in range(accum):
+            chunk = batch[i * micro : (i + 1) * micro]
+            sync = self.net.no_sync() if self.ddp and i < accum - 1 else nullcontext()  # type: ignore[operator]
+            with sync:
+                with self.precision():
+                    loss = self.net(chunk[:, :-1], chunk[:, 1:])
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
+        if self.ddp:
+            torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)  # a rank's bad loss skips every rank
+        self.optimizer.found_inf = bad  # type: ignore[attr-defined]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss_sum / accum, grad_norm.float(), bad])
+
+
+def evaluate(loss: nn.Module, batches: Sequence[torch.Tensor], *, precision: Autocast = nullcontext) -> float:
+    """Mean next-token loss over fixed validation batches of windows (every window has seq_len targets)."""
+    loss.eval()
+    total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
+    windows = 0
+    with torch.no_grad():
+        for batch in batches:
+            with precision():
+                value = loss(batch[:, :-1], batch[:, 1:])
+            total += value.double() * batch.shape[0]
+            windows += batch.shape[0]
+    loss.train()
+    return total.item() / windows
+
+
+__all__ = ["Autocast", "LMLoss", "TrainStep", "autocast", "evaluate", "make_optimizer"]
