@@ -11,8 +11,9 @@ loss is from the best grid entry (goal: within 2%).
     python bench/plan_quality.py --minutes 3 --threads 1 --workdir /tmp/pq
 
 The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
-this repository); pass `--data` anywhere else. The whole benchmark takes about (1 + number of configurations) × the budget. Runs share the machine with
-nothing else only if you make it so: on a loaded 2-core machine, use --threads 1.
+this repository); pass `--data` anywhere else. The whole benchmark takes about (1 + number of configurations) ×
+the budget. Runs share the machine with nothing else only if you make it so: on a loaded 2-core machine, use
+--threads 1.
 """
 
 from __future__ import annotations

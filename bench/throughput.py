@@ -1,8 +1,9 @@
 """Runner overhead: tokens/s of oneday's training loop (with metrics.jsonl and MLflow logging on) against a
 minimal hand-written PyTorch loop, on the same model object, the same batches and the same data.
 
-Both do exactly the same work per step: forward, next-token cross-entropy (fp32), backward, gradient
-clipping, fused AdamW, zero_grad. The hand loop has nothing else: no logging, no host syncs. The runner is
+Both run the same training step (`oneday.runner.step.TrainStep`: forward, next-token cross-entropy in fp32,
+backward, gradient clipping, the bad-step flag, fused AdamW, zero_grad), so the ratio is the cost of what the
+loop does around it. The hand loop has nothing else: no schedule, no logging, no host syncs. The runner is
 `oneday.runner.loop.train` with a `RunRecorder` feeding metrics.jsonl and an `MlflowTracker` (sqlite) as its
 observer, `max_steps` set and evals/checkpoints pushed out of the measured window. Phases alternate (hand,
 runner, hand, runner, ...) and the weights are re-initialized before each, so a machine whose load drifts
@@ -25,9 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +69,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import torch.nn.functional as F
-    from torch import nn
 
     from oneday.data.windows import WindowSampler
     from oneday.models.build import build_model, init_weights, param_groups
     from oneday.runner.checkpoint import CheckpointStore
     from oneday.runner.loop import train
     from oneday.runner.records import FanOut
+    from oneday.runner.step import LMLoss, TrainStep, autocast, make_optimizer
     from oneday.tracking.recorder import RunRecorder
     from oneday.tracking.writer import MlflowTracker
 
@@ -122,17 +120,8 @@ def main() -> None:
     model = build_model(spec, seed=0, device=device)
     tokens_per_step = train_spec.tokens_per_step()
     flops_per_token = spec.flops_per_token()
-    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else nullcontext
+    precision = autocast(device, train_spec.precision)
     sampler = WindowSampler(train_tokens, seq_len=spec.seq_len, seed=train_spec.seed)
-
-    class LMLoss(nn.Module):  # the loop's `_LMLoss`: model + fp32 cross-entropy in one module
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.model = inner
-
-        def forward(self, inputs, targets):
-            logits = self.model(input_ids=inputs, use_cache=False).logits
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     loss_module = LMLoss(model)
     net = torch.compile(loss_module) if cuda else loss_module
@@ -144,8 +133,9 @@ def main() -> None:
     def hand(steps: int, *, warmup: int = 2) -> tuple[float, float]:
         """(tokens per wall second, tokens per CPU second) of the minimal loop."""
         init_weights(model, spec, seed=0)
-        optimizer = torch.optim.AdamW(param_groups(model, spec, lr=1e-3, weight_decay=0.1), lr=1e-3,
-                                      betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        optimizer = make_optimizer(param_groups(model, spec, lr=1e-3, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.95))
+        step = TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=1.0,
+                         precision=precision)
         started = cpu_started = 0.0
         for i in range(warmup + steps):
             if i == warmup:
@@ -154,12 +144,7 @@ def main() -> None:
             batch = torch.from_numpy(sampler.batch(i * micro_batch, micro_batch))
             if cuda:
                 batch = batch.pin_memory().to(device, non_blocking=True)
-            with autocast():
-                loss = net(batch[:, :-1], batch[:, 1:])
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(batch)
         sync()
         tokens = steps * tokens_per_step
         return tokens / (time.perf_counter() - started), tokens / (time.process_time() - cpu_started)

@@ -76,6 +76,10 @@ class ModelSpec:
             )
 
     # --- shape -------------------------------------------------------------------------------------
+    def label(self) -> str:
+        """`layers×width`, e.g. `12×768`: how tables and messages name a shape."""
+        return f"{self.n_layer}×{self.d_model}"
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head

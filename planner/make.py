@@ -460,7 +460,7 @@ def make_plan(
                               max_params=max_params)
     thread_note = None
     if setup.device == "cpu" and (setup.threads or 1) > 1:
-        from oneday.planner.measure import fastest_cpu_threads
+        from oneday.planner.timing import fastest_cpu_threads
 
         threads, speeds = fastest_cpu_threads(ladder[0], max_threads=setup.threads or 1)
         thread_note = (

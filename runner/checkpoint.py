@@ -1,4 +1,4 @@
-"""Atomic, pruned training checkpoints that load with `weights_only=True` (DESIGN.md §4).
+"""Atomic, pruned training checkpoints that load with `weights_only=True` (docs/design.md, Training).
 
 Layout of one checkpoint, `<directory>/step-00001234/`:
 
@@ -6,7 +6,7 @@ Layout of one checkpoint, `<directory>/step-00001234/`:
                         a tied LM head is stored once (safetensors refuses shared tensors)
     optimizer.pt        `optimizer.state_dict()`
     state.pt            the loop's state: plain Python values and tensors (step, tokens, seconds, data cursor,
-                        counters, lr_scale, plan hash, RNG states), see `oneday.runner.loop`
+                        counters, lr_scale, plan hash, RNG states), see `oneday.runner.state`
     manifest.json       format version and the byte size of each file above, written last
 
 A save writes into `.tmp-step-…/`, fsyncs every file and the folder, then renames it into place and fsyncs

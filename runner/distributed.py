@@ -1,4 +1,4 @@
-"""Data-parallel training under `torchrun` (DESIGN.md §4, scale-out).
+"""Data-parallel training under `torchrun` (docs/design.md, Training).
 
 `oneday run` started by `torchrun --nproc-per-node N` gets RANK, WORLD_SIZE and LOCAL_RANK in its environment;
 `init_distributed()` joins the process group (NCCL on GPUs, gloo on CPU) and returns a `DistInfo` that the
@@ -24,10 +24,6 @@ class DistInfo:
     world_size: int
     local_rank: int
     backend: Literal["nccl", "gloo"]
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def device(self) -> str:
         """The device this rank trains on: its own GPU under NCCL, the CPU under gloo."""

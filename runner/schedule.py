@@ -1,4 +1,4 @@
-"""The learning-rate schedule and the clock projection that keys it to the deadline (DESIGN.md §3).
+"""The learning-rate schedule and the clock projection that keys it to the deadline (docs/design.md, Training).
 
 Pure Python, no torch, no clock: the training loop feeds it measured seconds.
 

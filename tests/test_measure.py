@@ -9,12 +9,9 @@ import pytest
 from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
 from oneday.planner.ladder import candidate_shapes
-from oneday.planner.measure import (
-    CPU_MAX_TOKENS_PER_MICRO_BATCH,
-    measure_order,
-    probe_throughput,
-)
+from oneday.planner.measure import measure_order, probe_throughput
 from oneday.planner.throughput import Measurement, fit_throughput
+from oneday.planner.timing import CPU_MAX_TOKENS_PER_MICRO_BATCH
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +119,7 @@ def test_cuda_micro_batch_search_simulated(monkeypatch: pytest.MonkeyPatch) -> N
     """The CUDA search on a simulated GPU: memory grows with the micro-batch, OOM past a hard limit."""
     import torch
 
-    from oneday.planner import measure
+    from oneday.planner import timing
 
     spec = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=512, seq_len=1024)
     state = {"peak": 0.0, "base": 2e9, "per": 1e9, "oom": 20e9}
@@ -142,7 +139,7 @@ def test_cuda_micro_batch_search_simulated(monkeypatch: pytest.MonkeyPatch) -> N
             pass
 
     def search(limit: float) -> tuple[int, str]:
-        return measure._cuda_micro_batch(
+        return timing.cuda_micro_batch(
             spec, step=step, batch=lambda m: m, optimizer=Optimizer(), memory_limit_bytes=int(limit),
             activation_bytes=2, deadline=float("inf"), clock=time.perf_counter,
         )
@@ -159,12 +156,12 @@ def test_cuda_micro_batch_search_simulated(monkeypatch: pytest.MonkeyPatch) -> N
     # nothing fits
     state.update(base=30e9, oom=20e9)
     assert search(15e9)[0] == 0
-    assert measure._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"))
-    assert not measure._is_oom(RuntimeError("shape mismatch"))
+    assert timing.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"))
+    assert not timing.is_oom(RuntimeError("shape mismatch"))
 
 
 def test_fastest_cpu_threads_measures_both_counts_and_picks_the_faster() -> None:
-    from oneday.planner.measure import fastest_cpu_threads
+    from oneday.planner.timing import fastest_cpu_threads
 
     spec = ModelSpec(n_layer=1, d_model=64, n_head=1, d_ff=192, vocab_size=256, seq_len=32)
     assert fastest_cpu_threads(spec, max_threads=1) == (1, {})
