@@ -92,7 +92,7 @@ def main() -> None:
         val_bpt = 4.0
         name = torch.cuda.get_device_name()
         try:
-            from oneday.planner.hardware import peak_flops
+            from oneday.devices import peak_flops
 
             found = peak_flops(name, "bf16")
         except Exception:

@@ -1,10 +1,9 @@
 """What machine are we on, and how many FLOP/s can it do at most?
 
 `probe_hardware` asks NVML (the `pynvml` module of nvidia-ml-py) about NVIDIA GPUs and torch about
-what it can drive; without a GPU or driver it describes the CPU. `peak_flops` reads the vendors'
-datasheets (dense, no sparsity) from `PEAK_FLOPS_TABLE`; `measure_peak_flops` times a large matmul
-for devices the table does not know (CPUs included). MFU is always computed against the figure for
-the device and dtype in use, never a single hard-coded GPU (nanoGPT issues #182/#464, DESIGN §3).
+what it can drive; without a GPU or driver it describes the CPU. `resolve_peak_flops` takes the device's
+peak for the run's dtype from the datasheet table in `oneday.devices`, or times a matmul where the table
+has no figure (CPUs included).
 
 torch is imported inside the functions that need it: importing this module stays cheap.
 """
@@ -15,27 +14,16 @@ import contextlib
 import logging
 import os
 import platform
-import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from oneday.devices import match_gpu, measure_peak_flops, normalize_dtype, peak_flops
 from oneday.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "PEAK_FLOPS_TABLE",
-    "GpuPeak",
-    "HardwareProbe",
-    "match_gpu",
-    "measure_peak_flops",
-    "normalize_dtype",
-    "peak_flops",
-    "probe_hardware",
-    "resolve_peak_flops",
-]
+__all__ = ["HardwareProbe", "probe_hardware", "resolve_peak_flops"]
 
 Device = Literal["cuda", "cpu"]
 T = TypeVar("T")
@@ -94,180 +82,18 @@ class HardwareProbe:
         return self.memory_bytes / 2**30
 
 
-# --------------------------------------------------------------------------------------------------
-# Peak FLOP/s table (dense; no 2:4 sparsity), per device
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GpuPeak:
-    """Datasheet peak FLOP/s of one GPU model by dtype (dense tensor-core figures for bf16/fp16/tf32,
-    CUDA-core figure for fp32). `pattern` is matched against the NVML name, case-insensitively."""
-
-    key: str
-    pattern: str
-    flops: dict[str, float]
-    source: str
 
 
-_H100_SXM = "NVIDIA H100 Tensor Core GPU datasheet (SXM5): dense = half the with-sparsity figures"
-_H100_NVL = "NVIDIA H100 NVL datasheet (2024, per GPU): dense = half the with-sparsity figures"
-_H200 = "NVIDIA H200 Tensor Core GPU datasheet: dense = half the with-sparsity figures"
-_A100 = "NVIDIA A100 Tensor Core GPU datasheet (40GB/80GB, SXM4 and PCIe): dense figures"
-_ADA_DC = "NVIDIA {} datasheet: dense = half the with-sparsity figures"
-_GEFORCE = (
-    "NVIDIA {} whitepaper, peak FP16/BF16 tensor TFLOPS with FP32 accumulate, dense "
-    "(GeForce cards run FP32-accumulate at half the FP16-accumulate rate)"
-)
-
-# Order matters: the first matching pattern wins (H100 NVL/PCIe before H100 SXM, L40S before L40
-# before L4, A100 before A10G before A10, ...).
-PEAK_FLOPS_TABLE: tuple[GpuPeak, ...] = (
-    GpuPeak("B200", r"\bB200\b", {"bf16": 2.25e15, "fp16": 2.25e15, "tf32": 1.1e15, "fp32": 75e12},
-            "NVIDIA HGX B200 datasheet (per GPU): dense = half the with-sparsity figures"),
-    GpuPeak("GH200", r"\bGH200\b", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
-            "NVIDIA GH200 Grace Hopper datasheet (H100 GPU): dense = half the with-sparsity figures"),
-    GpuPeak("H200 NVL", r"\bH200\b.*\bNVL\b", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
-            _H200 + " (H200 NVL column)"),
-    GpuPeak("H200 SXM", r"\bH200\b", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 67e12},
-            _H200 + " (H200 SXM column)"),
-    GpuPeak("H100 NVL", r"\bH100\b.*\bNVL\b", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
-            _H100_NVL),
-    GpuPeak("H100 PCIe", r"\bH100\b.*(\bPCIe\b|HBM2e)",
-            {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
-            "NVIDIA H100 Tensor Core GPU datasheet (PCIe): dense = half the with-sparsity figures"),
-    GpuPeak("H100 SXM", r"\bH100\b", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
-            _H100_SXM),
-    GpuPeak("A100", r"\bA100\b", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}, _A100),
-    GpuPeak("L40S", r"\bL40S\b", {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12},
-            _ADA_DC.format("L40S")),
-    GpuPeak("L40", r"\bL40\b", {"bf16": 181.05e12, "fp16": 181.05e12, "tf32": 90.5e12, "fp32": 90.5e12},
-            _ADA_DC.format("L40")),
-    GpuPeak("L4", r"\bL4\b", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
-            _ADA_DC.format("L4")),
-    GpuPeak("A10G", r"\bA10G\b", {"bf16": 70e12, "fp16": 70e12},
-            "AWS EC2 G5 (A10G) tensor figure as published by AWS; NVIDIA publishes no A10G datasheet "
-            "(its tensor rate is about half the A10's); tf32/fp32 are measured"),
-    GpuPeak("A10", r"\bA10\b", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
-            "NVIDIA A10 Tensor Core GPU datasheet: dense = half the with-sparsity figures"),
-    GpuPeak("RTX 6000 Ada", r"\bRTX 6000 Ada\b", {"bf16": 364.2e12, "fp16": 364.2e12, "tf32": 182.1e12,
-            "fp32": 91.1e12}, "NVIDIA RTX 6000 Ada Generation datasheet: dense = half the with-sparsity figures"),
-    GpuPeak("RTX A6000", r"\bRTX A6000\b", {"bf16": 154.8e12, "fp16": 154.8e12, "tf32": 77.4e12, "fp32": 38.7e12},
-            "NVIDIA RTX A6000 datasheet (309.7 TFLOPS tensor with sparsity): dense = half"),
-    GpuPeak("RTX 4090", r"\bRTX 4090\b(?!.*\bLaptop\b)(?!\s*D\b)",
-            {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12},
-            _GEFORCE.format("Ada Lovelace (AD102) architecture, GeForce RTX 4090")),
-    GpuPeak("RTX 3090", r"\bRTX 3090\b(?!\s*Ti\b)(?!.*\bLaptop\b)",
-            {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12},
-            _GEFORCE.format("Ampere GA102, GeForce RTX 3090")),
-    GpuPeak("V100 SXM2", r"\bV100\b.*\bSXM", {"fp16": 125e12, "fp32": 15.7e12},
-            "NVIDIA Tesla V100 datasheet (SXM2): tensor FP16 mixed precision; no bf16"),
-    GpuPeak("V100 PCIe", r"\bV100\b", {"fp16": 112e12, "fp32": 14e12},
-            "NVIDIA Tesla V100 datasheet (PCIe): tensor FP16 mixed precision; no bf16"),
-    GpuPeak("T4", r"\bT4\b", {"fp16": 65e12, "fp32": 8.1e12},
-            "NVIDIA T4 datasheet: FP16/FP32 mixed-precision tensor; no bf16"),
-)
-
-_DTYPE_ALIASES = {
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "torch.bfloat16": "bf16",
-    "fp16": "fp16",
-    "float16": "fp16",
-    "half": "fp16",
-    "torch.float16": "fp16",
-    "tf32": "tf32",
-    "fp32": "fp32",
-    "float32": "fp32",
-    "float": "fp32",
-    "torch.float32": "fp32",
-}
 
 
-def normalize_dtype(dtype: str) -> str:
-    """'bfloat16'/'bf16' → 'bf16', 'float16' → 'fp16', 'float32' → 'fp32', 'tf32' → 'tf32'."""
-    key = _DTYPE_ALIASES.get(str(dtype).strip().lower())
-    if key is None:
-        raise UserError(f"dtype {dtype!r}: expected one of bf16, fp16, tf32, fp32")
-    return key
 
 
-def match_gpu(name: str) -> GpuPeak | None:
-    """The table entry for an NVML device name ("NVIDIA H100 80GB HBM3" → H100 SXM), or None."""
-    for entry in PEAK_FLOPS_TABLE:
-        if re.search(entry.pattern, name, flags=re.IGNORECASE):
-            return entry
-    return None
 
 
-def peak_flops(name: str, dtype: str) -> tuple[float, str] | None:
-    """Datasheet peak dense FLOP/s of one device of this name for this dtype, with its source.
-
-    None when the device is unknown or the dtype has no tensor/CUDA-core figure (e.g. bf16 on V100/T4).
-    """
-    entry = match_gpu(name)
-    if entry is None:
-        return None
-    flops = entry.flops.get(normalize_dtype(dtype))
-    if flops is None:
-        return None
-    return flops, f"{entry.key} ({normalize_dtype(dtype)}, dense): {entry.source}"
 
 
-# --------------------------------------------------------------------------------------------------
-# Measurement fallback
-# --------------------------------------------------------------------------------------------------
-def measure_peak_flops(device: str, dtype: str, *, seconds: float = 1.0, size: int | None = None) -> float:
-    """Best achieved FLOP/s of a square matmul (2·n³ FLOPs each), timed for about `seconds`.
 
-    CPU: n = 1024 by default (fp32 unless told otherwise), best single matmul over the window.
-    CUDA: n = 8192 in the dtype, timed in batches of 10 between synchronizations; tf32 enables
-    TF32 matmuls for the measurement only. At least three timed repetitions after one warm-up.
-    This is an achievable rather than a datasheet peak, so MFU against it reads high.
-    """
-    import torch
 
-    key = normalize_dtype(dtype)
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: torch cannot use a CUDA GPU here")
-        n = size or 8192
-        inner = 10
-        prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = key == "tf32"
-
-        def sync() -> None:
-            torch.cuda.synchronize(device)
-    else:
-        n = size or 1024
-        inner = 1
-        prev_tf32 = None
-
-        def sync() -> None:
-            pass
-
-    try:
-        a = torch.randn(n, n, device=device, dtype=torch_dtype[key])
-        b = torch.randn(n, n, device=device, dtype=torch_dtype[key])
-        torch.matmul(a, b)  # warm-up
-        sync()
-        best = float("inf")
-        reps = 0
-        deadline = time.perf_counter() + seconds
-        while reps < 3 or time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                torch.matmul(a, b)
-            sync()
-            best = min(best, (time.perf_counter() - t0) / inner)
-            reps += 1
-            if reps >= 1000:
-                break
-    finally:
-        if prev_tf32 is not None:
-            torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    flops = 2.0 * n**3 / best
-    log.debug("measured %.3g FLOP/s on %s (%s, n=%d, %d reps)", flops, device, key, n, reps)
-    return flops
 
 
 def resolve_peak_flops(probe: HardwareProbe, dtype: str, *, seconds: float = 1.0) -> tuple[float, str]:

@@ -261,18 +261,10 @@ class RunData:
 
 
 def load_run_data(plan: Plan) -> RunData:
-    """The plan's prepared data (its key checked); a missing entry is a `UserError` saying how to make it."""
-    from oneday.data.prepare import load_prepared
+    """The plan's prepared data (its key checked; prepared again when the cache entry is missing)."""
+    from oneday.data.plan_data import load_plan_data
 
-    try:
-        data = load_prepared(plan.data.path)
-    except UserError as exc:
-        spec = plan.data.spec or plan.data.source
-        raise UserError(
-            f"data: {exc}; prepare it with `oneday data prepare --data {spec}` (or make a new plan)") from None
-    if data.key != plan.data.key:
-        raise UserError(f"data: {plan.data.path} holds data with key {data.key}, but the plan was made for "
-                        f"{plan.data.key}; make a new plan for this data")
+    data, _seconds = load_plan_data(plan.data)
     return RunData(train=data.train_array(), val=data.val_array(), val_bytes_per_token=data.val_bytes_per_token(),
                    eot_id=data.eot_id, vocab_size=data.vocab_size)
 

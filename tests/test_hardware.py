@@ -9,17 +9,10 @@ from collections import namedtuple
 
 import pytest
 
+from oneday.devices import match_gpu, measure_peak_flops, normalize_dtype, peak_flops
 from oneday.errors import UserError
 from oneday.planner import hardware
-from oneday.planner.hardware import (
-    HardwareProbe,
-    match_gpu,
-    measure_peak_flops,
-    normalize_dtype,
-    peak_flops,
-    probe_hardware,
-    resolve_peak_flops,
-)
+from oneday.planner.hardware import HardwareProbe, probe_hardware, resolve_peak_flops
 from tests.factories import no_gpu
 
 

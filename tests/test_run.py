@@ -23,7 +23,9 @@ import pytest
 
 from oneday.errors import UserError
 from oneday.plan import DataInfo, Plan, load_plan, save_plan
-from oneday.runner.run import RunPaths, prepare_run_dir, run_plan, sample_run
+from oneday.runner.run import run_plan
+from oneday.runner.run_dir import RunPaths, prepare_run_dir
+from oneday.runner.sample import sample_run
 from oneday.runner.summary import load_summary
 from oneday.tracking.recorder import read_metrics
 from tests.factories import make_plan
