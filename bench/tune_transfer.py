@@ -71,7 +71,7 @@ def _plan(prepared, *, spec: ModelSpec, steps: int, seconds: float, threads: int
 
 
 def _run(model: ModelSpec, plan: Plan, data, *, steps: int, lr: float | None = None, label: str) -> dict:
-    from oneday.studies.proxy import capped_loss, short_run
+    from oneday.studies.short_run import capped_loss, short_run
 
     train = replace(plan.train, max_steps=steps, planned_steps=steps, lr=lr if lr is not None else plan.train.lr)
     started = time.monotonic()
@@ -99,7 +99,8 @@ def main() -> None:
     import torch
 
     from oneday.data.prepare import prepare_data
-    from oneday.studies.proxy import load_run_data, measure_step, warm_up
+    from oneday.studies.proxy import measure_step, warm_up
+    from oneday.studies.short_run import load_run_data
     from oneday.studies.tune import tune_plan
 
     torch.set_num_threads(args.threads)

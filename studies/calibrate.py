@@ -1,4 +1,5 @@
-"""`oneday tune PLAN --calibrate`: fit the loss law's E, A, B to this data and tokenizer (DESIGN §6).
+"""`oneday tune PLAN --calibrate`: fit the loss law's E, A, B to this data and tokenizer
+(docs/design.md, Calibration).
 
 The planner predicts a final loss with a published law (Epoch AI 2024) whose absolute values belong to its
 own data and tokenizer. Calibration trains short runs of the plan's model family at two or three widths
@@ -42,15 +43,13 @@ from oneday.planner.laws import EPOCH_2024, LossLaw, fit_law_eab, lr_horizon_cor
 from oneday.studies.proxy import (
     ProxySpec,
     TrialParams,
-    capped_loss,
-    load_run_data,
     measure_step,
     min_trial_steps,
     proxy_model,
-    short_run,
     tokens_per_param,
     warm_up,
 )
+from oneday.studies.short_run import capped_loss, load_run_data, short_run
 
 log = logging.getLogger(__name__)
 

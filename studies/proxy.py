@@ -1,16 +1,14 @@
-"""μP proxies of a planned model, and one complete short training run on one of them (a trial).
+"""μP proxies of a planned model, and their sizing to a slice of the tuning budget.
 
 A proxy copies the planned model's depth, head size (d_head), sequence length, vocabulary and
 tokens-per-parameter ratio, and is narrower: fewer heads, d_model = k·d_head, d_ff scaled in proportion.
 It is built under μP (Yang et al. 2022, Tensor Programs V) with `mup_base_width` = its own width, so its
 width_mult is 1 and a base learning rate found on it means the same thing for any wider μP model with that
 base width: the tuned plan switches the target to `parametrization="mup"` with the same `mup_base_width`,
-and `models.build.param_groups` divides the hidden-matrix LR by width_mult = d_target / d_proxy (DESIGN §5).
+and `models.build.param_groups` divides the hidden-matrix LR by width_mult = d_target / d_proxy
+(docs/design.md, Tuning).
 
-Each trial is a complete short run with its own full schedule (warmup, stable, cooldown) keyed to the
-trial's own step count (`TrainSpec.max_steps`), never a prefix of a long run: losses read in the constant
-phase of a warmup-stable-decay schedule rank learning rates wrongly (Hägele et al. 2024). Step-keyed runs
-also make trials comparable when other work on the machine changes their speed.
+Each trial is a complete short run of the proxy (`oneday.studies.short_run`).
 
 Sizing (`size_proxy`). A trial must cost a fixed small slice of the tuning budget. The step time of the
 narrowest proxy is measured with a few real training steps (forward, backward, AdamW, in the run's dtype);
@@ -31,13 +29,10 @@ seconds, set from the measured step time) on a fixed validation slice shared by 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -46,6 +41,8 @@ from oneday.formats import human_count
 from oneday.models.spec import ModelSpec
 from oneday.plan import Plan, TrainSpec
 from oneday.planner.laws import lr_horizon_correction
+from oneday.runner import costs
+from oneday.studies.short_run import RunData, short_run
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +66,6 @@ EVAL_FRACTION_OF_TRIAL = 0.1
 
 class BudgetTooSmallError(UserError):
     """The tuning budget cannot pay for one trial."""
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The loss a diverged run reports
-
-
-def capped_loss(vocab_size: int) -> float:
-    """The value a diverged trial reports: ln(vocab) + 1 nats, one nat worse than a uniform prediction.
-
-    Reporting NaN would mark the trial FAIL and teach the sampler nothing; a large finite value tells it the
-    region is bad, without a value so large that it flattens the sampler's view of the good region.
-    """
-    return math.log(vocab_size) + 1.0
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -145,7 +129,7 @@ def proxy_widths(target: ModelSpec) -> list[int]:
 
 
 def tokens_per_param(plan: Plan) -> float:
-    """The plan's planned tokens per scaling parameter (non-embedding + head, DESIGN §3)."""
+    """The plan's planned tokens per scaling parameter (non-embedding + head)."""
     return plan.train.planned_tokens / plan.model.params_scaling()
 
 
@@ -181,18 +165,15 @@ class ProxySpec:
     def tokens_per_param(self) -> float:
         return self.tokens() / self.params()
 
-    def width_mult_to(self, d_model: int) -> float:
-        """width_mult of a μP model of width `d_model` with this proxy's width as base."""
-        return d_model / self.model.d_model
-
     def horizon_correction(self) -> float:
         """LR factor from the proxy's token horizon to the target's: (D_target / D_proxy)^−0.32
         (Bjorck et al., ICLR 2025)."""
         return lr_horizon_correction(float(self.tokens()), float(self.target_tokens))
 
     def eval_seconds(self) -> float:
-        """Estimated seconds of one evaluation (forward only, taken as half a training step per token)."""
-        return self.step_seconds * self.eval_tokens / self.batch_tokens() / 2.0
+        """Estimated seconds of one evaluation: a no-grad forward pass, `costs.FORWARD_SPEEDUP` times faster a
+        token than a training step (the runner's cost model)."""
+        return self.step_seconds * self.eval_tokens / self.batch_tokens() / costs.FORWARD_SPEEDUP
 
     def train_seconds(self, steps: int | None = None) -> float:
         return (self.steps if steps is None else steps) * self.step_seconds
@@ -243,196 +224,6 @@ class ProxySpec:
         raw["model"] = ModelSpec(**raw["model"])
         raw["notes"] = tuple(raw.get("notes", ()))
         return cls(**raw)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass(frozen=True)
-class RunData:
-    """The token arrays every short run of a plan trains and evaluates on."""
-
-    train: Any
-    val: Any
-    val_bytes_per_token: float
-    eot_id: int | None
-    vocab_size: int
-
-
-def load_run_data(plan: Plan) -> RunData:
-    """The plan's prepared data (its key checked; prepared again when the cache entry is missing)."""
-    from oneday.data.plan_data import load_plan_data
-
-    data, _seconds = load_plan_data(plan.data)
-    return RunData(train=data.train_array(), val=data.val_array(), val_bytes_per_token=data.val_bytes_per_token(),
-                   eot_id=data.eot_id, vocab_size=data.vocab_size)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# One short run
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """What one short run did. `value(cap)` is what a trial reports: the final validation loss, or `cap`
-    when the run diverged (never NaN)."""
-
-    final_loss: float | None
-    diverged: bool
-    stopped: bool  # ended early by the caller's stop event (pruning, interruption)
-    steps: int
-    tokens: int
-    wall_seconds: float
-    train_seconds: float
-    warmup_seconds: float
-    skipped_steps: int
-    evals: tuple[tuple[int, float], ...] = ()
-    reason: str = ""
-
-    def value(self, cap: float) -> float:
-        if self.diverged or self.final_loss is None or not math.isfinite(self.final_loss):
-            return cap
-        return min(self.final_loss, cap)
-
-    def step_seconds(self) -> float | None:
-        """Mean seconds of a timed step (the first step of a run is warm-up and not timed)."""
-        timed = self.steps - 1
-        return self.train_seconds / timed if timed > 0 and self.train_seconds > 0 else None
-
-
-class _Watch:
-    """Observer around the caller's: ends the run (sets `stop`) as soon as it diverges: a training window
-    whose losses were all non-finite, or a train/val loss above the cap (worse than uniform by a nat)."""
-
-    def __init__(self, inner: Any, *, cap: float, stop: threading.Event) -> None:
-        self.inner = inner
-        self.cap = cap
-        self.stop = stop
-        self.diverged = False
-        self.reason = ""
-        self.evals: list[tuple[int, float]] = []
-
-    def _diverge(self, why: str) -> None:
-        if not self.diverged:
-            self.diverged, self.reason = True, why
-            self.stop.set()
-
-    def on_start(self, *, step: int, tokens: int, resumed: bool) -> None:
-        if self.inner is not None and hasattr(self.inner, "on_start"):
-            self.inner.on_start(step=step, tokens=tokens, resumed=resumed)
-
-    def on_step(self, record: Any) -> None:
-        if not math.isfinite(record.loss):
-            self._diverge(f"non-finite training loss by step {record.step}")
-        elif record.loss > self.cap:
-            self._diverge(f"training loss {record.loss:.2f} above {self.cap:.2f} at step {record.step}")
-        if self.inner is not None and hasattr(self.inner, "on_step"):
-            self.inner.on_step(record)
-
-    def on_eval(self, record: Any) -> None:
-        if math.isfinite(record.val_loss):
-            self.evals.append((record.step, float(record.val_loss)))
-        if not math.isfinite(record.val_loss) or record.val_loss > self.cap:
-            self._diverge(f"validation loss {record.val_loss:.3g} at step {record.step}")
-        if self.inner is not None and hasattr(self.inner, "on_eval") and not self.diverged:
-            self.inner.on_eval(record)
-
-    def on_event(self, kind: str, message: str, *, step: int) -> None:
-        if self.inner is not None and hasattr(self.inner, "on_event"):
-            self.inner.on_event(kind, message, step=step)
-
-
-@contextlib.contextmanager
-def _quiet_loop() -> Iterator[None]:
-    """The loop logs every skipped step as a warning; in a trial a diverging LR is an expected outcome that
-    the trial reports itself, so those lines are kept down to errors while it runs."""
-    logger = logging.getLogger("oneday.runner.loop")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def short_run(
-    model_spec: ModelSpec,
-    train_spec: TrainSpec,
-    data: RunData,
-    *,
-    cap: float,
-    observer: Any = None,
-    stop: threading.Event | None = None,
-    peak_flops: float = 1e12,
-    clock: Callable[[], float] = time.monotonic,
-) -> RunOutcome:
-    """Build `model_spec` and train it for `train_spec.max_steps` steps with the runner's loop; return what
-    happened. Divergence (non-finite or above-`cap` losses, or the loop's `DivergedError`) ends the run early
-    and is reported as `diverged`, not raised. Setting `stop` ends it early too (`stopped`)."""
-    import torch
-
-    from oneday.models.build import build_model, param_groups
-    from oneday.runner.checkpoint import CheckpointStore
-    from oneday.runner.loop import DivergedError, train
-
-    if train_spec.max_steps is None:
-        raise ValueError("short_run needs a step-keyed TrainSpec (max_steps)")
-    started = clock()
-    own_stop = threading.Event()
-    watch = _Watch(observer, cap=cap, stop=own_stop)
-
-    def relay() -> None:  # the caller's stop (pruning, Ctrl-C) also ends the run
-        if stop is not None:
-            while not own_stop.is_set():
-                if stop.wait(0.05):
-                    own_stop.set()
-                    return
-
-    relay_thread = threading.Thread(target=relay, name="oneday-trial-stop", daemon=True)
-    relay_thread.start()
-    device = train_spec.device
-    if device == "cpu" and train_spec.threads:
-        torch.set_num_threads(train_spec.threads)
-    torch.manual_seed(train_spec.seed)
-    model = build_model(model_spec, seed=train_spec.seed, eos_token_id=data.eot_id, device=device)
-    groups = param_groups(model, model_spec, lr=train_spec.lr, weight_decay=train_spec.weight_decay)
-    try:
-        with tempfile.TemporaryDirectory(prefix="oneday-trial-") as tmp, _quiet_loop():
-            store = CheckpointStore(tmp, keep=1)
-            try:
-                result = train(
-                    model=model, param_groups=groups, spec=train_spec, train_tokens=data.train, val_tokens=data.val,
-                    val_bytes_per_token=data.val_bytes_per_token, checkpoints=store, deadline=clock() + 1e9,
-                    flops_per_token=model_spec.flops_per_token(), peak_flops=peak_flops, clock=clock,
-                    observer=watch, device=device, stop=own_stop, log_every=5,
-                )
-            except DivergedError as exc:
-                return RunOutcome(final_loss=None, diverged=True, stopped=False, steps=0, tokens=0,
-                                  wall_seconds=clock() - started, train_seconds=0.0, warmup_seconds=0.0,
-                                  skipped_steps=0, evals=tuple(watch.evals), reason=str(exc))
-    finally:
-        own_stop.set()
-        relay_thread.join(1.0)
-    stopped_by_caller = result.interrupted and not watch.diverged
-    skipped_most = result.steps > 0 and result.skipped_steps * 2 > result.steps
-    diverged = watch.diverged or skipped_most or (
-        result.final_val_loss is not None and not math.isfinite(result.final_val_loss))
-    reason = watch.reason or (f"{result.skipped_steps} of {result.steps} steps skipped (non-finite)"
-                              if skipped_most else "")
-    return RunOutcome(
-        final_loss=None if result.final_val_loss is None else float(result.final_val_loss),
-        diverged=diverged,
-        stopped=stopped_by_caller,
-        steps=result.steps,
-        tokens=result.tokens,
-        wall_seconds=clock() - started,
-        train_seconds=result.train_seconds,
-        warmup_seconds=result.warmup_seconds,
-        skipped_steps=result.skipped_steps,
-        evals=tuple(watch.evals),
-        reason=reason,
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -496,7 +287,7 @@ def measure_step(
                             threads=threads)
     outcome = short_run(model, spec, data, cap=math.inf, clock=clock)
     step = outcome.step_seconds() or max(outcome.wall_seconds / MEASURE_STEPS, 1e-4)
-    eval_s = step * eval_tokens / train.tokens_per_step() / 2.0
+    eval_s = step * eval_tokens / train.tokens_per_step() / costs.FORWARD_SPEEDUP
     overhead = max(0.0, outcome.wall_seconds - (MEASURE_STEPS - 1) * step - eval_s)
     log.debug("measured %s: %.4f s/step, %.2f s overhead", model.d_model, step, overhead)
     return _Timing(step, overhead)
@@ -556,7 +347,7 @@ def size_proxy(
     if not fitting:
         # Even the narrowest is too dear at the plan's tokens per parameter: shorten its horizon.
         base = build(widths[0], timing0)
-        per_step = base.step_seconds * (1.0 + EVALS_PER_TRIAL * base.eval_tokens / B / 2.0 / base.steps)
+        per_step = base.step_seconds + EVALS_PER_TRIAL * base.eval_seconds() / base.steps
         steps = int((slice_seconds - base.overhead_seconds) / per_step) if per_step > 0 else 0
         fewest = min_trial_steps(plan)
         if steps < fewest:
@@ -631,20 +422,15 @@ __all__ = [
     "MIN_TRIAL_STEPS",
     "BudgetTooSmallError",
     "ProxySpec",
-    "RunData",
-    "RunOutcome",
     "TrialParams",
-    "capped_loss",
     "check_model",
     "check_seconds",
     "check_width",
-    "load_run_data",
     "measure_step",
     "min_trial_steps",
     "proxy_model",
     "proxy_steps",
     "proxy_widths",
-    "short_run",
     "size_proxy",
     "tokens_per_param",
     "warm_up",

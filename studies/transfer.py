@@ -49,8 +49,10 @@ from oneday import __version__
 from oneday.errors import UserError
 from oneday.formats import jsonable
 from oneday.plan import Plan, save_plan
-from oneday.studies.proxy import CHECK_MULTIPLIERS, RunData, TrialParams, check_model, short_run
-from oneday.studies.tune import StudySettings, TransferCheck, TrialResult, TuneResult
+from oneday.studies.proxy import CHECK_MULTIPLIERS, TrialParams, check_model
+from oneday.studies.results import TransferCheck, TrialResult, TuneResult
+from oneday.studies.short_run import RunData, short_run
+from oneday.studies.study import StudySettings
 from oneday.tracking.plots import plot_history, plot_lr_vs_loss
 from oneday.tracking.study import TAG_STAGE, TAG_TRIAL_STATE, StudyTracker
 

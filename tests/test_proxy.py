@@ -39,13 +39,13 @@ def test_proxy_spec_numbers_and_round_trip():
                      target_params=target.params_scaling(), target_tokens=256_000, notes=("n",))
     assert spec.batch_tokens() == 256 and spec.tokens() == 12_800
     assert spec.horizon_correction() == pytest.approx((256_000 / 12_800) ** -0.32)
-    assert spec.width_mult_to(128) == 2.0
-    assert spec.trial_seconds() == pytest.approx(0.5 + 50 * 0.02 + 4 * 0.02 * 512 / 256 / 2)
+    # an evaluation is a no-grad forward pass: FORWARD_SPEEDUP (3) times cheaper a token than a step (runner.costs)
+    assert spec.trial_seconds() == pytest.approx(0.5 + 50 * 0.02 + 4 * 0.02 * 512 / 256 / 3)
     assert ProxySpec.from_dict(spec.to_dict()) == spec
 
 
 def test_capped_loss_is_a_nat_above_uniform():
-    from oneday.studies.proxy import RunOutcome, capped_loss
+    from oneday.studies.short_run import RunOutcome, capped_loss
 
     assert capped_loss(512) == pytest.approx(math.log(512) + 1)
     nan_run = RunOutcome(final_loss=math.nan, diverged=False, stopped=False, steps=3, tokens=1, wall_seconds=1,
@@ -56,7 +56,8 @@ def test_capped_loss_is_a_nat_above_uniform():
 
 
 def test_size_proxy_fits_the_slice_and_refuses_a_slice_too_small(prepared):
-    from oneday.studies.proxy import MIN_TRIAL_STEPS, BudgetTooSmallError, load_run_data, size_proxy
+    from oneday.studies.proxy import MIN_TRIAL_STEPS, BudgetTooSmallError, size_proxy
+    from oneday.studies.short_run import load_run_data
 
     plan = tiny_plan(prepared, d_model=96, n_head=3)  # proxies 32 and 64 wide
     data = load_run_data(plan)
@@ -78,7 +79,8 @@ def test_size_proxy_fits_the_slice_and_refuses_a_slice_too_small(prepared):
 
 
 def test_a_trial_trains_the_minimum_steps_but_never_more_than_the_target(prepared):
-    from oneday.studies.proxy import MIN_TRIAL_STEPS, load_run_data, min_trial_steps, size_proxy
+    from oneday.studies.proxy import MIN_TRIAL_STEPS, min_trial_steps, size_proxy
+    from oneday.studies.short_run import load_run_data
 
     long = tiny_plan(prepared, proxy_steps=24)  # tokens per parameter would give the proxy 24 steps: lifted
     assert long.train.planned_steps > MIN_TRIAL_STEPS
@@ -90,7 +92,8 @@ def test_a_trial_trains_the_minimum_steps_but_never_more_than_the_target(prepare
 
 
 def test_a_budget_for_few_trials_says_how_much_would_do(prepared, caplog, monkeypatch):
-    from oneday.studies import proxy, tune
+    from oneday.studies import proxy, study
+    from oneday.studies.short_run import load_run_data
 
     # Fixed step times (a width's cost in proportion to its d_model) and a clock that never moves: the sizing
     # is arithmetic, not a race against this machine's load.
@@ -99,21 +102,21 @@ def test_a_budget_for_few_trials_says_how_much_would_do(prepared, caplog, monkey
 
     monkeypatch.setattr(proxy, "warm_up", lambda *args, **kwargs: None)
     monkeypatch.setattr(proxy, "measure_step", fake_measure)
-    monkeypatch.setattr(tune, "measure_step", fake_measure)
+    monkeypatch.setattr(study, "measure_step", fake_measure)
     plan = tiny_plan(prepared)
-    data = proxy.load_run_data(plan)
+    data = load_run_data(plan)
 
     def decide(hours: float):
-        return tune._decide(plan, data, trials=None, hours=hours, seed=0, beta2=False, weight_decay=False,
+        return study._decide(plan, data, trials=None, hours=hours, seed=0, beta2=False, weight_decay=False,
                             schedule="auto", clock=lambda: 0.0)
 
     roomy = decide(1.0)
-    assert roomy.n_trials >= tune.FEW_TRIALS and "too few" not in caplog.text
+    assert roomy.n_trials >= study.FEW_TRIALS and "too few" not in caplog.text
     # a budget that pays for the transfer check and three and a half trials
     per_trial, check = roomy.proxy.trial_seconds(), 1.1 * roomy.check_seconds
     budget = check + 3.5 * per_trial
-    if tune.CHECK_SHARE * budget > check:
-        budget = 3.5 * per_trial / (1 - tune.CHECK_SHARE)
+    if study.CHECK_SHARE * budget > check:
+        budget = 3.5 * per_trial / (1 - study.CHECK_SHARE)
     tight = decide(budget / 3600)
     assert tight.proxy.steps == roomy.proxy.steps and tight.n_trials == 3
     assert "pays for only 3 trials" in caplog.text and "too few to search; about --hours" in caplog.text
@@ -121,8 +124,9 @@ def test_a_budget_for_few_trials_says_how_much_would_do(prepared, caplog, monkey
 
 def test_short_run_trains_and_reports_divergence(prepared, monkeypatch):
     from oneday.runner.faults import INJECT_NAN_ENV
-    from oneday.studies.proxy import TrialParams, capped_loss, load_run_data, proxy_model, short_run
-    from oneday.studies.tune import StudySettings  # noqa: F401  (the module imports cleanly)
+    from oneday.studies.proxy import TrialParams, proxy_model
+    from oneday.studies.short_run import capped_loss, load_run_data, short_run
+    from oneday.studies.tune import tune_plan  # noqa: F401  (the module imports cleanly)
 
     plan = tiny_plan(prepared)
     data = load_run_data(plan)

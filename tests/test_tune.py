@@ -36,13 +36,13 @@ def tuned(prepared, tmp_path_factory):
 def _study(tuned):
     import optuna
 
-    from oneday.studies.tune import open_storage
+    from oneday.studies.storage import open_storage
 
     return optuna.load_study(study_name=tuned["result"].study, storage=open_storage(tuned["result"].storage))
 
 
 def test_tuned_plan_validates_and_trains(tuned, prepared):
-    from oneday.studies.proxy import capped_loss, load_run_data, short_run
+    from oneday.studies.short_run import capped_loss, load_run_data, short_run
 
     result = tuned["result"]
     plan = load_plan(result.out)
@@ -150,7 +150,7 @@ def test_schedule_rule_and_search_space():
     import optuna
 
     from oneday.studies.proxy import TrialParams
-    from oneday.studies.tune import SearchSpace, schedule_rule
+    from oneday.studies.space import SearchSpace, schedule_rule
 
     assert schedule_rule(30, 97)[0] is False and "do not carry over" in schedule_rule(30, 97)[1]
     assert schedule_rule(50, 97)[0] is True
@@ -173,8 +173,8 @@ def test_fitted_lr_reads_the_vertex_and_refuses_bad_fits():
     import math
 
     from oneday.studies.proxy import TrialParams
+    from oneday.studies.results import TrialResult
     from oneday.studies.transfer import fitted_lr
-    from oneday.studies.tune import TrialResult
 
     def trial(n, lr, value, state="complete"):
         return TrialResult(number=n, state=state, params=TrialParams(lr=lr, warmup_fraction=0.1,
@@ -195,9 +195,11 @@ def test_fitted_lr_reads_the_vertex_and_refuses_bad_fits():
 def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(prepared, tmp_path, monkeypatch):
     import optuna
 
+    from oneday.studies import trials as trials_module
     from oneday.studies import tune as tune_module
+    from oneday.studies.storage import open_storage
 
-    real = tune_module.short_run
+    real = trials_module.short_run
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -206,10 +208,10 @@ def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(prepared, tmp_pa
             raise RuntimeError("simulated crash inside a trial")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "short_run", flaky)
+    monkeypatch.setattr(trials_module, "short_run", flaky)
     plan_path = write_plan(tiny_plan(prepared, name="flaky"), tmp_path)
     result = tune_module.tune_plan(plan_path, trials=2, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    study = optuna.load_study(study_name=result.study, storage=tune_module.open_storage(result.storage))
+    study = optuna.load_study(study_name=result.study, storage=open_storage(result.storage))
     states = [t.state.name for t in study.trials]
     assert states.count("FAIL") == 1
     assert states.count("COMPLETE") + states.count("PRUNED") == 2
@@ -222,8 +224,9 @@ def test_every_trial_diverging_keeps_the_default_lr(prepared, tmp_path, monkeypa
     import optuna
 
     from oneday.runner.faults import INJECT_NAN_ENV
-    from oneday.studies.proxy import capped_loss
-    from oneday.studies.tune import open_storage, tune_plan
+    from oneday.studies.short_run import capped_loss
+    from oneday.studies.storage import open_storage
+    from oneday.studies.tune import tune_plan
 
     monkeypatch.setenv(INJECT_NAN_ENV, "1-")
     plan = tiny_plan(prepared, name="nan")
@@ -248,9 +251,11 @@ def test_every_trial_diverging_keeps_the_default_lr(prepared, tmp_path, monkeypa
 def test_an_interrupted_tune_marks_its_trial_failed_and_a_restart_continues(prepared, tmp_path, monkeypatch):
     import optuna
 
+    from oneday.studies import trials as trials_module
     from oneday.studies import tune as tune_module
+    from oneday.studies.storage import open_storage
 
-    real = tune_module.short_run
+    real = trials_module.short_run
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -259,14 +264,14 @@ def test_an_interrupted_tune_marks_its_trial_failed_and_a_restart_continues(prep
             raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, which the tuner turns into one) during trial 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "short_run", interrupted)
+    monkeypatch.setattr(trials_module, "short_run", interrupted)
     plan_path = write_plan(tiny_plan(prepared, name="interrupted"), tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(KeyboardInterrupt):
         tune_module.tune_plan(plan_path, trials=2, tracking_uri=uri)
-    monkeypatch.setattr(tune_module, "short_run", real)
+    monkeypatch.setattr(trials_module, "short_run", real)
     result = tune_module.tune_plan(plan_path, trials=2, tracking_uri=uri)
-    study = optuna.load_study(study_name=result.study, storage=tune_module.open_storage(result.storage))
+    study = optuna.load_study(study_name=result.study, storage=open_storage(result.storage))
     states = [t.state.name for t in study.trials]
     assert states[:2] == ["COMPLETE", "FAIL"] and len(states) == 3 and states[2] in ("COMPLETE", "PRUNED")
     assert load_plan(result.out).provenance.tuning["trials"]["failed"] == 1

@@ -83,7 +83,7 @@ _STORAGES: dict[str, object] = {}
 def _study(storage: Path | str, name: str):
     import optuna
 
-    from oneday.studies.tune import open_storage
+    from oneday.studies.storage import open_storage
 
     if str(storage) not in _STORAGES:
         _STORAGES[str(storage)] = open_storage(str(storage))
@@ -172,7 +172,7 @@ def test_the_trial_table_ends_its_line_in_a_log_file(capsys):
     """Off a terminal rich leaves the live table's last line open; what follows must start a line of its own."""
     from oneday.commands.tune import TrialView
     from oneday.studies.proxy import TrialParams
-    from oneday.studies.tune import TrialResult
+    from oneday.studies.results import TrialResult
 
     view = TrialView()
     params = TrialParams(lr=3e-3, warmup_fraction=0.1, cooldown_fraction=0.2)

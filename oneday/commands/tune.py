@@ -147,7 +147,7 @@ def tune(
         _calibrate(plan, hours=hours, out=out, tracking_uri=tracking_uri)
         return
     from oneday.plan import load_plan
-    from oneday.studies.tune import check_budget_args
+    from oneday.studies.study import check_budget_args
 
     check_budget_args(trials=trials, hours=hours)
     load_plan(plan)  # a plan that fails validation stops here, before anything is drawn

@@ -1,0 +1,127 @@
+"""Where a study lives, and which of its trials belong to processes that died.
+
+By default a journal file beside the plan (`<plan>.tune.journal`, Optuna's `JournalFileBackend`: appends under a
+file lock, so several local processes share it safely). `--storage` takes an RDB URL (`postgresql://…`,
+`mysql://…`, `sqlite:///…`) or a journal file path; an RDB storage also runs Optuna's heartbeat (60 s, stale after
+180 s), which fails the trials of dead workers on other machines. A trial whose process died on this host
+(killed, power loss) stays RUNNING in the storage: every start marks such trials FAIL (`fail_dead_trials`: host,
+pid and process start time are trial attributes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from oneday.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 60
+GRACE_SECONDS = 180
+HOST = socket.gethostname()
+
+
+def default_storage(plan_path: Path) -> str:
+    """The journal file beside the plan: `plan.json` -> `plan.tune.journal`."""
+    return str(plan_path.with_name(f"{plan_path.stem}.tune.journal").resolve())
+
+
+def _is_url(storage: str) -> bool:
+    return "://" in storage
+
+
+def describe_storage(storage: str) -> str:
+    """The storage as recorded in a plan: a URL with its password hidden, or the journal file's path."""
+    if not _is_url(storage):
+        return str(Path(storage).expanduser().resolve())
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:
+        return storage.split("@")[-1] if "@" in storage else storage
+
+
+def open_storage(storage: str) -> BaseStorage:
+    """An Optuna storage for `storage` (RDB URL or journal file path); a `UserError` (one line) when it
+    cannot be opened: no driver, no server, a bad URL, a folder that does not exist."""
+    shown = describe_storage(storage)
+    if not _is_url(storage):
+        path = Path(storage).expanduser()
+        if not path.parent.is_dir():
+            raise UserError(f"--storage {shown}: the folder {path.parent} does not exist")
+        if path.is_dir():
+            raise UserError(f"--storage {shown}: is a folder; give a journal file name or an RDB URL")
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise UserError(f"--storage {shown}: cannot open the journal file ({exc.strerror or exc})") from None
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if storage.startswith(("postgresql", "mysql")):
+        engine_kwargs["connect_args"] = {"connect_timeout": 5}
+    try:
+        with warnings.catch_warnings():  # heartbeat_interval is "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                              grace_period=GRACE_SECONDS)
+    except ModuleNotFoundError as exc:
+        raise UserError(f"--storage {shown}: the database driver is not installed ({exc}); install it, e.g. "
+                        "`pip install psycopg2-binary` for PostgreSQL") from None
+    except Exception as exc:
+        raise UserError(f"--storage {shown}: cannot open the study storage ({first_line(exc)})") from None
+
+
+def process_start_ticks(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, ticks: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if ticks is not None:
+        now = process_start_ticks(pid)
+        if now is not None and now != ticks:
+            return False  # the pid was reused by another process
+    return True
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials whose process (on this host) is gone as FAIL; their numbers."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        pid = attrs.get("pid")
+        if attrs.get("host") != HOST or not isinstance(pid, int) or pid == os.getpid():
+            continue
+        if _alive(pid, attrs.get("pid_start")):
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "error", "its process died (killed or crashed)")
+            if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+    if failed:
+        log.warning("marked trial(s) %s as failed: their process is gone", ", ".join(map(str, failed)))
+    return failed
+
+
+__all__ = ["HOST", "default_storage", "describe_storage", "fail_dead_trials", "open_storage", "process_start_ticks"]
