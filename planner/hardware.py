@@ -78,9 +78,6 @@ class HardwareProbe:
     torch_cuda_available: bool = False
     cpu_name: str | None = None
 
-    def memory_gib(self) -> float:
-        return self.memory_bytes / 2**30
-
 
 
 
@@ -283,10 +280,18 @@ def _nvml_probe() -> tuple[dict[str, Any] | None, str]:
             pynvml.nvmlShutdown()
 
 
+def _host(torch_info: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The fields every probe has, whatever the device: the host CPU and what torch is."""
+    cpu_name, flags = _cpu_info()
+    return dict(torch_version=torch_info["torch_version"], cpu_cores=_cpu_cores(),
+                torch_threads=torch_info["torch_threads"], cpu_flags=flags, notes=tuple(notes),
+                torch_cuda_version=torch_info["torch_cuda_version"],
+                torch_cuda_available=bool(torch_info["cuda_available"]), cpu_name=cpu_name)
+
+
 def _cpu_probe(notes: list[str], torch_info: dict[str, Any]) -> HardwareProbe:
     cpu_name, flags = _cpu_info()
     total, available = _host_memory()
-    cores = _cpu_cores()
     native_bf16 = bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
     if not native_bf16:
         notes.append("This CPU has no native bf16 matmul (no AVX-512 BF16 or AMX): fp32 is the fast dtype here.")
@@ -302,14 +307,7 @@ def _cpu_probe(notes: list[str], torch_info: dict[str, Any]) -> HardwareProbe:
         cuda_version=None,
         compute_capability=None,
         bf16_supported=native_bf16,
-        torch_version=torch_info["torch_version"],
-        cpu_cores=cores,
-        torch_threads=torch_info["torch_threads"],
-        cpu_flags=flags,
-        notes=tuple(notes),
-        torch_cuda_version=torch_info["torch_cuda_version"],
-        torch_cuda_available=bool(torch_info["cuda_available"]),
-        cpu_name=cpu_name,
+        **_host(torch_info, notes),
     )
 
 
@@ -365,7 +363,6 @@ def probe_hardware(device: str = "auto") -> HardwareProbe:
         notes.append(f"{gpu['name']} has no bf16 tensor cores: use fp16 with loss scaling, or fp32.")
     if match_gpu(gpu["name"]) is None:
         notes.append(f"{gpu['name']} is not in the peak FLOP/s table: its peak will be measured.")
-    cpu_name, flags = _cpu_info()
     return HardwareProbe(
         device="cuda",
         name=gpu["name"],
@@ -378,12 +375,5 @@ def probe_hardware(device: str = "auto") -> HardwareProbe:
         cuda_version=gpu["cuda"],
         compute_capability=capability,
         bf16_supported=bool(bf16),
-        torch_version=torch_info["torch_version"],
-        cpu_cores=_cpu_cores(),
-        torch_threads=torch_info["torch_threads"],
-        cpu_flags=flags,
-        notes=tuple(notes),
-        torch_cuda_version=torch_info["torch_cuda_version"],
-        torch_cuda_available=bool(torch_info["cuda_available"]),
-        cpu_name=cpu_name,
+        **_host(torch_info, notes),
     )

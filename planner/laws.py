@@ -43,7 +43,7 @@ class LossLaw:
 
     The absolute losses belong to the data and tokenizer the law was fitted on; the location of the
     optimum is what transfers. `calibrated()` (or `dataclasses.replace`) carries a law whose E, A, B
-    were refitted on the user's data with α, β fixed (see `fit_law_eab`, DESIGN section 6).
+    were refitted on the user's data with α, β fixed (see `fit_law_eab`; docs/design.md, Calibration).
     """
 
     E: float
@@ -72,7 +72,7 @@ class LossLaw:
         return n_opt, (c_flops / 6.0) / n_opt
 
     def calibrated(self, *, E: float, A: float, B: float, source: str, name: str | None = None) -> LossLaw:
-        """This law with E, A, B replaced (α, β kept): the result of a calibration fit (DESIGN §6)."""
+        """This law with E, A, B replaced (α, β kept): the result of a calibration fit (docs/design.md, Calibration)."""
         return replace(self, E=E, A=A, B=B, source=source, name=name or f"{self.name}-calibrated")
 
 
@@ -145,7 +145,7 @@ def fit_law_eab(
     beta: float = EPOCH_2024.beta,
     base: LossLaw = EPOCH_2024,
 ) -> LossLaw:
-    """Fit E, A, B of L = E + A/N^α + B/D^β to (n, d, loss) points with α, β fixed (DESIGN §6).
+    """Fit E, A, B of L = E + A/N^α + B/D^β to (n, d, loss) points with α, β fixed (docs/design.md, Calibration).
 
     With α, β fixed the law is linear in (E, A, B): loss = E·1 + A·N^−α + B·D^−β. It is solved as
     non-negative least squares (E, A, B ≥ 0, the only physically meaningful region) exactly, by

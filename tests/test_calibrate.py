@@ -17,7 +17,7 @@ def prepared(tmp_path_factory):
 
 
 def test_calibration_writes_what_the_planner_reads(prepared, tmp_path):
-    from oneday.planner.make import load_calibration
+    from oneday.planner.calibration import load_calibration
     from oneday.studies.calibrate import HORIZON_FRACTIONS, calibrate_plan
 
     # 4 heads of 16: calibration widths 16, 32, 64 (budget permitting)

@@ -23,7 +23,7 @@ from oneday.planner.laws import (
 
 @pytest.mark.parametrize("law", [EPOCH_2024, HOFFMANN_2022], ids=lambda law: law.name)
 def test_compute_optimal_at_1e18_matches_design(law: LossLaw) -> None:
-    # DESIGN §3: at 1e18 FLOPs both fits give N ≈ 8.0e7, D ≈ 2.07e9.
+    # At 1e18 FLOPs both fits give N ≈ 8.0e7, D ≈ 2.07e9 (docs/design.md, Planning rules).
     n, d = law.compute_optimal(1e18)
     assert n == pytest.approx(8.0e7, rel=0.01)
     assert d == pytest.approx(2.07e9, rel=0.01)

@@ -13,12 +13,10 @@ import pytest
 from oneday.errors import UserError
 from oneday.paths import check_output_path
 from oneday.plan import Plan, load_plan, save_plan
-from oneday.planner import make
-from oneday.planner.make import (
-    default_plan_name,
-    load_calibration,
-    make_plan,
-)
+from oneday.planner.budget import plan_cadence
+from oneday.planner.calibration import load_calibration
+from oneday.planner.make import default_plan_name, make_plan
+from oneday.planner.policy import Setup
 from tests.factories import no_gpu
 
 DATA = "builtin:pydoc"
@@ -159,7 +157,7 @@ def test_seq_len_longer_than_the_data(tmp_path_factory: pytest.TempPathFactory) 
 # --------------------------------------------------------------------------------------------------
 def test_default_names() -> None:
     assert default_plan_name("builtin:pydoc", budget_seconds=600, params_total=2_470_000) == "pydoc-10m-2.47M"
-    assert default_plan_name("../shared/data", budget_seconds=86400, params_total=124_000_000) == "data-24h-124M"
+    assert default_plan_name("../corpora/data", budget_seconds=86400, params_total=124_000_000) == "data-24h-124M"
     assert default_plan_name("hf:roneneldan/TinyStories", budget_seconds=5400, params_total=9e8) == (
         "TinyStories-1.5h-900M"
     )
@@ -242,17 +240,17 @@ def test_cadence_rules() -> None:
     from oneday.models.spec import ModelSpec
 
     spec = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=512, seq_len=256)
-    setup = make._Setup(device="cpu", dtype="fp32", compile=False, threads=1, memory_limit_bytes=1 << 30,
+    setup = Setup(device="cpu", dtype="fp32", compile=False, threads=1, memory_limit_bytes=1 << 30,
                         probe_seconds=12)
-    c = make._cadence(spec, setup=setup, budget_seconds=600, val_tokens=100_000, forward_tokens_per_s=1e5,
+    c = plan_cadence(spec, setup=setup, budget_seconds=600, val_tokens=100_000, forward_tokens_per_s=1e5,
                       compile_seconds=0)
     assert c.eval_every == 30 and c.eval_count == 20 and c.eval_tokens == 2**16
     assert c.checkpoint_every == 60 and c.checkpoint_count == 10
-    day = make._cadence(spec, setup=setup, budget_seconds=86400, val_tokens=10**7, forward_tokens_per_s=1e5,
+    day = plan_cadence(spec, setup=setup, budget_seconds=86400, val_tokens=10**7, forward_tokens_per_s=1e5,
                         compile_seconds=0)
     assert day.eval_every == 86400 / 40 and day.checkpoint_every == 1800
     # a slow device: smaller evaluations first, then fewer of them, within 5% of the budget
-    slow = make._cadence(spec, setup=setup, budget_seconds=600, val_tokens=100_000, forward_tokens_per_s=200,
+    slow = plan_cadence(spec, setup=setup, budget_seconds=600, val_tokens=100_000, forward_tokens_per_s=200,
                          compile_seconds=0)
     assert slow.eval_tokens == 8 * 257
     assert slow.eval_count * slow.eval_each <= 0.05 * 600 + slow.eval_each

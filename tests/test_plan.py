@@ -70,6 +70,20 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         load_plan(_write(tmp_path, raw))
 
 
+def test_version_1_plans_still_load(tmp_path: Path) -> None:
+    """Version 1 stored `train.reserve_seconds`; version 2 derives it (budget − training time)."""
+    plan = make_plan()
+    raw = plan.to_dict()
+    raw["schema_version"] = 1
+    raw["train"]["reserve_seconds"] = plan.train.budget_seconds - plan.train.train_seconds
+    loaded = load_plan(_write(tmp_path, raw))
+    assert loaded == plan and loaded.schema_version == SCHEMA_VERSION == 2
+    assert loaded.train.reserve_seconds() == pytest.approx(10.0)
+    raw["schema_version"] = 2  # in version 2 the key is unknown
+    with pytest.raises(PlanError, match=r"train\.reserve_seconds: unknown key"):
+        load_plan(_write(tmp_path, raw))
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such plan file"):
         load_plan(tmp_path / "nope.json")

@@ -137,7 +137,8 @@ def plan(
         raise UserError("--data is required: a file, folder, glob, builtin:pydoc or a hub dataset")
 
     from oneday.paths import check_output_path
-    from oneday.planner.make import MAX_HOURS, make_plan
+    from oneday.planner.make import make_plan
+    from oneday.planner.policy import MAX_HOURS
 
     if budget_hours > MAX_HOURS:
         raise UserError(f"{flag}: {value:g} is more than the supported maximum of {MAX_HOURS:,.0f} hours")

@@ -302,6 +302,22 @@ def _local_source(spec: str, paths: list[Path], root: Path, *, description: str,
                   text_column=text_column)
 
 
+def short_name(spec: str) -> str:
+    """A data spec's short name, for plan names and MLflow experiments: `builtin:pydoc` -> pydoc,
+    `hf:roneneldan/TinyStories` -> TinyStories, `../x/corpus.txt` -> corpus, `/d/books.jsonl.gz` -> books,
+    `corpus/*.jsonl` -> corpus (a glob is named after its folder); `data` when nothing is left."""
+    text = spec.strip()
+    for prefix in ("builtin:", "hf:"):
+        text = text.removeprefix(prefix)
+    parts = [p for p in re.split(r"[/\\]", text) if p not in ("", ".", "..")]
+    while parts and re.search(r"[*?\[\]]", parts[-1]):
+        parts.pop()
+    base = re.sub(r"\.(gz|zst|bz2|xz)$", "", parts[-1] if parts else "", flags=re.IGNORECASE)
+    if Path(base).suffix.lower() in (".txt", ".raw", ".md", ".jsonl", ".json", ".parquet", ".csv"):
+        base = Path(base).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "data"
+
+
 def resolve_source(spec: str, *, text_column: str | None = None, config: str | None = None,
                    split: str | None = None) -> Source:
     """Turn a data spec into a `Source` (see the module docstring for the syntax); no text is read yet."""

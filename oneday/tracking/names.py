@@ -17,9 +17,9 @@ One module holds them: the runner and the tuner log under these names, and
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
+from oneday.data.sources import short_name
 from oneday.formats import human_count, human_seconds
 
 if TYPE_CHECKING:  # oneday.plan imports the model spec; keep this module import-light
@@ -98,14 +98,8 @@ PARAM_PREDICTED_TOKENS = "prediction.tokens"
 
 def default_experiment(source: str) -> str:
     """`oneday/<short name of the data set>`: `builtin:pydoc` -> `oneday/pydoc`, `roneneldan/TinyStories`
-    -> `oneday/TinyStories`, `/data/corpus.txt` -> `oneday/corpus`."""
-    text = source.strip().rstrip("/")
-    for sep in (":", "/", "\\"):
-        text = text.rsplit(sep, 1)[-1]
-    text = re.sub(r"\.(gz|zst|bz2|xz)$", "", text)
-    text = re.sub(r"\.(txt|jsonl|json|parquet|csv)$", "", text)
-    text = re.sub(r"[*?\[\]]", "", text) or "data"
-    return f"{EXPERIMENT_PREFIX}{text}"
+    -> `oneday/TinyStories`, `/data/corpus.txt` -> `oneday/corpus` (`oneday.data.sources.short_name`)."""
+    return f"{EXPERIMENT_PREFIX}{short_name(source)}"
 
 
 def experiment_name(plan: Plan) -> str:
