@@ -40,7 +40,7 @@ from oneday.planner.budget import KEEP_CHECKPOINTS, Cadence, Reserve, plan_caden
 from oneday.planner.calibration import load_calibration
 from oneday.planner.decide import CandidateResult, Decision, batch_and_lr, choose
 from oneday.planner.ladder import candidate_shapes
-from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022
+from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw
 from oneday.planner.policy import (
     COMPILE_FALLBACK_SECONDS,
     Setup,
@@ -95,16 +95,8 @@ def make_plan(
 
     progress = progress or NULL_PROGRESS
     budget_seconds = check_hours(hours) * 3600.0
-    check_seq_len(seq_len)
-    if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device {device}: expected auto, cuda or cpu")
-    if probe_seconds is not None and not (0 < probe_seconds < budget_seconds):
-        raise UserError(
-            f"--probe-seconds: must be more than 0 and less than the budget ({budget_seconds:.0f} s), "
-            f"got {probe_seconds:g}"
-        )
-    if name is not None and not name.strip():
-        raise UserError("--name: must not be empty")
+    _check_request(budget_seconds=budget_seconds, seq_len=seq_len, device=device, probe_seconds=probe_seconds,
+                   name=name)
     law = load_calibration(calibration) if calibration is not None else EPOCH_2024
     band_law = HOFFMANN_2022
 
@@ -144,18 +136,7 @@ def make_plan(
     )
     ladder = candidate_shapes(vocab_size=prepared.vocab_size, seq_len=seq, min_params=min_params,
                               max_params=max_params)
-    thread_note = None
-    if setup.device == "cpu" and (setup.threads or 1) > 1:
-        from oneday.planner.timing import fastest_cpu_threads
-
-        threads, speeds = fastest_cpu_threads(ladder[0], max_threads=setup.threads or 1)
-        thread_note = (
-            f"Torch threads: {threads} ("
-            + ", ".join(f"{n} thread{'s' * (n > 1)}: {v:,.0f} tok/s" for n, v in sorted(speeds.items()))
-            + f" on {ladder[0].n_layer}×{ladder[0].d_model} just now; with other load on the machine, fewer "
-            "threads can be faster). Override with `oneday run --threads`."
-        )
-        setup = replace(setup, threads=threads)
+    setup, thread_note = _cpu_threads(setup, ladder[0])
     measure_seconds = max(0.5, setup.probe_seconds - (clock() - probe_started))
     probe = probe_throughput(
         ladder, device=setup.device, dtype=setup.dtype, compile=setup.compile, seconds=measure_seconds,
@@ -166,23 +147,9 @@ def make_plan(
     throughput = fit_throughput(probe.measurements, peak_flops=peak)
 
     # -- reserves and the choice (reserves depend on the chosen shape: iterate to a fixed point) -------
-    ref = probe.timings[len(probe.timings) // 2].spec
-    decision: Decision | None = None
-    reserve: Reserve | None = None
-    cadence: Cadence | None = None
-    for _ in range(4):
-        cadence = _cadence_for(ref, probe=probe, throughput=throughput, setup=setup, budget_seconds=budget_seconds,
-                               val_tokens=prepared.val_tokens)
-        reserve = reserve_for(cadence, budget_seconds=budget_seconds, probe_seconds=probe_seconds_spent)
-        decision = choose(
-            candidates=ladder, throughput=throughput, train_seconds=reserve.train_seconds(),
-            unique_tokens=float(prepared.train_tokens), memory_limit_bytes=setup.memory_limit_bytes,
-            activation_bytes=2 if setup.dtype == "bf16" else 4, law=law, band_law=band_law,
-        )
-        if decision.chosen().spec == ref:
-            break
-        ref = decision.chosen().spec
-    assert decision is not None and reserve is not None and cadence is not None
+    decision, reserve, cadence = _choose_with_reserves(
+        ladder, probe=probe, throughput=throughput, setup=setup, budget_seconds=budget_seconds,
+        probe_seconds=probe_seconds_spent, prepared=prepared, law=law, band_law=band_law)
     chosen = decision.chosen()
     _check_enough_training(probe, reserve=reserve, budget_seconds=budget_seconds)
     bl = batch_and_lr(spec=chosen.spec, tokens=chosen.tokens, max_micro_batch=max(1, chosen.micro_batch))
@@ -230,7 +197,93 @@ def make_plan(
         effective_tokens=chosen.effective_tokens,
         calibrated=calibration is not None,
     )
-    hardware = HardwareInfo(
+    plan_reasons = reasons(
+        decision=decision, bl=bl, probe=probe, ladder=ladder, reserve=reserve, cadence=cadence, setup=setup,
+        seq_reason=seq_reason, law=law, calibration=calibration, mfu=mfu, budget_seconds=budget_seconds,
+        gpu_count=hw.count if setup.device == "cuda" else 1,
+    )
+    if thread_note:
+        plan_reasons.append(thread_note)
+    plan = Plan(
+        name=name.strip() if name else default_plan_name(
+            data, budget_seconds=budget_seconds, params_total=chosen.spec.params_total()
+        ),
+        hardware=_hardware_info(hw, setup, peak=peak, peak_source=peak_source),
+        data=_data_info(prepared, data=data, tokenizer=tokenizer, text_column=text_column),
+        model=chosen.spec,
+        train=train,
+        prediction=prediction,
+        provenance=Provenance(
+            oneday_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            command=command,
+            probe_seconds=round(probe_seconds_spent, 3),
+            calibration=str(Path(calibration).expanduser().resolve()) if calibration is not None else None,
+        ),
+        candidates=tuple(_candidate(r) for r in decision.results),
+        reasons=tuple(plan_reasons),
+    )
+    log.info("plan %s: %s, %s tokens, predicted loss %.3f", plan.name, chosen.label(), human_count(chosen.tokens),
+             chosen.predicted_loss)
+    return plan
+
+
+def _check_request(*, budget_seconds: float, seq_len: int | None, device: str, probe_seconds: float | None,
+                   name: str | None) -> None:
+    """The request's own errors, before any slow work."""
+    check_seq_len(seq_len)
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {device}: expected auto, cuda or cpu")
+    if probe_seconds is not None and not (0 < probe_seconds < budget_seconds):
+        raise UserError(
+            f"--probe-seconds: must be more than 0 and less than the budget ({budget_seconds:.0f} s), "
+            f"got {probe_seconds:g}"
+        )
+    if name is not None and not name.strip():
+        raise UserError("--name: must not be empty")
+
+
+def _cpu_threads(setup: Setup, smallest: ModelSpec) -> tuple[Setup, str | None]:
+    """On a CPU with several cores: 1 thread or all, whichever trains `smallest` faster right now (with other
+    load on the machine, fewer threads can be faster), and the sentence saying so."""
+    if setup.device != "cpu" or (setup.threads or 1) <= 1:
+        return setup, None
+    from oneday.planner.timing import fastest_cpu_threads
+
+    threads, speeds = fastest_cpu_threads(smallest, max_threads=setup.threads or 1)
+    note = (
+        f"Torch threads: {threads} ("
+        + ", ".join(f"{n} thread{'s' * (n > 1)}: {v:,.0f} tok/s" for n, v in sorted(speeds.items()))
+        + f" on {smallest.label()} just now; with other load on the machine, fewer threads can be faster). "
+        "Override with `oneday run --threads`."
+    )
+    return replace(setup, threads=threads), note
+
+
+def _choose_with_reserves(ladder: list[ModelSpec], *, probe: Any, throughput: ThroughputModel, setup: Setup,
+                          budget_seconds: float, probe_seconds: float, prepared: Any, law: LossLaw,
+                          band_law: LossLaw) -> tuple[Decision, Reserve, Cadence]:
+    """`decide.choose` with the reserves of the shape it chooses: they depend on it (checkpoint size, eval
+    speed), so reserves and choice are iterated to a fixed point (at most 4 rounds) from a middle shape."""
+    ref = probe.timings[len(probe.timings) // 2].spec
+    for _ in range(4):
+        cadence = _cadence_for(ref, probe=probe, throughput=throughput, setup=setup, budget_seconds=budget_seconds,
+                               val_tokens=prepared.val_tokens)
+        reserve = reserve_for(cadence, budget_seconds=budget_seconds, probe_seconds=probe_seconds)
+        decision = choose(
+            candidates=ladder, throughput=throughput, train_seconds=reserve.train_seconds(),
+            unique_tokens=float(prepared.train_tokens), memory_limit_bytes=setup.memory_limit_bytes,
+            activation_bytes=2 if setup.dtype == "bf16" else 4, law=law, band_law=band_law,
+        )
+        if decision.chosen().spec == ref:
+            break
+        ref = decision.chosen().spec
+    return decision, reserve, cadence
+
+
+def _hardware_info(hw: Any, setup: Setup, *, peak: float, peak_source: str) -> HardwareInfo:
+    """The plan's record of the probed hardware and the peak FLOP/s its MFU is measured against."""
+    return HardwareInfo(
         device=setup.device,  # type: ignore[arg-type]
         name=hw.name,
         count=max(1, hw.count),
@@ -250,7 +303,11 @@ def make_plan(
         cpu_flags=tuple(hw.cpu_flags),
         notes=tuple(hw.notes),
     )
-    data_info = DataInfo(
+
+
+def _data_info(prepared: Any, *, data: str, tokenizer: str | None, text_column: str | None) -> DataInfo:
+    """The plan's record of its prepared data, and how it was asked for (so it can be prepared again)."""
+    return DataInfo(
         source=prepared.source,
         key=prepared.key,
         path=str(Path(prepared.directory).resolve()),
@@ -263,35 +320,6 @@ def make_plan(
         tokenizer_spec=_respec(tokenizer) if tokenizer else None,
         text_column=text_column,
     )
-    plan_reasons = reasons(
-        decision=decision, bl=bl, probe=probe, ladder=ladder, reserve=reserve, cadence=cadence, setup=setup,
-        seq_reason=seq_reason, law=law, calibration=calibration, mfu=mfu, budget_seconds=budget_seconds,
-        gpu_count=hw.count if setup.device == "cuda" else 1,
-    )
-    if thread_note:
-        plan_reasons.append(thread_note)
-    plan = Plan(
-        name=name.strip() if name else default_plan_name(
-            data, budget_seconds=budget_seconds, params_total=chosen.spec.params_total()
-        ),
-        hardware=hardware,
-        data=data_info,
-        model=chosen.spec,
-        train=train,
-        prediction=prediction,
-        provenance=Provenance(
-            oneday_version=__version__,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            command=command,
-            probe_seconds=round(probe_seconds_spent, 3),
-            calibration=str(Path(calibration).expanduser().resolve()) if calibration is not None else None,
-        ),
-        candidates=tuple(_candidate(r) for r in decision.results),
-        reasons=tuple(plan_reasons),
-    )
-    log.info("plan %s: %s, %s tokens, predicted loss %.3f", plan.name, chosen.label(), human_count(chosen.tokens),
-             chosen.predicted_loss)
-    return plan
 
 
 def _cadence_for(
