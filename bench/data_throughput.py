@@ -34,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from oneday.data import prepare as data_mod
-from oneday.data.sources import ReadStats, resolve_source
+from oneday.data.documents import ReadStats
+from oneday.data.sources import resolve_source
 from oneday.data.tokenizer import BATCH_CHARS, batch_encoder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from oneday.data import prepare as data_mod
+from oneday.data.documents import DOC_MAX_CHARS, DOC_TARGET_CHARS, split_documents
 from oneday.data.prepare import (
     VAL_MIN_TOKENS,
     PreparedData,
@@ -29,7 +30,6 @@ from oneday.data.prepare import (
     load_prepared,
     prepare_data,
 )
-from oneday.data.sources import DOC_MAX_CHARS, DOC_TARGET_CHARS, split_documents
 from oneday.data.tokenizer import EOT
 from oneday.errors import UserError
 

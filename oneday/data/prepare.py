@@ -55,13 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from oneday.data.sources import (
-    DOC_MAX_CHARS,
-    DOC_TARGET_CHARS,
-    ReadStats,
-    Source,
-    resolve_source,
-)
+from oneday.data.documents import DOC_MAX_CHARS, DOC_TARGET_CHARS, ReadStats
+from oneday.data.sources import Source, resolve_source
 from oneday.data.tokenizer import (
     BATCH_CHARS,
     DEFAULT_VOCAB_SIZE,

@@ -1,4 +1,4 @@
-"""Where text comes from: resolve a data spec to a source, and read it as batches of documents.
+"""Where text comes from: resolve a data spec to a `Source` (files, a builtin corpus, a hub dataset).
 
 Spec syntax (checked in this order, see `resolve_source`):
 
@@ -19,33 +19,12 @@ or no TCP connection to the endpoint within 3 s, it fails at once with one line.
 streamed (``datasets.load_dataset(..., streaming=True)`` at the revision looked up first, which goes
 into the cache key), so nothing is downloaded beyond what is read.
 
-Documents (the unit that the end-of-text token separates and that the validation split holds out):
-
-- plain-text files are cut into paragraph-aligned chunks: a document ends at the first blank line at or
-  after `DOC_TARGET_CHARS` (4,096) characters; if there is none before `DOC_MAX_CHARS` (16,384), at the
-  last line break before that, else hard at that length. A whole file is too coarse a unit to hold out
-  (a corpus may be one file), single paragraphs too fine (tiny documents make the end-of-text token a
-  large share of the tokens); a few KB keeps context for training and gives the split enough units.
-  Story corpora separated by blank lines (TinyStories) get several whole stories per document.
-- structured files: one row of the text column is one document.
-- ``builtin:pydoc``: one topic is one document.
-Every document loses its leading blank lines and trailing whitespace; documents with no text are dropped.
-Line endings of plain-text files are normalized (``\\r\\n`` -> ``\\n``) and a UTF-8 byte-order mark is
-dropped.
-
-Non-UTF-8 input: a plain-text file whose invalid bytes are at most 1% of its size is decoded with
-U+FFFD replacement characters and a warning says how many bytes were replaced (a stray Latin-1 ``é`` in an
-English text should not stop a run); more than 1%, a NUL byte in the first 8 KB or a UTF-16 byte-order mark
-means the file is in another encoding or binary, and it is refused with the numbers (replacing
-every accented letter of a Latin-1 French text would train a model on garbage).
+Reading a source as documents: `oneday.data.documents`.
 """
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import glob as globlib
-import json
 import logging
 import os
 import re
@@ -59,64 +38,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oneday.data.documents import (
+    STRUCTURED_KINDS,
+    ReadStats,
+    SourceFile,
+    builtin_texts,
+    clean_document,
+    read_hub,
+    read_plain,
+    read_structured,
+)
 from oneday.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PLAIN_KINDS = ("txt", "raw", "md")
-STRUCTURED_KINDS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
 KINDS = (*PLAIN_KINDS, *STRUCTURED_KINDS)
 BUILTINS = ("pydoc",)
 
-DOC_TARGET_CHARS = 4096
-DOC_MAX_CHARS = 16384
-# Column names that hold the text, in order of preference (compared case-insensitively).
-TEXT_COLUMN_NAMES = ("text", "content", "story", "body", "document", "article", "passage", "raw_content")
-MAX_INVALID_SHARE = 0.01
-READ_BLOCK_BYTES = 16 << 20
-ROWS_PER_BATCH = 1000
 HUB_CHECK_SECONDS = 3.0
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
-_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\n)+")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
-# Decoding with a counting error handler: invalid bytes become U+FFFD and are counted, so the reader can
-# warn with the number (or refuse a file that is mostly invalid). The count is global; readers take
-# differences around each decode call, which is exact for the sequential reading done here.
-_INVALID_BYTES = [0]
-_COUNT_REPLACE = "oneday.count-replace"
 
 
-def _count_replace(exc: UnicodeError) -> tuple[str, int]:
-    if not isinstance(exc, UnicodeDecodeError):
-        raise exc
-    _INVALID_BYTES[0] += exc.end - exc.start
-    return "\ufffd", exc.end
 
 
-codecs.register_error(_COUNT_REPLACE, _count_replace)
 
 
-@dataclass(frozen=True)
-class SourceFile:
-    path: Path
-    rel: str  # path relative to the spec's root, with '/' separators: part of the cache key
-    kind: str  # one of KINDS (the suffix without the dot)
-    size: int
 
 
-@dataclass
-class ReadStats:
-    """What one pass over a source found; the pass that tokenizes fills the numbers reported in meta.json."""
-
-    documents: int = 0
-    invalid_bytes: int = 0
-    files_with_invalid_bytes: int = 0
-    empty_rows: int = 0
-    text_columns: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -140,7 +93,7 @@ class Source:
         if self.kind == "local":
             return sum(f.size for f in self.files)
         if self.kind == "builtin":
-            return sum(len(t.encode("utf-8")) for t in _builtin_texts(self.hub_name or "pydoc"))
+            return sum(len(t.encode("utf-8")) for t in builtin_texts(self.hub_name or "pydoc"))
         return None
 
     def identity(self, progress_task: Any | None = None) -> dict[str, Any]:
@@ -149,7 +102,7 @@ class Source:
 
         if self.kind == "builtin":
             h = xxhash.xxh3_128()
-            for text in _builtin_texts(self.hub_name or "pydoc"):
+            for text in builtin_texts(self.hub_name or "pydoc"):
                 h.update(text.encode("utf-8"))
                 h.update(b"\0")
             return {"builtin": self.hub_name, "xxh3_128": h.hexdigest()}
@@ -196,18 +149,18 @@ class Source:
     def _iter_documents(self, *, work_dir: Path, stats: ReadStats,
                         quiet: bool) -> Iterator[tuple[list[str], int]]:
         if self.kind == "builtin":
-            texts = _builtin_texts(self.hub_name or "pydoc")
+            texts = builtin_texts(self.hub_name or "pydoc")
             docs = [d for d in (clean_document(t) for t in texts) if d]
             yield docs, sum(len(t.encode("utf-8")) for t in texts)
             return
         if self.kind == "hub":
-            yield from _iter_hub(self, work_dir=work_dir, stats=stats)
+            yield from read_hub(self, work_dir=work_dir, stats=stats)
             return
         for f in self.files:
             if f.kind in PLAIN_KINDS:
-                yield from _iter_plain(f, stats=stats, quiet=quiet)
+                yield from read_plain(f, stats=stats, quiet=quiet)
             else:
-                yield from _iter_structured(f, text_column=self.text_column, work_dir=work_dir, stats=stats)
+                yield from read_structured(f, text_column=self.text_column, work_dir=work_dir, stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,7 +283,7 @@ def resolve_source(spec: str, *, text_column: str | None = None, config: str | N
             raise UserError(f"unknown builtin corpus {spec!r}; available: "
                             + ", ".join(f"builtin:{b}" for b in BUILTINS))
         _warn_hub_only(config, split, spec)
-        texts = _builtin_texts(name)
+        texts = builtin_texts(name)
         py = f"{sys.version_info.major}.{sys.version_info.minor}"
         return Source(spec=spec, kind="builtin", description=f"builtin:{name} ({len(texts)} topics, Python {py})",
                       files_per_kind={"builtin": 1}, hub_name=name)
@@ -415,249 +368,33 @@ def _hub_source(spec: str, name: str, *, text_column: str | None, config: str | 
 # Documents
 
 
-def clean_document(text: str) -> str:
-    """Drop leading blank lines and trailing whitespace (keeping the first line's indentation)."""
-    return _LEADING_BLANK_LINES.sub("", text, count=1).rstrip()
 
 
-def _document_end(text: str, pos: int, final: bool) -> int | None:
-    """Where the document starting at `pos` ends, or None if more text is needed to decide."""
-    n = len(text)
-    lo, hi = pos + DOC_TARGET_CHARS, pos + DOC_MAX_CHARS
-    if lo >= n:
-        return n if final else None
-    m = _BLANK_LINES.search(text, lo - 1, min(hi, n))
-    if m:
-        return m.end()
-    if n < hi:
-        return n if final else None
-    nl = text.rfind("\n", lo, hi)
-    return nl + 1 if nl >= 0 else hi
 
 
-def split_documents(text: str, *, final: bool) -> tuple[list[str], str]:
-    """Cut text into paragraph-aligned documents (module docstring); return them and the undecided rest.
-
-    The cuts do not depend on how the text arrived in blocks: a cut is made only when the text seen
-    decides it, and the rest is carried into the next call.
-    """
-    docs: list[str] = []
-    pos = 0
-    while pos < len(text):
-        end = _document_end(text, pos, final)
-        if end is None:
-            break
-        doc = clean_document(text[pos:end])
-        if doc:
-            docs.append(doc)
-        pos = end
-    return docs, text[pos:]
 
 
-def _builtin_texts(name: str) -> list[str]:
-    if name == "pydoc":
-        from pydoc_data.topics import topics
-
-        return [topics[k] for k in sorted(topics)]
-    raise UserError(f"unknown builtin corpus builtin:{name}")
 
 
-def _iter_plain(f: SourceFile, *, stats: ReadStats, quiet: bool) -> Iterator[tuple[list[str], int]]:
-    """Read a plain-text file in blocks, decode (counting invalid bytes), and cut it into documents."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=_COUNT_REPLACE)
-    invalid = 0
-    rest = ""
-    try:
-        with open(f.path, "rb") as fh:
-            first = True
-            while True:
-                block = fh.read(READ_BLOCK_BYTES)
-                if first:
-                    _refuse_binary(f, block)
-                    if block.startswith(codecs.BOM_UTF8):
-                        block = block[len(codecs.BOM_UTF8):]
-                    first = False
-                final = not block
-                before = _INVALID_BYTES[0]
-                text = decoder.decode(block, final=final)
-                invalid += _INVALID_BYTES[0] - before
-                if invalid > 1024 and invalid > MAX_INVALID_SHARE * f.size:
-                    raise _not_utf8(f, invalid)
-                text = rest + text
-                if not final and text.endswith("\r"):  # a \r\n split between blocks
-                    text, carry = text[:-1], "\r"
-                else:
-                    carry = ""
-                docs, rest = split_documents(text.replace("\r\n", "\n"), final=final)
-                rest += carry
-                yield docs, len(block)
-                if final:
-                    break
-    except OSError as exc:
-        raise UserError(f"cannot read {f.path}: {exc.strerror or exc}") from None
-    if invalid:
-        if invalid > MAX_INVALID_SHARE * f.size:
-            raise _not_utf8(f, invalid)
-        stats.invalid_bytes += invalid
-        stats.files_with_invalid_bytes += 1
-        if not quiet:
-            log.warning("data: %s is not valid UTF-8: replaced %d invalid bytes (of %d) with U+FFFD",
-                        f.path, invalid, f.size)
 
 
-def _refuse_binary(f: SourceFile, head: bytes) -> None:
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise UserError(f"{f.path} is UTF-16 text, not UTF-8; convert it (iconv -f UTF-16 -t UTF-8)")
-    if b"\0" in head[:8192]:
-        raise UserError(f"{f.path} is not text (it contains NUL bytes)")
 
 
-def _not_utf8(f: SourceFile, invalid: int) -> UserError:
-    return UserError(f"{f.path} is not UTF-8 text: {invalid} of {f.size} bytes are invalid "
-                     f"(more than {MAX_INVALID_SHARE:.0%}); convert it, e.g. iconv -f latin1 -t utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Structured files and hub datasets (through `datasets`, streaming: no Arrow copy of the data is written)
 
 
-@contextlib.contextmanager
-def _quiet_datasets_json_logger() -> Iterator[None]:
-    """`datasets` logs its own 'Failed to load JSON' line before raising; our error says it better."""
-    logger = logging.getLogger("datasets.packaged_modules.json.json")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
-def _pick_column(columns: list[str], string_columns: list[str], *, where: str, text_column: str | None) -> str:
-    """The text column: the one asked for, else a conventional name, else the only string column."""
-    listing = ", ".join(columns) if columns else "none"
-    if text_column:
-        if text_column not in columns:
-            raise UserError(f"{where} has no column {text_column!r}; its columns are: {listing}")
-        if text_column not in string_columns:
-            raise UserError(f"column {text_column!r} of {where} does not hold text; its text columns are: "
-                            + (", ".join(string_columns) or "none"))
-        return text_column
-    by_lower = {c.lower(): c for c in string_columns}
-    for name in TEXT_COLUMN_NAMES:
-        if name in by_lower:
-            return by_lower[name]
-    if len(string_columns) == 1:
-        return string_columns[0]
-    if not string_columns:
-        raise UserError(f"{where} has no text column; its columns are: {listing}")
-    raise UserError(f"{where} has several text columns ({', '.join(string_columns)}); choose one with "
-                    "--text-column")
 
 
-def _columns_of(ds: Any) -> tuple[list[str], list[str]] | None:
-    """(all columns, string columns) of a streaming dataset, or None when it has no rows."""
-    features = getattr(ds, "features", None)
-    if features:
-        strings = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        return list(features), strings
-    first = next(iter(ds), None)
-    if first is None:
-        return None
-    return list(first), [c for c, v in first.items() if isinstance(v, str)]
 
 
-def _iter_dataset_texts(ds: Any, *, where: str, text_column: str | None,
-                        stats: ReadStats) -> Iterator[list[str]]:
-    cols = _columns_of(ds)
-    if cols is None:
-        return
-    column = _pick_column(*cols, where=where, text_column=text_column)
-    stats.text_columns[column] += 1
-    row = 0
-    for batch in ds.select_columns([column]).iter(batch_size=ROWS_PER_BATCH):
-        docs = []
-        for value in batch[column]:
-            row += 1
-            if value is None:
-                stats.empty_rows += 1
-                continue
-            if not isinstance(value, str):
-                raise UserError(f"{where}, row {row}: column {column!r} holds {type(value).__name__}, not text")
-            doc = clean_document(value)
-            if doc:
-                docs.append(doc)
-            else:
-                stats.empty_rows += 1
-        yield docs
 
 
-def _iter_structured(f: SourceFile, *, text_column: str | None, work_dir: Path,
-                     stats: ReadStats) -> Iterator[tuple[list[str], int]]:
-    import datasets
-
-    try:
-        with _quiet_datasets_json_logger():
-            ds = datasets.load_dataset(STRUCTURED_KINDS[f.kind], data_files=str(f.path), split="train",
-                                       streaming=True, cache_dir=str(work_dir / "hf-datasets"))
-            taken = 0
-            for docs in _iter_dataset_texts(ds, where=str(f.path), text_column=text_column, stats=stats):
-                nbytes = sum(len(d) for d in docs)
-                taken += nbytes
-                yield docs, nbytes
-            yield [], max(0, f.size - taken)
-    except UserError:
-        raise
-    except Exception as exc:  # datasets/pyarrow/pandas parse errors: name the file (and line, for JSON)
-        log.debug("data: reading %s failed", f.path, exc_info=True)
-        located = _locate_json_error(f) if f.kind in ("json", "jsonl") else None
-        if located:
-            raise UserError(located) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read {f.path} as {f.kind}: {first}") from None
 
 
-def _locate_json_error(f: SourceFile) -> str | None:
-    """The first line of a JSON/JSONL file that does not parse, as an error message naming file and line."""
-    with open(f.path, "rb") as fh:
-        if f.kind == "json":
-            data = fh.read()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                line = data[:exc.start].count(b"\n") + 1
-                return f"{f.path}, line {line}: not UTF-8"
-            if text.lstrip().startswith(("[", "{")):
-                try:
-                    json.loads(text)
-                    return None
-                except json.JSONDecodeError as exc:
-                    if exc.msg != "Extra data":  # several values: JSON lines in a .json file
-                        return f"{f.path}, line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})"
-            fh.seek(0)
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                value = json.loads(raw)
-            except UnicodeDecodeError:
-                return f"{f.path}, line {lineno}: not UTF-8"
-            except json.JSONDecodeError as exc:
-                return f"{f.path}, line {lineno}, column {exc.colno}: not valid JSON ({exc.msg})"
-            if not isinstance(value, dict):
-                return f"{f.path}, line {lineno}: a JSON {type(value).__name__}, not an object"
-    return None
 
 
-def _iter_hub(src: Source, *, work_dir: Path, stats: ReadStats) -> Iterator[tuple[list[str], int]]:
-    import datasets
-
-    where = src.description
-    try:
-        ds = datasets.load_dataset(src.hub_name, src.hub_config, split=src.hub_split, streaming=True,
-                                   revision=src.hub_revision, cache_dir=str(work_dir / "hf-datasets"))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load {where}: {first}") from None
-    for docs in _iter_dataset_texts(ds, where=where, text_column=src.text_column, stats=stats):
-        yield docs, sum(len(d) for d in docs)

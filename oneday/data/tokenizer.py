@@ -18,7 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from oneday.data.sources import ReadStats, Source, hub_offline_reason
+from oneday.data.documents import ReadStats
+from oneday.data.sources import Source, hub_offline_reason
 from oneday.errors import UserError, first_line
 from oneday.progress import Progress, Task
 
