@@ -65,4 +65,13 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["CACHE_ENV", "cache_dir", "check_output_path", "write_atomic"]
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (before and after a rename that must survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["CACHE_ENV", "cache_dir", "check_output_path", "fsync", "write_atomic"]

@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from oneday.errors import UserError
+from oneday.paths import fsync
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +112,6 @@ class Checkpoint:
             optimizer.load_state_dict(self.optimizer_state)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _torch_save(obj: Any, path: Path) -> None:
     with open(path, "wb") as handle:
         torch.save(obj, handle)
@@ -163,7 +156,7 @@ class CheckpointStore:
         try:
             tmp.mkdir()
             save_model(unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            _fsync_path(tmp / "model.safetensors")
+            fsync(tmp / "model.safetensors")
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             _torch_save(state, tmp / "state.pt")
             manifest = {"format_version": FORMAT_VERSION, "step": step,
@@ -172,7 +165,7 @@ class CheckpointStore:
                 json.dump(manifest, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _fsync_path(tmp)
+            fsync(tmp)
             if final.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
                 trash = self.directory / f".trash-{final.name}-{os.getpid()}"
                 os.replace(final, trash)
@@ -180,7 +173,7 @@ class CheckpointStore:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_path(self.directory)
+            fsync(self.directory)
         except (OSError, RuntimeError, SafetensorError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)

@@ -22,14 +22,15 @@ start (a notebook, a tuner running many trials in one process) gets the budget c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from oneday.processes import start_ticks
 from oneday.runner.checkpoint import CheckpointStore
 from oneday.runner.run_dir import RunLedger
 
@@ -42,14 +43,12 @@ def process_start_time(clock: Callable[[], float] = time.monotonic) -> float:
     Falls back to the time `oneday.runner.deadline` was imported when /proc is not there. Only meaningful for a
     clock that ticks in real seconds (time.monotonic, time.time).
     """
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-        if 0 <= age < 10 * 365 * 86400:
-            return clock() - age
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
+    ticks = start_ticks()
+    if ticks is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+            if 0 <= age < 10 * 365 * 86400:
+                return clock() - age
     return clock() - (time.monotonic() - _IMPORTED_AT)
 
 

@@ -10,16 +10,16 @@ runs also make trials comparable when other work on the machine changes their sp
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from oneday.logs import quieted
 from oneday.models.spec import ModelSpec
 from oneday.plan import Plan, TrainSpec
 
@@ -125,19 +125,6 @@ class _Watch:
             self.inner.on_event(kind, message, step=step)
 
 
-@contextlib.contextmanager
-def _quiet_loop() -> Iterator[None]:
-    """The loop logs every skipped step as a warning; in a trial a diverging LR is an expected outcome that
-    the trial reports itself, so those lines are kept down to errors while it runs."""
-    logger = logging.getLogger("oneday.runner.loop")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def short_run(
     model_spec: ModelSpec,
     train_spec: TrainSpec,
@@ -180,7 +167,9 @@ def short_run(
     model = build_model(model_spec, seed=train_spec.seed, eos_token_id=data.eot_id, device=device)
     groups = param_groups(model, model_spec, lr=train_spec.lr, weight_decay=train_spec.weight_decay)
     try:
-        with tempfile.TemporaryDirectory(prefix="oneday-trial-") as tmp, _quiet_loop():
+        # The loop warns at every skipped step; in a trial a diverging LR is an expected outcome that the trial
+        # reports itself, so the loop is kept down to errors while it runs.
+        with tempfile.TemporaryDirectory(prefix="oneday-trial-") as tmp, quieted("oneday.runner.loop", logging.ERROR):
             store = CheckpointStore(tmp, keep=1)
             try:
                 result = train(

@@ -23,6 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from oneday.errors import UserError, first_line
+from oneday.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +82,6 @@ def open_storage(storage: str) -> BaseStorage:
         raise UserError(f"--storage {shown}: cannot open the study storage ({first_line(exc)})") from None
 
 
-def process_start_ticks(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, ticks: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if ticks is not None:
-        now = process_start_ticks(pid)
-        if now is not None and now != ticks:
-            return False  # the pid was reused by another process
-    return True
-
-
 def fail_dead_trials(study: optuna.Study) -> list[int]:
     """Mark RUNNING trials whose process (on this host) is gone as FAIL; their numbers."""
     failed = []
@@ -111,7 +90,8 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         pid = attrs.get("pid")
         if attrs.get("host") != HOST or not isinstance(pid, int) or pid == os.getpid():
             continue
-        if _alive(pid, attrs.get("pid_start")):
+        ticks = attrs.get("pid_start")
+        if pid_alive(pid, int(ticks) if ticks is not None else None):
             continue
         try:
             study._storage.set_trial_user_attr(trial._trial_id, "error", "its process died (killed or crashed)")
@@ -124,4 +104,4 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-__all__ = ["HOST", "default_storage", "describe_storage", "fail_dead_trials", "open_storage", "process_start_ticks"]
+__all__ = ["HOST", "default_storage", "describe_storage", "fail_dead_trials", "open_storage"]

@@ -26,11 +26,12 @@ from optuna.trial import TrialState
 from oneday import signals
 from oneday.errors import first_line
 from oneday.plan import Plan
+from oneday.processes import start_ticks
 from oneday.runner.records import FanOut
 from oneday.studies.proxy import TrialParams
 from oneday.studies.results import TrialResult
 from oneday.studies.short_run import RunData, short_run
-from oneday.studies.storage import HOST, fail_dead_trials, process_start_ticks
+from oneday.studies.storage import HOST, fail_dead_trials
 from oneday.studies.study import StudySettings, optuna_quiet
 from oneday.tracking.study import STATUS_OF_STATE, TAG_TRIAL_NUMBER, TAG_TRIAL_STATE, StudyTracker, TrialCurve
 
@@ -95,7 +96,7 @@ def _objective(ctx: TrialContext) -> Callable[[optuna.Trial], float]:
         pid = os.getpid()
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", pid)
-        trial.set_user_attr("pid_start", process_start_ticks(pid))
+        trial.set_user_attr("pid_start", start_ticks(pid))
         trial.set_user_attr("worker", ctx.worker_id)
         ctx.numbers.append(trial.number)
         if ctx.on_trial is not None:

@@ -141,9 +141,16 @@ def test_a_killed_worker_trial_is_failed_and_the_restart_finishes_the_study(prep
                        if t.state.name == "RUNNING" and t.user_attrs.get("pid") == worker.pid]
             done = [t for t in _study(storage, name).trials if t.state.name in ("COMPLETE", "PRUNED")]
             if running and done:  # at least one finished trial, and one in flight: kill it there
-                victim = running[0].number
-                os.kill(worker.pid, signal.SIGKILL)
-                break
+                # Freeze the worker first, so the trial cannot finish between looking and killing (a race
+                # under load); then look again and kill it only with a trial still in flight.
+                os.kill(worker.pid, signal.SIGSTOP)
+                running = [t for t in _study(storage, name).trials
+                           if t.state.name == "RUNNING" and t.user_attrs.get("pid") == worker.pid]
+                if running:
+                    victim = running[0].number
+                    os.kill(worker.pid, signal.SIGKILL)
+                    break
+                os.kill(worker.pid, signal.SIGCONT)
             time.sleep(0.05)
     finally:
         worker.kill()

@@ -25,7 +25,6 @@ every accented letter of a Latin-1 French text would train a model on garbage).
 from __future__ import annotations
 
 import codecs
-import contextlib
 import json
 import logging
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oneday.errors import UserError
+from oneday.logs import quieted
 
 if TYPE_CHECKING:
     from oneday.data.sources import Source
@@ -192,18 +192,6 @@ def _not_utf8(f: SourceFile, invalid: int) -> UserError:
                      f"(more than {MAX_INVALID_SHARE:.0%}); convert it, e.g. iconv -f latin1 -t utf-8")
 
 
-@contextlib.contextmanager
-def _quiet_datasets_json_logger() -> Iterator[None]:
-    """`datasets` logs its own 'Failed to load JSON' line before raising; our error says it better."""
-    logger = logging.getLogger("datasets.packaged_modules.json.json")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _pick_column(columns: list[str], string_columns: list[str], *, where: str, text_column: str | None) -> str:
     """The text column: the one asked for, else a conventional name, else the only string column."""
     listing = ", ".join(columns) if columns else "none"
@@ -268,7 +256,8 @@ def read_structured(f: SourceFile, *, text_column: str | None, work_dir: Path,
     import datasets
 
     try:
-        with _quiet_datasets_json_logger():
+        # `datasets` logs its own "Failed to load JSON" line before raising; the error raised here says it better.
+        with quieted("datasets.packaged_modules.json.json", logging.CRITICAL):
             ds = datasets.load_dataset(STRUCTURED_KINDS[f.kind], data_files=str(f.path), split="train",
                                        streaming=True, cache_dir=str(work_dir / "hf-datasets"))
             taken = 0

@@ -72,6 +72,8 @@ from oneday.data.tokenizer import (
 )
 from oneday.errors import UserError
 from oneday.paths import cache_dir as resolve_cache_dir
+from oneday.paths import fsync
+from oneday.processes import pid_alive
 from oneday.progress import NULL_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -269,33 +271,14 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temps(root: Path) -> None:
     """Remove temporary build directories left by killed processes of this host (a crash cannot clean up)."""
     host = _host()
     for entry in root.glob(".tmp-*"):
         m = _TMP_NAME.match(entry.name)
-        if m and m["host"] == host and not _pid_alive(int(m["pid"])):
+        if m and m["host"] == host and not pid_alive(int(m["pid"])):
             log.info("data: removing %s, left by a process that no longer runs", entry)
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or directory) to disk, so a crash after the rename cannot leave a short token file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _publish(tmp: Path, entry: Path) -> None:
@@ -409,7 +392,7 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
         shutil.rmtree(tmp / "hf-datasets", ignore_errors=True)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         for name in ("train.bin", "val.bin", META_FILE, "."):
-            _fsync(tmp / name)
+            fsync(tmp / name)  # a crash after the rename must not leave a short token file
         _publish(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
