@@ -29,14 +29,6 @@ class Measurement:
         if self.micro_batch < 1 or not self.tokens_per_s > 0:
             raise ValueError(f"measurement needs micro_batch >= 1 and tokens_per_s > 0, got {self}")
 
-    @property
-    def n_layer(self) -> int:
-        return self.spec.n_layer
-
-    @property
-    def d_model(self) -> int:
-        return self.spec.d_model
-
     def achieved_flops(self) -> float:
         """Achieved training FLOP/s: tokens/s × FLOPs/token (6N + 12·L·d·T, PaLM appendix B)."""
         return self.tokens_per_s * self.spec.flops_per_token()

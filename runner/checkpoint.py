@@ -193,6 +193,25 @@ class CheckpointStore:
 
     def load(self, path: Path) -> Checkpoint:
         """Read and check one checkpoint folder; raises on anything missing, truncated or unreadable."""
+        state = self._checked_state(path)
+        model_state = load_file(path / "model.safetensors", device="cpu")
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        return Checkpoint(path=path, step=int(state["step"]), state=state, model_state=model_state,
+                          optimizer_state=optimizer_state)
+
+    def latest_state(self) -> dict[str, Any] | None:
+        """The loop's state (`state.pt`) of the newest checkpoint that looks whole (its files have the sizes its
+        manifest records), read without the weights or the optimizer: what a run needs to know before it builds
+        the model. Should that checkpoint's weights turn out corrupt, the loop falls back to an older one."""
+        for path in reversed(self.folders()):
+            try:
+                return self._checked_state(path)
+            except Exception as exc:  # any failure means "not whole": the next older one may be
+                logger.debug("checkpoint %s does not look whole: %s", path, _one_line(exc))
+        return None
+
+    def _checked_state(self, path: Path) -> dict[str, Any]:
+        """`state.pt` of `path`, after checking the manifest's format and every file's size."""
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
@@ -200,13 +219,10 @@ class CheckpointStore:
             size, expected = (path / name).stat().st_size, manifest["sizes"][name]
             if size != expected:
                 raise ValueError(f"{name} is {size} bytes, expected {expected} (truncated?)")
-        model_state = load_file(path / "model.safetensors", device="cpu")
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         if int(state["step"]) != int(manifest["step"]):
             raise ValueError(f"state.pt holds step {state['step']}, the folder step {manifest['step']}")
-        return Checkpoint(path=path, step=int(state["step"]), state=state, model_state=model_state,
-                          optimizer_state=optimizer_state)
+        return state
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that loads in full, or None; unreadable newer ones are skipped with a warning."""

@@ -23,16 +23,17 @@ start (a notebook, a tuner running many trials in one process) gets the budget c
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from oneday.processes import start_ticks
-from oneday.runner.checkpoint import CheckpointStore
 from oneday.runner.run_dir import RunLedger
+
+if TYPE_CHECKING:  # torch: the deadline is read before anything heavy is imported
+    from oneday.runner.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +56,6 @@ def process_start_time(clock: Callable[[], float] = time.monotonic) -> float:
 _IMPORTED_AT = time.monotonic()
 
 
-def _peek_latest(store: CheckpointStore) -> dict[str, Any] | None:
-    """The loop's state of the newest checkpoint that looks whole (manifest sizes match, state.pt loads),
-    read without loading weights or optimizer (the loop loads the checkpoint itself). When the weights of
-    that checkpoint turn out corrupt the loop falls back to an older one; the wall time charged is then
-    that of the newer one, i.e. the deadline errs early, never late."""
-    import torch
-
-    for path in reversed(store.folders()):
-        try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-            for name, size in manifest["sizes"].items():
-                if (path / name).stat().st_size != size:
-                    raise ValueError(f"{name} truncated")
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "step" in state:
-                return state
-        except Exception as exc:
-            log.debug("checkpoint %s does not look whole: %s", path, exc)
-    return None
-
-
 def prior_wall(store: CheckpointStore, ledger: RunLedger) -> tuple[float, int | None]:
     """(wall seconds charged before the checkpoint this session resumes from, its step), or (0, None).
 
@@ -83,7 +63,7 @@ def prior_wall(store: CheckpointStore, ledger: RunLedger) -> tuple[float, int | 
     checkpoint and the ledger, the checkpoint's own `wall_elapsed` (time inside `train()`, start-up not
     included) plus the start-up overhead earlier sessions recorded stands in.
     """
-    latest = _peek_latest(store)
+    latest = store.latest_state()
     if latest is None:
         return 0.0, None
     step = latest.get("step")

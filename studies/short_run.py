@@ -93,7 +93,6 @@ class _Watch:
         self.stop = stop
         self.diverged = False
         self.reason = ""
-        self.evals: list[tuple[int, float]] = []
 
     def _diverge(self, why: str) -> None:
         if not self.diverged:
@@ -113,8 +112,6 @@ class _Watch:
             self.inner.on_step(record)
 
     def on_eval(self, record: Any) -> None:
-        if math.isfinite(record.val_loss):
-            self.evals.append((record.step, float(record.val_loss)))
         if not math.isfinite(record.val_loss) or record.val_loss > self.cap:
             self._diverge(f"validation loss {record.val_loss:.3g} at step {record.step}")
         if self.inner is not None and hasattr(self.inner, "on_eval") and not self.diverged:
@@ -181,7 +178,7 @@ def short_run(
             except DivergedError as exc:
                 return RunOutcome(final_loss=None, diverged=True, stopped=False, steps=0, tokens=0,
                                   wall_seconds=clock() - started, train_seconds=0.0, warmup_seconds=0.0,
-                                  skipped_steps=0, evals=tuple(watch.evals), reason=str(exc))
+                                  skipped_steps=0, reason=str(exc))
     finally:
         own_stop.set()
         relay_thread.join(1.0)
@@ -201,7 +198,6 @@ def short_run(
         train_seconds=result.train_seconds,
         warmup_seconds=result.warmup_seconds,
         skipped_steps=result.skipped_steps,
-        evals=tuple(watch.evals),
         reason=reason,
     )
 

@@ -64,7 +64,6 @@ class TrialContext:
     plan: Plan
     settings: StudySettings
     data: RunData
-    study_name: str
     tracker: StudyTracker | None
     parent_run_id: str | None
     worker_id: str
@@ -161,14 +160,13 @@ def run_trials(
     ctx: TrialContext,
     *,
     deadline: float | None,
-    max_failures: int | None = None,
 ) -> None:
     """Run trials one at a time until the study holds `n_trials` finished (complete or pruned) trials, the
     deadline would be passed by another trial (a study with no finished trial yet always gets one), or this
-    process has seen `max_failures` failures."""
+    process has seen max(3, n_trials / 2) failures."""
     settings = ctx.settings
     objective = _objective(ctx)
-    limit = max_failures if max_failures is not None else max(3, settings.n_trials // 2)
+    limit = max(3, settings.n_trials // 2)
     per_trial = settings.proxy.trial_seconds()
     # SIGTERM unwinds like Ctrl-C, so the running trial is marked FAIL, not left RUNNING.
     with optuna_quiet(), signals.handling((signal.SIGTERM,), signals.raise_interrupt):

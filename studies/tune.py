@@ -46,9 +46,15 @@ from oneday.tracking.study import StudyTracker
 
 log = logging.getLogger(__name__)
 
+
 WORKER_WAIT_SECONDS = 600.0
 FINISH_SECONDS = 2.0
 MLFLOW_ATTR = "oneday_mlflow"
+
+
+def _worker_id() -> str:
+    """How trials name the process that ran them."""
+    return f"{HOST}:{os.getpid()}"
 
 
 def _tracker(plan: Plan, *, tracking_uri: str | None, study_name: str) -> StudyTracker:
@@ -115,9 +121,9 @@ def run_worker(
     study.sampler = sampler_for(settings, study, worker=True)
     study.pruner = settings.pruner()
     tracker = _tracker(plan, tracking_uri=tracking_uri, study_name=name)
-    ctx = TrialContext(plan=plan, settings=settings, data=data, study_name=name, tracker=tracker,
+    ctx = TrialContext(plan=plan, settings=settings, data=data, tracker=tracker,
                    parent_run_id=_parent_run(study, tracker, plan, create=False),
-                   worker_id=f"{HOST}:{os.getpid()}", on_trial=on_trial, clock=clock)
+                   worker_id=_worker_id(), on_trial=on_trial, clock=clock)
     deadline = started + hours * 3600.0 if hours is not None else None
     run_trials(study, ctx, deadline=deadline)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -173,8 +179,8 @@ def tune_plan(
           "a trial")
     tracker = _tracker(plan, tracking_uri=tracking_uri, study_name=name)
     parent = _parent_run(study, tracker, plan, create=True)
-    ctx = TrialContext(plan=plan, settings=settings, data=data, study_name=name, tracker=tracker, parent_run_id=parent,
-                   worker_id=f"{HOST}:{os.getpid()}", on_trial=on_trial, clock=clock)
+    ctx = TrialContext(plan=plan, settings=settings, data=data, tracker=tracker, parent_run_id=parent,
+                   worker_id=_worker_id(), on_trial=on_trial, clock=clock)
     # --hours is this command's deadline: trials stop in time for the transfer check (its share of the budget,
     # or its estimated cost when that is more) and the writing of the outputs.
     deadline = None
