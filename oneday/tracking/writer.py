@@ -226,9 +226,11 @@ class MlflowTracker:
                 except queue.Empty:
                     item = None
                 if self.failed:
-                    if isinstance(item, _Close):
-                        return
-                    continue
+                    # Nothing more is sent: wait (blocked, not polling) for the end, so a dead store costs
+                    # training nothing.
+                    while not isinstance(item, _Close):
+                        item = self._queue.get()
+                    return
                 if isinstance(item, _Metrics):
                     buffer.append(item)
                     self._last_step = max(self._last_step, item.step)
