@@ -11,8 +11,11 @@ Layout of one checkpoint, `<directory>/step-00001234/`:
 
 A save writes into `.tmp-step-…/`, fsyncs every file and the folder, then renames it into place and fsyncs
 the parent: a reader sees the whole checkpoint or none of it, and a crash mid-save leaves the previous
-checkpoints untouched. Only the newest `keep` are kept. `latest()` returns the newest checkpoint that loads
-in full, and falls back to an older one (with a warning saying which and why) when a newer one is corrupt.
+checkpoints untouched. "Newest" means last written: the manifest numbers the saves of a store (`sequence`),
+so a stray or copied folder with a higher step number never outranks the checkpoint just written. After a save
+the newest `keep` whole checkpoints are kept; a folder that is not whole (its files do not match its manifest)
+is renamed `<name>.bad` once and never looked at again. `latest()` returns the newest checkpoint that loads in
+full, and falls back to an older one (with a warning saying which and why) when a newer one is corrupt.
 Everything is loaded with `weights_only=True`, so a checkpoint cannot run code.
 """
 
@@ -25,6 +28,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +104,12 @@ class Checkpoint:
         """Load the weights into `model` (any wrapper) and, if given, the state into `optimizer`."""
         raw = unwrap(model)
         current = raw.state_dict()
+        # Shapes first: load_state_dict would copy what fits, then raise a traceback on what does not.
+        misfits = [f"{k} {tuple(v.shape)} vs {tuple(current[k].shape)}" for k, v in self.model_state.items()
+                   if k in current and v.shape != current[k].shape]
+        if misfits:
+            raise CheckpointError(f"{self.path}: the weights do not fit this model ({len(misfits)} tensors of "
+                                  f"another shape, e.g. {misfits[0]})")
         missing, unexpected = raw.load_state_dict(self.model_state, strict=False)
         # A tied head was saved once under one name; the other name shares its storage and is filled with it.
         loaded = {current[k].data_ptr() for k in self.model_state if k in current}
@@ -109,7 +119,49 @@ class Checkpoint:
                 f"{self.path}: the weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         if optimizer is not None:
-            optimizer.load_state_dict(self.optimizer_state)
+            try:
+                optimizer.load_state_dict(self.optimizer_state)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise CheckpointError(f"{self.path}: the optimizer state does not fit ({_one_line(exc)})") from None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError("manifest.json is not an object")
+    return manifest
+
+
+def _sequence(path: Path) -> int:
+    """The save number its manifest records (0 for none: an unreadable manifest, or a format-1 one without it)."""
+    try:
+        return int(_read_manifest(path).get("sequence", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def _is_whole(path: Path) -> bool:
+    """The manifest is readable and of this format, and every file has the size it records (no loading)."""
+    try:
+        manifest = _read_manifest(path)
+        return manifest.get("format_version") == FORMAT_VERSION and all(
+            (path / name).stat().st_size == manifest["sizes"][name] for name in FILES)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _looks_full(directory: Path, needed: int) -> bool:
+    """The file system of `directory` has less room than `needed` bytes (what a failed save had written), or
+    under 1 MiB."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return False
+    return free < max(needed, 1 << 20)
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -138,9 +190,33 @@ class CheckpointStore:
             raise CheckpointError(f"{self.directory}: cannot create the checkpoint folder ({exc.strerror})") from None
 
     def folders(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first."""
+        """Checkpoint folders, oldest written first (by the manifest's `sequence`, then the step number; a folder
+        without a readable manifest sorts first: it is the least trusted)."""
         found = [p for p in self.directory.iterdir() if p.is_dir() and _NAME.match(p.name)]
-        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+        return sorted(found, key=lambda p: (_sequence(p), int(_NAME.match(p.name).group(1))))  # type: ignore[union-attr]
+
+    def _prune(self, just_written: Path) -> None:
+        """Keep the newest `keep` whole checkpoints (the one just written among them); move a folder that is not
+        whole aside as `<name>.bad`, so it is reported once and never trusted again."""
+        whole: list[Path] = []
+        for path in self.folders():
+            if path == just_written or _is_whole(path):
+                whole.append(path)
+                continue
+            aside = path.with_name(f"{path.name}.bad")
+            for n in range(1, 1000):
+                if not aside.exists():
+                    break
+                aside = path.with_name(f"{path.name}.bad-{n}")
+            try:
+                os.replace(path, aside)
+            except OSError as exc:
+                logger.warning("checkpoint %s is not whole and could not be moved aside (%s)", path, exc.strerror)
+            else:
+                logger.warning("checkpoint %s is not whole (its files do not match its manifest): moved to %s",
+                               path, aside.name)
+        for old in whole[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
         """Write a checkpoint for `state["step"]` atomically, prune to `keep`, return its folder.
@@ -160,6 +236,7 @@ class CheckpointStore:
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             _torch_save(state, tmp / "state.pt")
             manifest = {"format_version": FORMAT_VERSION, "step": step,
+                        "sequence": max((_sequence(p) for p in self.folders()), default=0) + 1,
                         "sizes": {name: (tmp / name).stat().st_size for name in FILES}}
             with open(tmp / "manifest.json", "w", encoding="utf-8") as handle:
                 json.dump(manifest, handle)
@@ -175,9 +252,11 @@ class CheckpointStore:
                 os.replace(tmp, final)
             fsync(self.directory)
         except (OSError, RuntimeError, SafetensorError) as exc:
+            written = _tree_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
-            full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+            # torch.save reports a full disk as "RuntimeError: ... unexpected pos": ask the file system instead
+            full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _looks_full(self.directory, written)
             previous = self.folders()
             kept = f"the last good checkpoint {previous[-1].name} is kept" if previous else "no earlier checkpoint"
             raise CheckpointError(
@@ -187,8 +266,7 @@ class CheckpointStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in self.folders()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        self._prune(final)
         return final
 
     def load(self, path: Path) -> Checkpoint:
@@ -212,7 +290,7 @@ class CheckpointStore:
 
     def _checked_state(self, path: Path) -> dict[str, Any]:
         """`state.pt` of `path`, after checking the manifest's format and every file's size."""
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        manifest = _read_manifest(path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
         for name in FILES:
@@ -226,6 +304,30 @@ class CheckpointStore:
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that loads in full, or None; unreadable newer ones are skipped with a warning."""
+        return next(self._loadable(), None)
+
+    def restore_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+                       ) -> Checkpoint | None:
+        """Restore the newest checkpoint that loads in full *and fits* `model` (and `optimizer`) into them; None
+        when there is nothing to restore. Newer ones that do not load or fit are skipped with a warning (and
+        listed in `skipped`). Raises `CheckpointError` when checkpoints load but none fits: they belong to
+        another model, and training over them would throw them away."""
+        misfits: list[str] = []
+        for checkpoint in self._loadable():
+            try:
+                checkpoint.restore(model, optimizer)
+            except CheckpointError as exc:
+                logger.warning("%s; falling back to an older one", exc)
+                misfits.append(f"{checkpoint.path.name}: {str(exc).split(': ', 1)[-1]}")
+                continue
+            return replace(checkpoint, skipped=(*misfits, *checkpoint.skipped))
+        if misfits:
+            raise CheckpointError(f"{self.directory}: no checkpoint fits this model ({misfits[0]}); "
+                                  "resume with the model that wrote them or use a new run folder")
+        return None
+
+    def _loadable(self) -> Iterator[Checkpoint]:
+        """Checkpoints that load in full, newest first; each lists the unreadable newer ones it stands in for."""
         skipped: list[str] = []
         for path in reversed(self.folders()):
             try:
@@ -235,10 +337,9 @@ class CheckpointStore:
                 logger.warning("checkpoint %s is unreadable (%s); falling back to an older one", path, reason)
                 skipped.append(f"{path.name}: {reason}")
                 continue
-            return replace(checkpoint, skipped=tuple(skipped))
+            yield replace(checkpoint, skipped=tuple(skipped))
+            skipped = []
         if skipped:
             logger.warning("no loadable checkpoint in %s: starting from scratch", self.directory)
-        return None
-
 
 __all__ = ["FILES", "Checkpoint", "CheckpointError", "CheckpointStore", "capture_rng", "restore_rng", "unwrap"]

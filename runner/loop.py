@@ -209,7 +209,7 @@ def train(
                     started = clock()
                     try:
                         event("checkpoint", f"saved {save().name}", state.step)
-                    except CheckpointError as exc:  # keep training; the final save raises if it persists
+                    except CheckpointError as exc:  # keep training: the next save, or the final one, may work
                         event("checkpoint-error", str(exc), state.step)
                     seconds = clock() - started
                 pacer.checkpointed(now=clock(), seconds=seconds)
@@ -239,8 +239,11 @@ def train(
     state.train_elapsed = timer.train_elapsed
     final_path: Path | None = None
     if main:
-        final_path = save()
-        event("checkpoint", f"saved {final_path.name} (final)", state.step)
+        try:
+            final_path = save()
+            event("checkpoint", f"saved {final_path.name} (final)", state.step)
+        except CheckpointError as exc:  # the trained weights are still in memory: the final model may fit
+            event("checkpoint-error", f"{exc} (the final checkpoint)", state.step)
         if not interrupted:
             final_val_loss = evaluate(loss, val, precision=precision)
             observer.on_eval(EvalRecord(step=state.step, tokens=state.tokens, val_loss=final_val_loss,
@@ -265,7 +268,13 @@ def _resume(checkpoints: CheckpointStore, model: nn.Module, optimizer: torch.opt
             event: Callable[[str, str, int], None]) -> tuple[TrainState, bool]:
     """(the state to start from, whether it was resumed): the newest checkpoint that loads (weights, optimizer
     and RNG restored), or a fresh state. A checkpoint of another plan is refused."""
-    checkpoint = checkpoints.latest()
+    newest = checkpoints.latest_state()
+    if newest is not None and plan_hash and newest.get("plan_hash") not in (None, "", plan_hash):
+        raise UserError(
+            f"{checkpoints.directory}: the newest checkpoint belongs to another plan (plan hash "
+            f"{newest.get('plan_hash')}, this plan {plan_hash}); resume with that plan or use a new run folder"
+        )
+    checkpoint = checkpoints.restore_latest(model, optimizer)
     if checkpoint is None:
         return TrainState(plan_hash=plan_hash), False
     saved = TrainState.from_dict(checkpoint.state)
@@ -274,7 +283,6 @@ def _resume(checkpoints: CheckpointStore, model: nn.Module, optimizer: torch.opt
             f"{checkpoint.path}: this checkpoint belongs to another plan (plan hash {saved.plan_hash}, "
             f"this plan {plan_hash}); resume with that plan or use a new run folder"
         )
-    checkpoint.restore(model, optimizer)
     restore_rng(checkpoint.state["rng"])
     saved.resumes += 1
     saved.plan_hash = plan_hash
@@ -297,17 +305,16 @@ def _read_back(pending: list[tuple[int, torch.Tensor]], *, dist: DistInfo | None
 def _roll_back(checkpoints: CheckpointStore, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                state: TrainState, event: Callable[[str, str, int], None]) -> None:
     """After `MAX_BAD_IN_A_ROW` bad steps: the last checkpoint's weights and optimizer, the LR scale halved."""
-    target = checkpoints.latest()
-    if target is None:
-        event("skip", f"{MAX_BAD_IN_A_ROW} bad steps in a row and no checkpoint yet: still skipping", state.step)
-        return
-    state.rollbacks += 1
-    if state.rollbacks > MAX_ROLLBACKS:
+    if state.rollbacks >= MAX_ROLLBACKS and checkpoints.folders():
         raise DivergedError(
             f"training diverged: non-finite losses persisted through {MAX_ROLLBACKS} rollbacks "
             f"(LR scale now {state.lr_scale:g}); lower train.lr in the plan"
         )
-    target.restore(model, optimizer)
+    target = checkpoints.restore_latest(model, optimizer)
+    if target is None:
+        event("skip", f"{MAX_BAD_IN_A_ROW} bad steps in a row and no checkpoint yet: still skipping", state.step)
+        return
+    state.rollbacks += 1
     state.lr_scale *= 0.5
     event("rollback", f"{MAX_BAD_IN_A_ROW} bad steps in a row: weights rolled back to {target.path.name}, "
                       f"LR scale halved to {state.lr_scale:g}", state.step)

@@ -8,8 +8,9 @@
   end of the next step. Clock-keyed (the default): the horizon is re-projected from the measured step time so
   that the cooldown ends at the deadline (`schedule.train_seconds_left`, `schedule.clock_progress`).
   Step-keyed (`TrainSpec.max_steps`, for tests and benchmarks): exactly that many steps, whatever the clock.
-  Evaluations come every `eval_every_seconds` of training time, checkpoints every `checkpoint_every_seconds`
-  of wall time, neither in the final interval (the final ones follow it).
+  Evaluations come every `eval_every_seconds` of training time, but not in the final interval (the final one
+  follows it); checkpoints every `checkpoint_every_seconds` of wall time unless the end is nearer than one
+  checkpoint takes to write.
 - `Due.agreed` makes every rank take rank 0's decision (the clock's owner), with a stop on any rank.
 
 Pure Python apart from the all-reduce in `Due.agreed`; the clock is injected.
@@ -142,11 +143,13 @@ class Pacer:
     def due(self, *, now: float, train_elapsed: float, step_seconds: float, step: int, stop: bool) -> Due:
         spec = self.spec
         left = self._train_left(now=now, train_elapsed=train_elapsed, step_seconds=step_seconds, step=step)
-        # The final evaluation and checkpoint come within an interval: periodic ones there would only cost time
-        # (and would cut the projected run short by more than a step, so the last step would miss the end).
+        # The final evaluation comes within an interval: a periodic one there would only cost time (and would cut
+        # the projected run short by more than a step, so the last step would miss the end). A checkpoint is
+        # insurance, not a measurement: it is skipped only when the final one would come sooner than it takes to
+        # write, so that a kill anywhere loses at most one interval of work.
         every_eval, every_checkpoint = spec.eval_every_seconds, spec.checkpoint_every_seconds
         evaluate = train_elapsed >= self._next_eval_at and left >= every_eval
-        checkpoint = now - self._last_checkpoint >= every_checkpoint and left >= every_checkpoint
+        checkpoint = now - self._last_checkpoint >= every_checkpoint and left > self.checkpoint_seconds
         if spec.max_steps is not None:
             return Due(stop=stop, done=step >= spec.max_steps, evaluate=evaluate, checkpoint=checkpoint,
                        progress=min(1.0, (step + 1) / spec.max_steps))

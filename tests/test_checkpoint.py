@@ -189,3 +189,64 @@ def test_unwritable_folder_is_a_user_error(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(CheckpointError, match="cannot create"):
         CheckpointStore(blocker / "ckpt", keep=1)
+
+
+def test_pruning_keeps_the_newest_written_not_the_highest_step(tmp_path: Path) -> None:
+    """A stray higher-numbered folder (copied in, or left by another run) used to outrank the checkpoint just
+    written: with keep=1 the fresh one was deleted at once, and a corrupt stray was kept forever."""
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save(model=model, optimizer=optimizer, state=_state(10))
+    stray = tmp_path / "step-99999999"
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"garbage")
+    path = store.save(model=model, optimizer=optimizer, state=_state(20))
+    assert path.exists(), "the checkpoint just written was pruned"
+    assert [p.name for p in store.folders()] == ["step-00000020"]
+    assert (tmp_path / "step-99999999.bad" / "model.safetensors").read_bytes() == b"garbage", "not moved aside"
+    assert store.latest().step == 20
+    store.save(model=model, optimizer=optimizer, state=_state(30))  # moved aside once: not touched again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000030", "step-99999999.bad"]
+
+
+def test_a_whole_stray_with_a_higher_step_is_older_than_a_new_save(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(model=model, optimizer=optimizer, state=_state(500))
+    store.save(model=model, optimizer=optimizer, state=_state(7))  # e.g. a new run after the folder was reused
+    assert [p.name for p in store.folders()] == ["step-00000500", "step-00000007"]
+    assert store.latest().step == 7
+
+
+def test_a_checkpoint_of_another_shape_falls_back_to_one_that_fits(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(model=model, optimizer=optimizer, state=_state(10))
+    wide = build_model(tiny_model(vocab_size=128, seq_len=16, d_model=32, n_head=2, d_ff=96))
+    wide_opt = torch.optim.AdamW(wide.parameters())
+    store.save(model=wide, optimizer=wide_opt, state=_state(20))
+    fresh, fresh_opt = _model_and_optimizer(seed=1)
+    restored = store.restore_latest(fresh, fresh_opt)
+    assert restored.step == 10 and restored.skipped[0].startswith("step-00000020: ")
+    assert _same_weights(model, fresh)
+    # only checkpoints of another shape: refused in one line, nothing restored
+    only_wide = CheckpointStore(tmp_path / "wide", keep=1)
+    only_wide.save(model=wide, optimizer=wide_opt, state=_state(5))
+    with pytest.raises(CheckpointError, match="no checkpoint fits this model") as info:
+        only_wide.restore_latest(fresh, fresh_opt)
+    assert "\n" not in str(info.value) and "another shape" in str(info.value)
+
+
+def test_a_full_disk_reported_by_torch_as_unexpected_pos_says_disk_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(model=model, optimizer=optimizer, state=_state(10))
+
+    def torch_on_a_full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1024 vs 960")
+
+    monkeypatch.setattr(torch, "save", torch_on_a_full_disk)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 4096})())
+    with pytest.raises(CheckpointError, match=r"unexpected pos.*the disk is full.*step-00000010 is kept"):
+        store.save(model=model, optimizer=optimizer, state=_state(20))

@@ -17,6 +17,7 @@ from oneday.plan import TrainSpec
 from oneday.runner.checkpoint import CheckpointStore
 from oneday.runner.faults import INJECT_NAN_ENV
 from oneday.runner.loop import MAX_ROLLBACKS, DivergedError, train
+from oneday.runner.pacing import Pacer
 from oneday.runner.records import EvalRecord, LoopResult, NullObserver, StepRecord
 from tests.factories import tiny_model
 
@@ -186,6 +187,26 @@ def test_fake_clock_final_lr_and_deadline(tmp_path: Path) -> None:
     assert sum(1 for r in recorder.steps if r.lr < SPEC.lr) > 10, "no visible cooldown"
     assert recorder.evals[-1].final and any(not e.final for e in recorder.evals)
     assert "checkpoint" in [kind for kind, _, _ in recorder.events]
+
+
+def test_a_checkpoint_on_cadence_even_when_less_than_an_interval_is_left(tmp_path: Path) -> None:
+    """A 100 s run with a 60 s cadence: the periodic checkpoint at 60 s is written (a kill at 90 s must not
+    lose everything), although less than one interval of training is left after it."""
+    clock, recorder = FakeClock(), Recorder()
+    spec = replace(SPEC, checkpoint_every_seconds=60.0, planned_steps=100, train_seconds=100.0)
+    _run(tmp_path, spec, clock=clock, train_dt=1.0, save_dt=1.0, deadline=100.0, observer=recorder)
+    saved = [(message, step) for kind, message, step in recorder.events if kind == "checkpoint"]
+    assert len(saved) == 2 and "final" not in saved[0][0] and "final" in saved[1][0]
+    assert 25 <= saved[0][1] <= 31  # 2 s a step (two micro-batches)
+
+
+def test_no_periodic_checkpoint_when_the_end_comes_sooner_than_one_takes() -> None:
+    spec = replace(SPEC, checkpoint_every_seconds=60.0, planned_steps=100, train_seconds=100.0)
+    due = {}
+    for cost in (1.0, 45.0):
+        pacer = Pacer(spec, deadline=100.0, eval_seconds=0.1, checkpoint_seconds=cost, train_elapsed=0.0, now=0.0)
+        due[cost] = pacer.due(now=61.0, train_elapsed=61.0, step_seconds=1.0, step=61, stop=False).checkpoint
+    assert due == {1.0: True, 45.0: False}
 
 
 def test_horizon_shrinks_when_evals_are_slow(tmp_path: Path) -> None:
