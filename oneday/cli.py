@@ -6,9 +6,13 @@ Importing this module must stay cheap: no torch, transformers, datasets or mlflo
 
 from __future__ import annotations
 
-from typing import Annotated
+import signal
+import sys
+from typing import Annotated, Any
 
 import typer
+from typer import _click
+from typer.core import TyperGroup
 
 from oneday import __version__
 from oneday.commands import compare as compare_commands
@@ -16,9 +20,35 @@ from oneday.commands import data as data_commands
 from oneday.commands import plan as plan_commands
 from oneday.commands import run as run_commands
 from oneday.commands import tune as tune_commands
-from oneday.console import console, setup_logging, state
+from oneday.console import console, err_console, setup_logging, state
+from oneday.signals import raise_interrupt
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (`--minutes abc`, `--threads 0`, an unknown option) as one line and exit code 2, like every
+    other user error, instead of click's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _click.exceptions.NoArgsIsHelpError:
+            code = 2  # `oneday` alone: the help is already printed
+        except _click.exceptions.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "oneday"
+            message = " ".join(exc.format_message().split())
+            err_console.print(f"[bold red]error:[/bold red] {message} (see `{where} --help`)", highlight=False,
+                              soft_wrap=True, markup=True)
+            code = exc.exit_code
+        except typer.Abort:
+            err_console.print("[yellow]interrupted[/yellow]")
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="oneday",
     help="The best language model you can train on this machine in the time you have.",
     no_args_is_help=True,
@@ -56,4 +86,5 @@ app.command("compare", help=compare_commands.COMPARE_HELP)(compare_commands.comp
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, raise_interrupt)  # `kill` unwinds like Ctrl-C: temporary files are cleaned up
     app()

@@ -12,6 +12,7 @@ torch is imported inside the function that needs it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -191,4 +192,49 @@ def measure_peak_flops(device: str, dtype: str, *, seconds: float = 1.0, size: i
     return flops
 
 
-__all__ = ["PEAK_FLOPS_TABLE", "GpuPeak", "match_gpu", "measure_peak_flops", "normalize_dtype", "peak_flops"]
+# --- host facts -----------------------------------------------------------------------------------
+def read_text(path: str) -> str | None:
+    """A small system file (/proc, /sys), or None when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes: /proc/meminfo, capped by a cgroup v2/v1 memory limit if lower."""
+    total = available = 0
+    text = read_text("/proc/meminfo")
+    if text:
+        fields = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                fields[key.strip()] = int(parts[0]) * 1024  # kB
+        total = fields.get("MemTotal", 0)
+        available = fields.get("MemAvailable", fields.get("MemFree", 0))
+    if not total:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        raw = (read_text(path) or "").strip()
+        if raw.isdigit() and 0 < int(raw) < total:
+            limit = int(raw)
+            used_raw = (
+                read_text("/sys/fs/cgroup/memory.current")
+                or read_text("/sys/fs/cgroup/memory/memory.usage_in_bytes")
+                or ""
+            ).strip()
+            used = int(used_raw) if used_raw.isdigit() else 0
+            total, available = limit, min(available, max(0, limit - used))
+            break
+    return total, available
+
+
+__all__ = ["PEAK_FLOPS_TABLE", "GpuPeak", "host_memory", "match_gpu", "measure_peak_flops", "normalize_dtype",
+           "peak_flops", "read_text"]

@@ -37,6 +37,14 @@ def human_flops(flops: float) -> str:
     return f"{flops:.3g} FLOP/s"
 
 
+def human_bytes(n: float) -> str:
+    """`1536` -> `1.5 KiB`, `3.2e9` -> `2.98 GiB` (binary units, as `free` and `nvidia-smi` show memory)."""
+    for power, unit in ((5, "PiB"), (4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if abs(n) >= 1024**power:
+            return f"{n / 1024**power:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def clock_text(seconds: float) -> str:
     """Seconds as `h:mm:ss`, or `m:ss` under an hour (negative counts as 0)."""
     whole = max(0, round(seconds))
@@ -80,4 +88,5 @@ def jsonable(value: Any, *, digits: int | None = None) -> Any:
         return str(value)
 
 
-__all__ = ["clock_text", "finite_or_none", "human_count", "human_flops", "human_seconds", "jsonable", "number_or"]
+__all__ = ["clock_text", "finite_or_none", "human_bytes", "human_count", "human_flops", "human_seconds", "jsonable",
+           "number_or"]

@@ -37,6 +37,23 @@ def _require(condition: bool, field_path: str, message: str) -> None:
         raise PlanError(f"{field_path}: {message}")
 
 
+MAX_NAME_LENGTH = 120
+
+
+def _name_problem(name: str) -> str | None:
+    """Why `name` cannot be a plan name, or None. The name becomes a folder (`runs/<name>`) and part of MLflow and
+    study names: one path component that cannot climb out of `runs/`, start hidden or hold control characters."""
+    if len(name) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters"
+    if "/" in name or "\\" in name:
+        return "must be one folder name, without / or \\"
+    if name.startswith(".") or name != name.strip():
+        return "must not start with '.' nor start or end with a space"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not hold control characters"
+    return None
+
+
 @dataclass(frozen=True)
 class HardwareInfo:
     """What the planner probed, and the peak FLOP/s it used for MFU."""
@@ -254,6 +271,8 @@ class Plan:
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty")
+        problem = _name_problem(self.name)
+        _require(problem is None, "name", f"{problem}, got {self.name!r}")
         _require(
             self.train.seq_len == self.model.seq_len,
             "train.seq_len",

@@ -29,9 +29,20 @@ def handling(signals: Iterable[signal.Signals], handler: Handler) -> Iterator[bo
             signal.signal(sig, old)
 
 
+_raised = [0]  # interrupts raised by `raise_interrupt` in this process
+
+
 def raise_interrupt(signum: int, frame: Any) -> None:
     """A handler that turns the signal into `KeyboardInterrupt`, so it unwinds like Ctrl-C."""
+    _raised[0] += 1
     raise KeyboardInterrupt
 
 
-__all__ = ["handling", "raise_interrupt"]
+def interrupts_raised() -> int:
+    """How many interrupts `raise_interrupt` has raised so far. torch.save turns a KeyboardInterrupt raised
+    inside its writer into `RuntimeError: unexpected pos`; a saver compares this count before and after a
+    failure to tell an interrupt from a real write error."""
+    return _raised[0]
+
+
+__all__ = ["handling", "interrupts_raised", "raise_interrupt"]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from oneday.devices import match_gpu, measure_peak_flops, normalize_dtype, peak_flops
+from oneday.devices import host_memory, match_gpu, measure_peak_flops, normalize_dtype, peak_flops, read_text
 from oneday.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -114,17 +114,9 @@ def resolve_peak_flops(probe: HardwareProbe, dtype: str, *, seconds: float = 1.0
 # --------------------------------------------------------------------------------------------------
 # Probing
 # --------------------------------------------------------------------------------------------------
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def _cpu_info() -> tuple[str, tuple[str, ...]]:
     """(CPU model name, flags of interest) from /proc/cpuinfo, else from `platform`."""
-    text = _read_text("/proc/cpuinfo") or ""
+    text = read_text("/proc/cpuinfo") or ""
     name = None
     flags: set[str] = set()
     for line in text.splitlines():
@@ -143,40 +135,6 @@ def _cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _host_memory() -> tuple[int, int]:
-    """(total, available) bytes: /proc/meminfo, capped by a cgroup v2/v1 memory limit if lower."""
-    total = available = 0
-    text = _read_text("/proc/meminfo")
-    if text:
-        fields = {}
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            parts = value.split()
-            if parts and parts[0].isdigit():
-                fields[key.strip()] = int(parts[0]) * 1024  # kB
-        total = fields.get("MemTotal", 0)
-        available = fields.get("MemAvailable", fields.get("MemFree", 0))
-    if not total:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        raw = (_read_text(path) or "").strip()
-        if raw.isdigit() and 0 < int(raw) < total:
-            limit = int(raw)
-            used_raw = (
-                _read_text("/sys/fs/cgroup/memory.current")
-                or _read_text("/sys/fs/cgroup/memory/memory.usage_in_bytes")
-                or ""
-            ).strip()
-            used = int(used_raw) if used_raw.isdigit() else 0
-            total, available = limit, min(available, max(0, limit - used))
-            break
-    return total, available
 
 
 def _torch_info() -> dict[str, Any]:
@@ -291,7 +249,7 @@ def _host(torch_info: dict[str, Any], notes: list[str]) -> dict[str, Any]:
 
 def _cpu_probe(notes: list[str], torch_info: dict[str, Any]) -> HardwareProbe:
     cpu_name, flags = _cpu_info()
-    total, available = _host_memory()
+    total, available = host_memory()
     native_bf16 = bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
     if not native_bf16:
         notes.append("This CPU has no native bf16 matmul (no AVX-512 BF16 or AMX): fp32 is the fast dtype here.")

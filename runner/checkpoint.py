@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
+from oneday import signals
 from oneday.errors import UserError
 from oneday.paths import fsync
 
@@ -225,6 +226,7 @@ class CheckpointStore:
         and earlier checkpoints stay as they were.
         """
         step = int(state["step"])
+        interrupts = signals.interrupts_raised()
         final = self.directory / f"step-{step:08d}"
         tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"
         for stale in self.directory.glob(".tmp-step-*"):  # left by a crash mid-save
@@ -254,6 +256,8 @@ class CheckpointStore:
         except (OSError, RuntimeError, SafetensorError) as exc:
             written = _tree_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+            if signals.interrupts_raised() != interrupts:  # Ctrl-C inside torch.save, disguised as a write error
+                raise KeyboardInterrupt from None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
             # torch.save reports a full disk as "RuntimeError: ... unexpected pos": ask the file system instead
             full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _looks_full(self.directory, written)

@@ -31,9 +31,19 @@ def startup_seconds(device: str) -> float:
     return STARTUP_SECONDS[device]
 
 
+def checkpoint_bytes(params: int) -> int:
+    """The size of one checkpoint: fp32 weights and both AdamW moments."""
+    return CHECKPOINT_BYTES_PER_PARAM * params
+
+
+def model_bytes(params: int) -> int:
+    """The size of the final model: fp32 weights (`save_pretrained`, safetensors)."""
+    return 4 * params
+
+
 def checkpoint_seconds(params: int) -> float:
     """One checkpoint of a model of `params` parameters: weights and both AdamW moments in fp32, fsynced."""
-    return CHECKPOINT_FIXED_SECONDS + CHECKPOINT_BYTES_PER_PARAM * params / DISK_BYTES_PER_S
+    return CHECKPOINT_FIXED_SECONDS + checkpoint_bytes(params) / DISK_BYTES_PER_S
 
 
 def final_save_seconds(params: int) -> float:
@@ -53,9 +63,11 @@ def forward_tokens_per_s(train_tokens_per_s: float) -> float:
 
 __all__ = [
     "DISK_BYTES_PER_S",
+    "checkpoint_bytes",
     "checkpoint_seconds",
     "eval_seconds",
     "final_save_seconds",
     "forward_tokens_per_s",
+    "model_bytes",
     "startup_seconds",
 ]

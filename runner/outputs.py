@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 from dataclasses import asdict
@@ -10,34 +12,68 @@ from pathlib import Path
 from typing import Any
 
 from oneday import __version__
+from oneday.errors import UserError, first_line
 from oneday.formats import finite_or_none
 from oneday.runner.records import LoopResult
 from oneday.runner.session import Session
 from oneday.runner.summary import RunSummary
 
+log = logging.getLogger(__name__)
+
 
 def save_final(model: Any, *, tokenizer_dir: str | os.PathLike[str], out: Path, eot_id: int | None) -> Path:
     """`save_pretrained` the (uncompiled) model and the prepared tokenizer into `out`, replacing it whole.
 
-    The generation config gets eos/pad = the end-of-text id, so `generate` stops there and does not warn.
+    The generation config gets eos/pad = the end-of-text id, so `generate` stops there and does not warn. It is
+    written to a temporary folder first; an earlier `out` is then replaced, and deleted only when it holds
+    nothing but files this save also wrote (an earlier session's model): anything else in it is kept, moved
+    aside. A write that fails (disk full) raises `UserError` naming the place; the temporary folder is removed.
     """
-    from transformers import AutoTokenizer
+    from safetensors import SafetensorError
 
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        _write_model(model, tokenizer_dir=tokenizer_dir, into=tmp, eot_id=eot_id)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _nearly_full(out.parent)
+        raise UserError(f"{out}: cannot save the final model ({reason}{'; the disk is full' if full else ''}); "
+                        "the last checkpoint is kept: make room and rerun the same command to save it") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        old = out.with_name(f"{out.name}.old-{stamp}")
+        out.rename(old)
+        tmp.rename(out)
+        written = {p.name for p in out.iterdir()}
+        if old.is_dir() and {p.name for p in old.iterdir()} <= written:
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            log.warning("%s held files oneday did not write: kept them in %s", out, old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def _write_model(model: Any, *, tokenizer_dir: str | os.PathLike[str], into: Path, eot_id: int | None) -> None:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    into.mkdir(parents=True)
     module = getattr(model, "module", model)  # DDP
     module = getattr(module, "_orig_mod", module)  # torch.compile
     if eot_id is not None:
         module.config.eos_token_id = eot_id
         module.generation_config.eos_token_id = eot_id
         module.generation_config.pad_token_id = eot_id
-    from transformers.utils import logging as hf_logging
-
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar on the console
     try:
-        module.save_pretrained(tmp, safe_serialization=True)
+        module.save_pretrained(into, safe_serialization=True)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -48,14 +84,14 @@ def save_final(model: Any, *, tokenizer_dir: str | os.PathLike[str], out: Path, 
             tokenizer.eos_token = eot
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.save_pretrained(tmp)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    tokenizer.save_pretrained(into)
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def build_summary(session: Session, result: LoopResult, *, prep_seconds: float, wall: float, run_id: str | None,

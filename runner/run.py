@@ -26,11 +26,19 @@ from oneday.errors import UserError
 from oneday.formats import finite_or_none
 from oneday.paths import write_atomic
 from oneday.plan import Plan, TrainSpec
-from oneday.runner import costs
+from oneday.runner import costs, preflight
 from oneday.runner.deadline import prior_wall
 from oneday.runner.outputs import build_summary, save_final
 from oneday.runner.records import FanOut
-from oneday.runner.run_dir import RunLedger, RunPaths, WallLedger, prepare_run_dir
+from oneday.runner.run_dir import (
+    RunLedger,
+    RunLock,
+    RunPaths,
+    WallLedger,
+    check_run_dir,
+    discard_new_run_dir,
+    prepare_run_dir,
+)
 from oneday.runner.session import Session, SessionInfo
 from oneday.runner.summary import RunSummary
 from oneday.tracking import names
@@ -64,8 +72,18 @@ def run_plan(
     starts. SIGINT/SIGTERM during training: the loop saves a checkpoint and returns; the summary then says
     `interrupted`.
     """
+    with signals.handling((signal.SIGTERM,), signals.raise_interrupt):  # start-up and final save: like Ctrl-C
+        return _run(plan, run_dir=run_dir, device=device, threads=threads, tracking_uri=tracking_uri,
+                    experiment=experiment, force=force, observer=observer, clock=clock, process_start=process_start,
+                    progress=progress)
+
+
+def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int | None, tracking_uri: str | None,
+         experiment: str | None, force: bool, observer: Any, clock: Callable[[], float], process_start: float | None,
+         progress: Any) -> RunSummary:
     import torch
 
+    from oneday.data.plan_data import load_plan_data
     from oneday.runner.distributed import init_distributed
 
     if process_start is None:
@@ -78,15 +96,9 @@ def run_plan(
     digest = plan.digest()
     notes: list[str] = []
 
-    # -- device, threads, folder ------------------------------------------------------------------------
+    # -- device and threads; then what must hold before anything is created -----------------------------
     dev, spec, device_notes = _resolve_device(plan, device, plan.train)
     notes += device_notes
-    if rank0:
-        note = prepare_run_dir(paths, plan, force=force, digest=digest)
-        if note:
-            notes.append(note)
-    if dist is not None:
-        torch.distributed.barrier()
     if dev == "cpu":
         spec = replace(spec, threads=int(threads or spec.threads or plan.hardware.threads))
         torch.set_num_threads(spec.threads or 1)
@@ -94,21 +106,56 @@ def run_plan(
     if dist is not None and dev == "cuda":
         torch.cuda.set_device(dist.local_rank)
         device_name = f"cuda:{dist.local_rank}"
-    session = Session(
-        plan=plan, spec=spec, paths=paths, ledger=RunLedger(paths.state, digest), digest=digest, device=dev,
-        device_name=device_name, dist=dist, tracking_uri=resolve_tracking_uri(tracking_uri),
-        experiment=experiment or names.experiment_name(plan), notes=tuple(notes), clock=clock,
-        process_start=process_start,
-    )
+    preflight.check_memory(plan, spec, device_memory_bytes=preflight.device_memory_bytes(dev, device_name))
+    if rank0:
+        check_run_dir(paths, digest=digest, force=force)
+        preflight.check_disk(paths.root, params=plan.model.params_total(), keep=spec.keep_checkpoints)
 
-    # -- tracking (starts early: MLflow's import and set-up overlap with data and model) ----------------
-    tracker = _start_tracking(session) if rank0 else None
+    # -- data: rank 0 prepares a missing cache entry; the other ranks wait for it, then read it ------------
+    data, prep_seconds = load_plan_data(plan.data, progress=progress, clock=clock) if rank0 else (None, 0.0)
+    if dist is not None:
+        torch.distributed.barrier()
+        if not rank0:
+            data, prep_seconds = load_plan_data(plan.data, clock=clock)
+    assert data is not None
+
+    # -- the run folder, locked for this session -----------------------------------------------------------
+    lock = RunLock(paths.lock) if rank0 else None
+    existed = paths.root.exists()
     try:
-        return _train_and_finish(session, tracker=tracker, observer=observer, progress=progress)
+        if lock is not None:
+            lock.acquire()
+            note = prepare_run_dir(paths, plan, force=force, digest=digest, lock=lock)
+            if note:
+                notes.append(note)
+        if dist is not None:
+            torch.distributed.barrier()
+        session = Session(
+            plan=plan, spec=spec, paths=paths, ledger=RunLedger(paths.state, digest), digest=digest, device=dev,
+            device_name=device_name, dist=dist, tracking_uri=resolve_tracking_uri(tracking_uri),
+            experiment=experiment or names.experiment_name(plan), notes=tuple(notes), clock=clock,
+            process_start=process_start,
+        )
     except BaseException:
-        if tracker is not None:
-            tracker.close(status="FAILED", timeout=5.0)
+        if lock is not None:
+            lock.release()
+            if not existed:
+                discard_new_run_dir(paths)
         raise
+
+    # -- tracking (starts early: MLflow's import and set-up overlap with building the model) ---------------
+    try:
+        tracker = _start_tracking(session) if rank0 else None
+        try:
+            return _train_and_finish(session, data=data, prep_seconds=prep_seconds, tracker=tracker,
+                                     observer=observer)
+        except BaseException:
+            if tracker is not None:
+                tracker.close(status="FAILED", timeout=5.0)
+            raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _resolve_device(plan: Plan, requested: str | None, spec: TrainSpec) -> tuple[str, TrainSpec, list[str]]:
@@ -164,11 +211,10 @@ def _preimport_plotting() -> None:
         import matplotlib.figure  # noqa: F401
 
 
-def _train_and_finish(session: Session, *, tracker: MlflowTracker | None, observer: Any,
-                      progress: Any) -> RunSummary:
+def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, tracker: MlflowTracker | None,
+                      observer: Any) -> RunSummary:
     import torch
 
-    from oneday.data.plan_data import load_plan_data
     from oneday.models.build import build_model, param_groups
     from oneday.runner.checkpoint import CheckpointStore
     from oneday.runner.loop import train
@@ -176,14 +222,6 @@ def _train_and_finish(session: Session, *, tracker: MlflowTracker | None, observ
     plan, spec, paths, ledger, clock, dist = session.plan, session.spec, session.paths, session.ledger, \
         session.clock, session.dist
     rank0 = session.rank0
-
-    # -- data: rank 0 prepares a missing cache entry; the other ranks wait for it, then read it ------------
-    data, prep_seconds = load_plan_data(plan.data, progress=progress, clock=clock) if rank0 else (None, 0.0)
-    if dist is not None:
-        torch.distributed.barrier()
-        if not rank0:
-            data, prep_seconds = load_plan_data(plan.data, clock=clock)
-    assert data is not None
 
     # -- model ------------------------------------------------------------------------------------------
     torch.manual_seed(spec.seed)
@@ -210,6 +248,12 @@ def _train_and_finish(session: Session, *, tracker: MlflowTracker | None, observ
     def charged() -> float:
         return clock() - budget_start
 
+    lost = ledger.lost_seconds(charged_before) if rank0 else 0.0
+    if lost >= 1.0:
+        where = f"its last checkpoint (step {resume_step})" if resume_step is not None else "any checkpoint"
+        log.warning("the earlier session trained about %.0f s past %s before it ended: that work is lost and "
+                    "is trained again (the budget is not charged for it)", lost, where)
+
     recorder = None
     if rank0:
         if observer is not None and hasattr(observer, "on_session"):
@@ -221,6 +265,7 @@ def _train_and_finish(session: Session, *, tracker: MlflowTracker | None, observ
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": session.device,
             "prior_wall_seconds": round(charged_before, 3), "resume_step": resume_step,
             "startup_seconds": round(clock() - session.process_start - prep_seconds, 3),
+            **({"lost_seconds": round(lost, 3)} if lost >= 1.0 else {}),
         })
         ledger.save()
         log.info("training %s on %s until %.0f s of the %.0f s budget (%.1f s kept for the final save)",
@@ -292,7 +337,7 @@ def _stop_on_signals(stop: threading.Event) -> contextlib.AbstractContextManager
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            signals.raise_interrupt(signum, frame)
         stop.set()
         log.warning("%s: saving a checkpoint and stopping (Ctrl-C again to abort without saving)",
                     signal.Signals(signum).name)

@@ -250,3 +250,24 @@ def test_a_full_disk_reported_by_torch_as_unexpected_pos_says_disk_full(
     monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 4096})())
     with pytest.raises(CheckpointError, match=r"unexpected pos.*the disk is full.*step-00000010 is kept"):
         store.save(model=model, optimizer=optimizer, state=_state(20))
+
+
+def test_a_second_ctrl_c_inside_torch_save_is_an_interrupt_not_a_write_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save turns a KeyboardInterrupt raised in its writer into "RuntimeError: unexpected pos": the user
+    who pressed Ctrl-C twice got exit 2 and a misleading checkpoint error instead of 130 "interrupted"."""
+    from oneday import signals
+
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=2)
+
+    def ctrl_c_inside_torch(*args, **kwargs):
+        try:
+            signals.raise_interrupt(2, None)
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(torch, "save", ctrl_c_inside_torch)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(model=model, optimizer=optimizer, state=_state(20))
+    assert list(tmp_path.iterdir()) == []

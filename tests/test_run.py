@@ -301,6 +301,82 @@ def test_interrupt_then_corrupt_checkpoint_then_resume(prepared, tmp_path, caplo
     assert resumed and resumed[0]["step"] == int(older.name.split("-")[1])
 
 
+def test_a_locked_run_folder_is_refused_naming_the_holder(prepared, tmp_path):
+    """Two runs on one folder used to interleave metrics and delete each other's checkpoints in progress."""
+    from oneday.runner.run_dir import RunLock
+
+    run_dir = tmp_path / "run"
+    holder = pytest.raises(UserError, match=rf"in use by another oneday run \(pid {os.getpid()}\)")
+    with RunLock(RunPaths(run_dir).lock).acquire(), holder:
+        run_quick(quick(prepared, steps=2), run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".oneday.lock"]
+    assert run_quick(quick(prepared, steps=2), run_dir).finished  # released: the next run takes it
+
+
+def test_a_rerun_says_how_much_work_an_earlier_session_lost(prepared, tmp_path, caplog):
+    plan = quick(prepared, steps=2)
+    run_dir = tmp_path / "run"
+    prepare_run_dir(RunPaths(run_dir), plan, force=False)
+    ledger = {"plan_hash": plan.digest(), "sessions": [{"started": "x", "charged_seconds": 90.0}]}
+    (run_dir / "run.json").write_text(json.dumps(ledger))  # a session killed at 90 s before any checkpoint
+    with caplog.at_level("WARNING", logger="oneday.runner.run"):
+        run_quick(plan, run_dir)
+    assert "trained about 90 s past any checkpoint" in caplog.text
+    assert json.loads((run_dir / "run.json").read_text())["sessions"][-1]["lost_seconds"] == 90.0
+
+
+def test_sigterm_during_start_up_unwinds_like_ctrl_c_and_leaves_nothing(prepared, tmp_path, monkeypatch):
+    from oneday.data import plan_data
+
+    real = plan_data.load_plan_data
+
+    def slow_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_data, "load_plan_data", slow_load)
+    with pytest.raises(KeyboardInterrupt):
+        run_quick(quick(prepared, steps=2), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_the_final_save_keeps_files_oneday_did_not_write(prepared, tmp_path):
+    from oneday.models.build import build_model
+    from oneday.runner.outputs import save_final
+
+    model = build_model(make_plan().model, seed=0)
+    out = tmp_path / "final"
+    save_final(model, tokenizer_dir=prepared.tokenizer_dir, out=out, eot_id=prepared.eot_id)
+    save_final(model, tokenizer_dir=prepared.tokenizer_dir, out=out, eot_id=prepared.eot_id)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"], "an earlier save of its own is replaced"
+    (out / "notes.txt").write_text("mine")
+    save_final(model, tokenizer_dir=prepared.tokenizer_dir, out=out, eot_id=prepared.eot_id)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("final.old-")]
+    assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine"
+    assert (out / "model.safetensors").exists() and not (out / "notes.txt").exists()
+
+
+def test_a_full_disk_at_the_final_save_is_one_line_and_leaves_no_temp(prepared, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    from oneday.models.build import build_model
+    from oneday.runner.outputs import save_final
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(UserError, match=r"final: cannot save the final model \(No space left on device; "
+                                        r"the disk is full\); the last checkpoint is kept"):
+        save_final(build_model(make_plan().model, seed=0), tokenizer_dir=prepared.tokenizer_dir,
+                   out=tmp_path / "final", eot_id=prepared.eot_id)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------------------
 # Faults, as a user meets them: `oneday run` in a subprocess
 

@@ -115,3 +115,69 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys, oneday.cli; print(any(m in sys.modules for m in ('torch', 'mlflow', 'transformers')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_non_empty_folder_without_a_run_is_refused_unless_force(tmp_path: Path) -> None:
+    """A user's folder used to be accepted; the final save then renamed its final/ away and deleted it."""
+    run_dir = tmp_path / "mine"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "notes.txt").write_text("precious")
+    path = save_plan(make_plan(), tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir))
+    assert code == 2
+    line = one_error_line(err)
+    assert str(run_dir) in line and "holds no oneday run" in line and "--force" in line
+    # with --force oneday trains beside the user's files, but never over a name it writes (final/ here)
+    code, _, err = _invoke("run", str(path), "--run-dir", str(run_dir), "--force")
+    assert code == 2 and "did not write" in one_error_line(err) and "final" in one_error_line(err)
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["final", "notes.txt"], "something was written"
+    assert (run_dir / "final" / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/path", ".hidden", "a\\b", "x" * 121, "tab\there"])
+def test_a_plan_name_that_is_not_one_folder_name_is_refused(tmp_path: Path, name: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = json.loads(make_plan().to_json())
+    raw["name"] = name
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(raw))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    code, _, err = _invoke("run", str(path))
+    assert code == 2 and "plan.json: name: must " in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cwd", "plan.json"]
+
+
+def test_an_absurd_model_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    plan = make_plan()
+    huge = replace(plan, model=replace(plan.model, d_model=2**20, n_head=2**10, d_ff=2**22, n_layer=10**4))
+    path = save_plan(huge, tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+    line = one_error_line(err)
+    assert "plan model: training it needs about" in line and "more than the" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from oneday.runner import preflight
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    path = save_plan(make_plan(), tmp_path / "plan.json")
+    code, _, err = _invoke("run", str(path), "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and "free, but a checkpoint and the final model need" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("plan", "--minutes", "abc"), "'--minutes'"),
+    (("run", "plan.json", "--threads", "0"), "'--threads'"),
+    (("plan", "--no-such-option"), "--no-such-option"),
+])
+def test_usage_errors_are_one_line(args: tuple[str, ...], expected: str) -> None:
+    code, _, err = _invoke(*args)
+    assert code == 2
+    line = one_error_line(err)
+    assert expected in line and "--help" in line and "╭" not in err and "Usage:" not in err

@@ -268,7 +268,7 @@ def short_name(spec: str) -> str:
     base = re.sub(r"\.(gz|zst|bz2|xz)$", "", parts[-1] if parts else "", flags=re.IGNORECASE)
     if Path(base).suffix.lower() in (".txt", ".raw", ".md", ".jsonl", ".json", ".parquet", ".csv"):
         base = Path(base).stem
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "data"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")[:60] or "data"  # plan names stay folder names
 
 
 def resolve_source(spec: str, *, text_column: str | None = None, config: str | None = None,
