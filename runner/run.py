@@ -49,6 +49,9 @@ from oneday.tracking.writer import MlflowTracker
 
 log = logging.getLogger(__name__)
 
+MIN_CLOSE_SECONDS = 2.0
+"""What the MLflow writer always gets to finish, even when the budget is spent: enough for a local store."""
+
 
 def run_plan(
     plan: Plan,
@@ -149,9 +152,10 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
         try:
             return _train_and_finish(session, data=data, prep_seconds=prep_seconds, tracker=tracker,
                                      observer=observer)
-        except BaseException:
+        except BaseException as exc:
             if tracker is not None:
-                tracker.close(status="FAILED", timeout=5.0)
+                tracker.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                              timeout=MIN_CLOSE_SECONDS)
             raise
     finally:
         if lock is not None:
@@ -298,9 +302,9 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     save_final(model, tokenizer_dir=data.tokenizer_dir, out=paths.final, eot_id=data.eot_id)
     t_saved = clock()
     recorder.finish(step=result.steps, tokens=result.tokens, final_loss=finite_or_none(result.final_val_loss))
-    summary = build_summary(session, result, prep_seconds=prep_seconds, wall=charged(),
-                            run_id=tracker.wait_ready(timeout=5.0), tracking_error=tracker.error)
-    write_atomic(paths.summary, summary.to_json())
+    summary = build_summary(session, result, prep_seconds=prep_seconds, wall=charged(), run_id=tracker.run_id,
+                            tracking_error=tracker.error)
+    write_atomic(paths.summary, summary.to_json())  # the copy MLflow gets; rewritten below with the final wall
     try:
         plot_loss_curve(read_metrics(paths.metrics), paths.plot, predicted_loss=plan.prediction.loss,
                         band=plan.prediction.loss_band, title=f"{plan.name}: loss vs tokens")
@@ -312,14 +316,15 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     tracker.log_artifacts(paths.final, "model")
     tracker.set_tags({names.TAG_INTERRUPTED: str(bool(result.interrupted)).lower()})
     t_outputs = clock()
+    # MLflow gets what is left of the reserve (a few seconds at least): a dead or hung store cannot hold the run
     tracker.close(status="KILLED" if result.interrupted else "FINISHED",
-                  timeout=max(30.0, deadline + reserve - clock()))
+                  timeout=max(MIN_CLOSE_SECONDS, min(reserve, deadline + reserve - clock())))
     log.debug("after the loop: final save %.2f s, summary and plot %.2f s, MLflow %.2f s (reserved %.2f s); "
               "charged %.2f s of %.0f s", t_saved - t_end, t_outputs - t_saved, clock() - t_outputs, reserve,
               charged(), spec.budget_seconds)
-    if tracker.error and not summary.tracking_error:
-        summary = replace(summary, tracking_error=tracker.error)
-        write_atomic(paths.summary, summary.to_json())
+    summary = build_summary(session, result, prep_seconds=prep_seconds, wall=charged(), run_id=tracker.run_id,
+                            tracking_error=tracker.error)
+    write_atomic(paths.summary, summary.to_json())  # last: the wall time it records is the run's real one
     return summary
 
 

@@ -289,3 +289,92 @@ def test_a_failed_tracker_waits_without_spinning() -> None:
     time.sleep(1.0)
     assert time.process_time() - before < 0.2  # a spinning thread would burn ~1 s of CPU here
     assert tracker.close(timeout=5) is False
+
+
+class _Flaky:
+    """An MlflowClient whose `log_batch` fails while `down` is set, then passes calls to the real client."""
+
+    def __init__(self, real, *, down: bool = True) -> None:
+        self.real, self.down, self.failures = real, down, 0
+
+    def log_batch(self, *args, **kwargs):
+        if self.down:
+            self.failures += 1
+            raise ConnectionError("store went away")
+        return self.real.log_batch(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_store_that_comes_back_gets_the_buffered_metrics(tmp_path, caplog):
+    """After a failure the writer used to drop everything that followed."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri=uri, experiment="e", run_name="r", flush_every=0.05, retry_first=0.3).start()
+    run_id = tracker.wait_ready(60)
+    flaky = _Flaky(tracker._client)
+    tracker._client = flaky
+    with caplog.at_level(logging.INFO, logger="oneday.tracking.writer"):
+        for i in range(1, 101):
+            tracker.log_metrics({"train/loss": 1.0 / i}, step=i)
+            time.sleep(0.005)
+        time.sleep(1.0)  # a few failed retries, with backoff
+        assert tracker.failed and flaky.failures >= 2
+        failures = flaky.failures
+        time.sleep(1.0)
+        assert flaky.failures <= failures + 1, "retrying without backing off"
+        flaky.down = False
+        for i in range(101, 111):
+            tracker.log_metrics({"train/loss": 1.0 / i}, step=i)
+        assert tracker.close(timeout=30)
+    assert not tracker.failed
+    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 111))
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "store went away" in warnings[0].getMessage()
+    assert "answers again" in caplog.text
+
+
+def test_a_store_down_at_start_gets_the_run_when_it_comes_up(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from oneday.tracking import writer
+
+    real, calls = writer.open_experiment, []
+
+    def down_twice(uri, experiment):
+        calls.append(uri)
+        if len(calls) <= 2:
+            raise ConnectionError("connection refused")
+        return real(uri, experiment)
+
+    monkeypatch.setattr(writer, "open_experiment", down_twice)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri=uri, experiment="e", run_name="r", flush_every=0.05, retry_first=0.2,
+                            params={"a": "1"}).start()
+    assert tracker.wait_ready(30) is None and tracker.failed
+    tracker.log_metrics({"train/loss": 2.0}, step=1)
+    deadline = time.monotonic() + 60
+    while tracker.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tracker.log_metrics({"train/loss": 1.0}, step=2)
+    assert tracker.close(timeout=30)
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.data.params == {"a": "1"} and run.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "train/loss")] == [1, 2]
+
+
+def test_a_hung_store_cannot_hold_the_end_of_a_run(hung_server, caplog):
+    tracker = MlflowTracker(uri=hung_server, experiment="e", run_name="r", flush_every=0.05).start()
+    for i in range(100):
+        tracker.log_metrics({"train/loss": 1.0}, step=i)
+    started = time.monotonic()
+    with caplog.at_level(logging.DEBUG):
+        assert tracker.close(timeout=1.5) is False
+    assert time.monotonic() - started < 2.5
+    assert tracker.failed and "no answer within" in tracker.error
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and loud[0].name == "oneday.tracking.writer", [r.getMessage() for r in loud]

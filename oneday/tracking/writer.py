@@ -7,7 +7,13 @@ every ~10 s (`oneday.tracking.system`), sets tags and uploads artifacts. mlflow 
 thread: ~2.5 s of import that does not hold up training.
 
 A store that cannot be reached, or fails part way, never stops or slows training: the first failure logs ONE
-warning, the tracker drops what follows, and `metrics.jsonl` (`oneday.tracking.recorder`) keeps everything.
+warning (MLflow's and urllib3's own log lines are silenced while the tracker runs), and `metrics.jsonl`
+(`oneday.tracking.recorder`) keeps everything. The writer keeps what it could not send (metrics up to
+`MAX_BUFFERED_METRICS` values, the oldest dropped first; tags and artifacts in order) and tries again after 5 s,
+10 s, 20 s, … up to every 5 minutes, sleeping in between: a store that comes back gets the backlog, in order.
+`close(timeout=…)` bounds the end: what a dead or hung store has not taken by then is left unsent, so the run
+ends on time; the MLflow run is ended with the caller's status (FINISHED, KILLED, FAILED) whenever the store
+answers.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 from oneday.errors import first_line
 from oneday.formats import finite_or_none
+from oneday.logs import quieted
 from oneday.tracking.store import open_experiment
 from oneday.tracking.system import SystemSampler
 
@@ -33,6 +40,9 @@ MAX_PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 MAX_METRICS_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+MAX_BUFFERED_METRICS = 500_000  # metric values kept for a store that is down (~100 MB at most)
+RETRY_FIRST_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,8 @@ class MlflowTracker:
 
     `resume_run_id`: continue that run (a resumed training session) if it exists in this store and
     experiment; otherwise a new run is created. `run_id` is known once the worker has set the run up
-    (`wait_ready`; `on_ready(run_id)` is called from the worker then). After the first failure the tracker
-    is `failed` and drops everything else.
+    (`wait_ready`; `on_ready(run_id)` is called from the worker then). `error` is the store's current failure
+    (None while it answers); `dropped` counts metric values given up because the backlog was full.
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class MlflowTracker:
         gpu_indices: Iterable[int] | None = None,
         system_every: float = 10.0,
         flush_every: float = 3.0,
+        retry_first: float = RETRY_FIRST_SECONDS,
         on_ready: Callable[[str], None] | None = None,
     ) -> None:
         self.uri = uri
@@ -93,16 +104,24 @@ class MlflowTracker:
         self._gpu_indices = list(gpu_indices) if gpu_indices is not None else None
         self._system_every = system_every
         self._flush_every = flush_every
+        self._retry_first = retry_first
         self._on_ready = on_ready
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._work, name="oneday-mlflow", daemon=True)
         self._client: Any = None
         self._last_step = 0
+        self._metrics: list[_Metrics] = []  # not yet sent, oldest first
+        self._buffered_values = 0
+        self._others: list[_Tags | _Artifact] = []  # not yet sent, in order
+        self._retry_at: float | None = None  # set while the store is down
+        self._backoff = retry_first
+        self._warned = False
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.resumed = False
         self.error: str | None = None
+        self.dropped = 0
 
     # -- training-thread side ----------------------------------------------------------------------------
     @property
@@ -115,46 +134,52 @@ class MlflowTracker:
 
     def log_metrics(self, values: Mapping[str, Any], *, step: int, timestamp: float | None = None) -> None:
         clean = {k: v for k, v in ((k, finite_or_none(v)) for k, v in values.items()) if v is not None}
-        if clean and not self.failed:
+        if clean:
             ts = int((time.time() if timestamp is None else timestamp) * 1000)
             self._queue.put(_Metrics(clean, int(step), ts))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if not self.failed:
-            self._queue.put(_Tags({k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()}))
+        self._queue.put(_Tags({k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()}))
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        if not self.failed:
-            self._queue.put(_Artifact(str(path), artifact_path, directory=False))
+        self._queue.put(_Artifact(str(path), artifact_path, directory=False))
 
     def log_artifacts(self, directory: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        if not self.failed:
-            self._queue.put(_Artifact(str(directory), artifact_path, directory=True))
+        self._queue.put(_Artifact(str(directory), artifact_path, directory=True))
 
     def wait_ready(self, timeout: float | None = None) -> str | None:
-        """Wait until the run exists (or setting it up failed); the run id or None."""
+        """Wait until the first attempt to set the run up has ended; the run id, or None if it failed."""
         self._ready.wait(timeout)
         return self.run_id
 
     def close(self, *, status: str = "FINISHED", timeout: float = 60.0) -> bool:
-        """Send what is queued, end the run with `status`, wait up to `timeout` s. True if all was sent."""
+        """Send what is left (one more try if the store is down), end the run with `status`; wait at most
+        `timeout` s. True if everything was sent."""
         if not self._thread.is_alive():
             return not self.failed
         self._queue.put(_Close(status))
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
-            self._warn(f"MLflow did not finish within {timeout:.0f} s; the rest is left unsent")
+            self._went_down("finishing", TimeoutError(f"no answer within {timeout:.0f} s; the rest is left unsent"))
             return False
-        return not self.failed
+        return not self.failed and not self.dropped
 
     # -- worker side -------------------------------------------------------------------------------------
-    def _warn(self, message: str) -> None:
-        if self.error is None:
-            self.error = message
-            log.warning("%s; training goes on, metrics.jsonl in the run folder has everything", message)
+    def _went_down(self, doing: str, exc: BaseException) -> None:
+        """A call to the store failed: keep the backlog, retry later with backoff; warn once per outage."""
+        self.error = f"MLflow tracking at {self.uri} failed while {doing}: {first_line(exc)}"
+        now = time.monotonic()
+        self._backoff = self._retry_first if self._retry_at is None else min(2 * self._backoff, RETRY_MAX_SECONDS)
+        self._retry_at = now + self._backoff
+        if not self._warned:
+            self._warned = True
+            log.warning("%s; training goes on, metrics.jsonl in the run folder has everything, and the metrics are "
+                        "sent when the store answers again", self.error)
 
-    def _fail(self, doing: str, exc: BaseException) -> None:
-        self._warn(f"MLflow tracking at {self.uri} failed while {doing}: {first_line(exc)}")
+    def _came_back(self, sent: int) -> None:
+        if self._retry_at is not None:
+            log.info("MLflow tracking at %s answers again: sent %d buffered metric values", self.uri, sent)
+        self._retry_at, self.error, self._warned = None, None, False
 
     def _setup(self) -> None:
         from mlflow.entities import Param, RunTag
@@ -183,116 +208,126 @@ class MlflowTracker:
         self._client = client
         self.experiment_id = experiment_id
         self.run_id = run_id
-
-    def _flush(self, buffer: list[Any]) -> None:
-        if not buffer:
-            return
-        if self.failed:
-            buffer.clear()
-            return
-        from mlflow.entities import Metric
-
-        metrics = [Metric(k, v, m.timestamp_ms, m.step) for m in buffer for k, v in m.values.items()]
-        buffer.clear()
-        try:
-            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                self._client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
-        except Exception as exc:
-            self._fail("logging metrics", exc)
-
-    def _work(self) -> None:
-        try:
-            self._setup()
-        except Exception as exc:
-            self._fail("setting up the run", exc)
-        finally:
-            self._ready.set()
-        if self.run_id is not None and self._on_ready is not None:
+        if self._on_ready is not None:
             try:
-                self._on_ready(self.run_id)
+                self._on_ready(run_id)
             except Exception as exc:  # a callback must not end tracking
                 log.debug("on_ready: %s", exc)
-        sampler = SystemSampler(gpu=self._gpu, gpu_indices=self._gpu_indices) if not self.failed else None
-        buffer: list[_Metrics] = []
-        pending = 0
+
+    def _buffer(self, item: _Metrics) -> None:
+        self._metrics.append(item)
+        self._buffered_values += len(item.values)
+        self._last_step = max(self._last_step, item.step)
+        while self._buffered_values > MAX_BUFFERED_METRICS and len(self._metrics) > 1:
+            oldest = self._metrics.pop(0)
+            self._buffered_values -= len(oldest.values)
+            self.dropped += len(oldest.values)
+
+    def _send(self) -> None:
+        """Set the run up if it is not yet, then send the backlog: metrics first, then tags and artifacts in
+        order. Each part leaves the backlog only once the store took it; the first failure stops the attempt."""
+        doing = "setting up the run"
+        try:
+            if self.run_id is None:
+                self._setup()
+            from mlflow.entities import Metric
+
+            sent = 0
+            doing = "logging metrics"
+            while self._metrics:
+                batch, values = [], 0
+                while self._metrics and values + len(self._metrics[0].values) <= MAX_METRICS_PER_BATCH:
+                    item = self._metrics.pop(0)
+                    batch.append(item)
+                    values += len(item.values)
+                if not batch:  # one record larger than a batch (never, with oneday's records)
+                    batch.append(self._metrics.pop(0))
+                metrics = [Metric(k, v, m.timestamp_ms, m.step) for m in batch for k, v in m.values.items()]
+                try:
+                    self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+                except BaseException:
+                    self._metrics[:0] = batch
+                    raise
+                self._buffered_values -= len(metrics)
+                sent += len(metrics)
+            while self._others:
+                item = self._others[0]
+                doing = "setting tags" if isinstance(item, _Tags) else f"uploading {Path(item.path).name}"
+                self._send_other(item)
+                self._others.pop(0)
+        except Exception as exc:
+            self._went_down(doing, exc)
+        else:
+            self._came_back(sent)
+        finally:
+            self._ready.set()
+
+    def _send_other(self, item: _Tags | _Artifact) -> None:
+        from mlflow.entities import RunTag
+
+        if isinstance(item, _Tags):
+            tags = [RunTag(k, v) for k, v in item.tags.items()]
+            for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
+                self._client.log_batch(self.run_id, tags=tags[i : i + MAX_PARAMS_PER_BATCH], synchronous=True)
+        elif item.directory:
+            self._client.log_artifacts(self.run_id, item.path, item.artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, item.path, item.artifact_path)
+
+    def _work(self) -> None:
+        # MLflow and urllib3 log their own retries and tracebacks; the one warning of `_went_down` says it all.
+        with quieted("mlflow", logging.CRITICAL), quieted("urllib3", logging.CRITICAL):
+            self._send()
+            sampler = SystemSampler(gpu=self._gpu, gpu_indices=self._gpu_indices)
+            try:
+                closing = self._loop(sampler)
+                self._add_system(sampler)
+            finally:
+                sampler.close()
+            self._send()  # one last try, bounded by the caller's `close(timeout=…)`
+            if self.run_id is not None and not self.failed:
+                try:
+                    self._client.set_terminated(self.run_id, status=closing.status)
+                except Exception as exc:
+                    self._went_down("ending the run", exc)
+
+    def _loop(self, sampler: SystemSampler) -> _Close:
+        """Take items until `_Close`: buffer them, sample the system, and send every `flush_every` seconds, or
+        when the store is down, at its retry time. Sleeps on the queue in between (no polling)."""
         now = time.monotonic()
         next_flush = now + self._flush_every
         next_system = now + min(self._system_every, 2.0)
-        try:
-            while True:
-                timeout = max(0.0, min(next_flush, next_system) - time.monotonic())
-                try:
-                    item = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    item = None
-                if self.failed:
-                    # Nothing more is sent: wait (blocked, not polling) for the end, so a dead store costs
-                    # training nothing.
-                    while not isinstance(item, _Close):
-                        item = self._queue.get()
-                    return
-                if isinstance(item, _Metrics):
-                    buffer.append(item)
-                    self._last_step = max(self._last_step, item.step)
-                    pending += len(item.values)
-                    if pending >= MAX_METRICS_PER_BATCH:
-                        self._flush(buffer)
-                        pending = 0
-                elif isinstance(item, _Tags):
-                    self._send_tags(item)
-                elif isinstance(item, _Artifact):
-                    self._flush(buffer)
-                    pending = 0
-                    self._send_artifact(item)
-                elif isinstance(item, _Close):
-                    if sampler is not None:
-                        self._add_system(sampler, buffer)
-                    self._flush(buffer)
-                    if not self.failed:
-                        try:
-                            self._client.set_terminated(self.run_id, status=item.status)
-                        except Exception as exc:
-                            self._fail("ending the run", exc)
-                    return
-                now = time.monotonic()
-                if sampler is not None and now >= next_system:
-                    self._add_system(sampler, buffer)
-                    next_system = now + self._system_every
-                if now >= next_flush:
-                    self._flush(buffer)
-                    pending = 0
-                    next_flush = now + self._flush_every
-        finally:
-            if sampler is not None:
-                sampler.close()
+        while True:
+            send_at = self._retry_at if self._retry_at is not None else next_flush
+            try:
+                item = self._queue.get(timeout=max(0.0, min(send_at, next_system) - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if isinstance(item, _Close):
+                return item
+            if isinstance(item, _Metrics):
+                self._buffer(item)
+            elif item is not None:
+                self._others.append(item)
+            now = time.monotonic()
+            if now >= next_system:
+                self._add_system(sampler)
+                next_system = now + self._system_every
+            if self._retry_at is not None:
+                if now >= self._retry_at:
+                    self._send()
+            elif now >= next_flush or self._buffered_values >= MAX_METRICS_PER_BATCH or isinstance(item, _Artifact):
+                self._send()
+                next_flush = now + self._flush_every
 
-    def _add_system(self, sampler: SystemSampler, buffer: list[_Metrics]) -> None:
+    def _add_system(self, sampler: SystemSampler) -> None:
         try:
             values = sampler.sample()
         except Exception as exc:  # sampling must never end tracking
             log.debug("system metrics: %s", exc)
             return
         if values:
-            buffer.append(_Metrics(values, self._last_step, int(time.time() * 1000)))
-
-    def _send_tags(self, item: _Tags) -> None:
-        from mlflow.entities import RunTag
-
-        try:
-            tags = [RunTag(k, v) for k, v in item.tags.items()]
-            for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
-                self._client.log_batch(self.run_id, tags=tags[i : i + MAX_PARAMS_PER_BATCH], synchronous=True)
-        except Exception as exc:
-            self._fail("setting tags", exc)
-
-    def _send_artifact(self, item: _Artifact) -> None:
-        try:
-            if item.directory:
-                self._client.log_artifacts(self.run_id, item.path, item.artifact_path)
-            else:
-                self._client.log_artifact(self.run_id, item.path, item.artifact_path)
-        except Exception as exc:
-            self._fail(f"uploading {Path(item.path).name}", exc)
+            self._buffer(_Metrics(values, self._last_step, int(time.time() * 1000)))
 
 
-__all__ = ["MAX_PARAMS_PER_BATCH", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MlflowTracker"]
+__all__ = ["MAX_BUFFERED_METRICS", "MAX_PARAMS_PER_BATCH", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MlflowTracker"]
