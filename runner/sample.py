@@ -2,11 +2,51 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 from oneday.errors import UserError, first_line
+
+# A seed is what `torch.manual_seed` takes, kept to its non-negative half.
+MAX_SEED = 2**64 - 1
+
+
+def check_sampling_options(*, max_new_tokens: int, temperature: float, seed: int) -> None:
+    """`UserError` naming the option (as `oneday sample` spells it) that is out of range."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature: must be a finite number >= 0 (0: greedy), got {temperature}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed: must be in 0..{MAX_SEED}, got {seed}")
+
+
+def check_safetensors_complete(path: Path) -> None:
+    """`UserError` when the safetensors file at `path` is shorter or longer than its header says (a copy cut
+    short, a disk that filled up) or its header is unreadable. Reads only the header, without torch.
+
+    Format (github.com/huggingface/safetensors, README "Format"): 8 bytes little-endian header length N, N
+    bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the
+    data, whose size is the largest `end`."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_len))
+        data_len = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                       default=0)
+    except (struct.error, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: truncated or corrupt (its header cannot be read: {first_line(exc)})") from None
+    expected = 8 + header_len + data_len
+    if size != expected:
+        cut = "truncated" if size < expected else "corrupt"
+        raise UserError(f"{path}: {cut} ({size:,} bytes where its header says {expected:,})")
 
 
 def sample_run(
@@ -19,17 +59,17 @@ def sample_run(
     device: str = "cpu",
 ) -> str:
     """Generate text from `run_dir/final` (or a folder holding the model directly). Returns prompt + text."""
+    check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     root = Path(run_dir)
     if not root.exists():
         raise UserError(f"{root}: no such run folder")
     final = root / "final" if (root / "final").is_dir() else root
     if not (final / "config.json").exists():
         raise UserError(f"{root}: holds no final model (the run has not finished; rerun `oneday run` to finish it)")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature: must be >= 0, got {temperature}")
+    for weights in sorted(final.glob("*.safetensors")):
+        check_safetensors_complete(weights)
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -38,7 +78,7 @@ def sample_run(
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(final))
         model = AutoModelForCausalLM.from_pretrained(str(final)).to(device).eval()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"{final}: cannot load the model ({first_line(exc)})") from None
     finally:
         if bars:
@@ -64,4 +104,4 @@ def sample_run(
     return tokenizer.decode(out[0][skip:], skip_special_tokens=True)
 
 
-__all__ = ["sample_run"]
+__all__ = ["check_safetensors_complete", "check_sampling_options", "sample_run"]

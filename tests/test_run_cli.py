@@ -108,6 +108,45 @@ def test_sample_missing_or_unfinished_run(tmp_path: Path) -> None:
     assert code == 2 and "has not finished" in one_error_line(err)
 
 
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """A run folder whose final/ holds a tiny model as `save_pretrained` writes it (weights in model.safetensors)."""
+    from oneday.models.build import build_model
+    from tests.factories import tiny_model
+
+    run_dir = tmp_path_factory.mktemp("sample") / "run"
+    build_model(tiny_model()).save_pretrained(run_dir / "final", safe_serialization=True)
+    return run_dir
+
+
+def test_sample_truncated_weights_name_the_file(saved_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_model, run_dir)
+    weights = run_dir / "final" / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as handle:
+        handle.truncate(size // 2)
+    code, _, err = _invoke("sample", str(run_dir))
+    assert code == 2
+    line = one_error_line(err)
+    assert f"{weights}: truncated ({size // 2:,} bytes where its header says {size:,})" in line
+    weights.write_bytes(b"\xff" * 6)
+    code, _, err = _invoke("sample", str(run_dir))
+    assert code == 2 and f"{weights}: truncated or corrupt" in one_error_line(err)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-inf"), ("--temperature", "-0.5"),
+    ("--max-new-tokens", "0"), ("--max-new-tokens", "-3"), ("--seed", "-1"), ("--seed", str(2**64)),
+])
+def test_sample_refuses_out_of_range_options(saved_model: Path, option: str, value: str) -> None:
+    code, out, err = _invoke("sample", str(saved_model), option, value)
+    assert code == 2 and out == ""
+    assert f"{option}: must be" in one_error_line(err)
+
+
 def test_help_does_not_import_torch() -> None:
     import subprocess
     import sys

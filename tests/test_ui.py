@@ -4,6 +4,8 @@ Ctrl-C stops everything."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import socket
@@ -119,6 +121,99 @@ def test_stop_ends_the_whole_process_group(tmp_path):
     assert process.returncode is not None
     assert not process_group_alive(process.pid)
     assert not log.exists() or process.returncode != 0
+
+
+# A parent that starts a command the way `oneday ui` starts `mlflow server`, prints the group's id and waits
+# to be killed. The command starts a child of its own, like mlflow server starts uvicorn.
+TETHERING_PARENT = """
+import sys, time
+from oneday.compare.tether import start_tethered
+process = start_tethered(["sh", "-c", sys.argv[1]], grace=1.0)
+print(process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("script", ["sleep 120 & wait", "trap '' TERM; sleep 120 & sleep 120"],
+                         ids=["stops-on-sigterm", "ignores-sigterm"])
+def test_server_group_ends_when_its_parent_is_killed(script):
+    from oneday.compare.tether import group_members
+
+    parent = subprocess.Popen([sys.executable, "-c", TETHERING_PARENT, script], stdout=subprocess.PIPE, text=True)
+    pgid = None
+    try:
+        pgid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 20
+        while len(group_members(pgid)) < 3 and time.monotonic() < deadline:  # supervisor, sh, sleep
+            time.sleep(0.05)
+        assert len(group_members(pgid)) >= 3
+        parent.kill()  # SIGKILL: the parent cannot stop anything itself
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_members(pgid), "the server's process group outlived its parent"
+    finally:
+        parent.kill()
+        if pgid is not None:  # what a failure leaves behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+def test_tethered_command_exit_status_and_stop(tmp_path):
+    from oneday.compare.tether import start_tethered
+    from oneday.compare.ui import UiServer, process_group_alive
+
+    assert start_tethered([sys.executable, "-c", "import sys; sys.exit(3)"]).wait(timeout=30) == 3
+    process = start_tethered(["sleep", "120"])
+    log = tmp_path / "x.log"
+    log.write_text("")
+    time.sleep(0.5)
+    UiServer(url="http://127.0.0.1:1", tracking_uri="sqlite:///x", process=process, log_path=log,
+             startup_seconds=0.0).stop(timeout=5.0)
+    assert process.returncode == -signal.SIGTERM  # a clean stop: the log goes
+    assert not log.exists() and not process_group_alive(process.pid)
+
+
+FAILING_SERVER = """
+import sys, warnings
+print("INFO starting the server")
+warnings.warn("something old")
+raise ValueError("bad backend store URI\\n(Background on this error at: https://sqlalche.me/e/20/e3q8)")
+"""
+
+
+def test_server_that_exits_is_one_line_naming_the_log(tmp_path, monkeypatch):
+    import oneday.compare.ui as ui
+
+    db = _store(tmp_path / "mlflow.db")
+    monkeypatch.setattr(ui, "server_command", lambda *args, **kwargs: [sys.executable, "-c", FAILING_SERVER])
+    result = cli.invoke(app, ["ui", "--port", str(_free_port()), "--tracking-uri", f"sqlite:///{db}"])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    message = _err(result)
+    assert "the MLflow server exited (code 1) before answering: ValueError: bad backend store URI" in message
+    log = Path(re.search(r"the whole log: (\S+)\)", message).group(1))
+    assert "Traceback" in log.read_text()
+    log.unlink()
+
+
+def test_server_that_does_not_answer_keeps_the_log_it_names(tmp_path, monkeypatch):
+    import oneday.compare.ui as ui
+    from oneday.errors import UserError
+
+    db = _store(tmp_path / "mlflow.db")
+    silent = "import time; print('waiting for the database lock', flush=True); time.sleep(120)"
+    monkeypatch.setattr(ui, "server_command", lambda *args, **kwargs: [sys.executable, "-c", silent])
+    with pytest.raises(UserError) as caught:
+        ui.start_ui(f"sqlite:///{db}", port=_free_port(), ready_timeout=2.0)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "did not answer within 2 s: waiting for the database lock" in message
+    log = Path(re.search(r"the whole log: (\S+)\)", message).group(1))
+    assert log.exists()
+    log.unlink()
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def ui(
                     ] = 5,
 ) -> None:
     """Serve the MLflow UI on the local store until Ctrl-C."""
-    from oneday.compare.ui import start_ui
+    from oneday.compare.ui import server_failure, start_ui
 
     with err_console.status("starting the MLflow UI ..."):
         server = start_ui(tracking_uri, host=host, port=port, experiment=experiment, last=last)
@@ -56,7 +56,7 @@ def ui(
     if code not in (0, None):
         from oneday.errors import UserError
 
-        raise UserError(f"the MLflow server stopped by itself (exit code {code}); its log: {server.log_path}")
+        raise UserError(server_failure(f"the MLflow server stopped by itself (exit code {code})", server.log_path))
     err_console.print("MLflow UI stopped")
 
 def _count(value: float | None) -> str:

@@ -1,7 +1,8 @@
 """`oneday ui`: the links into the MLflow UI, a free port, and a lean `mlflow server` started and stopped.
 
 The server runs in its own process group with one worker and MLflow's job runner switched off (it answers in
-seconds instead of starting 15 processes); `serve_forever` stops the whole group on Ctrl-C, SIGTERM or SIGHUP.
+seconds instead of starting 15 processes); `serve_forever` stops the whole group on Ctrl-C, SIGTERM or SIGHUP,
+and the group ends by itself when `oneday ui` is killed outright (`oneday.compare.tether`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from urllib.parse import quote, urlparse
 
 from oneday.compare.readers import RestReader, check_store
 from oneday.compare.runs import select_runs
+from oneday.compare.tether import group_members, start_tethered
 from oneday.errors import UserError, first_line
 from oneday.signals import handling, raise_interrupt
 from oneday.tracking import names
@@ -126,13 +129,30 @@ def _connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _log_tail(path: Path, lines: int = 8) -> str:
+def _log_tail(path: Path, lines: int = 8) -> list[str]:
+    """The last `lines` lines of the server's log that say something (no blank lines, no Python warnings)."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return ""
-    kept = [line for line in text.splitlines() if line.strip() and "Warning" not in line and "warn(" not in line]
-    return "\n".join(kept[-lines:])
+        return []
+    kept = [line.strip() for line in text.splitlines()
+            if line.strip() and "Warning" not in line and "warn(" not in line]
+    return kept[-lines:]
+
+
+# A traceback's "module.SomeError: message" line (SQLAlchemy adds a "(Background on this error at: ...)" line
+# after it, which says nothing).
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)(:|$)")
+
+
+def server_failure(what: str, log_path: Path) -> str:
+    """One line for a server that failed: `what` happened, the log's last exception line (else its last line
+    that says something), and where the whole log is."""
+    tail = _log_tail(log_path, lines=40)
+    exceptions = [line for line in tail if _EXCEPTION_LINE.match(line)]
+    last = exceptions[-1] if exceptions else tail[-1] if tail else ""
+    said = f": {last[:300]}" if last else ""
+    return f"{what}{said} (the whole log: {log_path})"
 
 
 @dataclass
@@ -160,8 +180,9 @@ class UiServer:
     def running(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after `timeout`; the log is removed on a clean stop."""
+    def stop(self, timeout: float = 10.0, *, keep_log: bool = False) -> None:
+        """SIGTERM to the server's process group, SIGKILL after `timeout`; the log is removed on a clean stop
+        unless `keep_log` (an error message names it)."""
         pgid = self.process.pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGTERM)
@@ -175,7 +196,7 @@ class UiServer:
                 os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
-        if self.process.returncode in (0, -signal.SIGTERM):
+        if self.process.returncode in (0, -signal.SIGTERM) and not keep_log:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
 
@@ -188,26 +209,14 @@ class UiServer:
         except KeyboardInterrupt:
             self.stop()
             return 0
-        self.stop()
+        self.stop(keep_log=code != 0)
         return code
 
 
 def process_group_alive(pgid: int) -> bool:
-    """Whether any process of group `pgid` still runs. Zombies do not count: an orphan the init process has
-    not reaped yet is gone for every purpose here (it holds no port, no memory)."""
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[-1].split()
-            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-                return True
-        return False
+    """Whether any process of group `pgid` still runs (zombies do not count: `tether.group_members`)."""
+    if Path("/proc").is_dir():
+        return bool(group_members(pgid))
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -270,10 +279,8 @@ def start_ui(
     log_path = Path(handle.name)
     started = time.monotonic()
     try:
-        process = subprocess.Popen(
-            server_command(uri, host=host, port=port, artifacts=artifacts), stdin=subprocess.DEVNULL,
-            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
+        process = start_tethered(server_command(uri, host=host, port=port, artifacts=artifacts), stdout=handle,
+                                 env=env)
     finally:
         handle.close()
     base = f"http://{_connect_host(host)}:{port}"
@@ -281,18 +288,18 @@ def start_ui(
     try:
         while not _answers(f"{base}/health"):
             if process.poll() is not None:
-                tail = _log_tail(log_path)
-                if "address already in use" in tail.lower():
+                if "address already in use" in "\n".join(_log_tail(log_path)).lower():
                     raise UserError(f"port {port} on {host} is in use; try --port {free_port(host, port)}")
-                raise UserError(f"the MLflow server exited (code {process.returncode}) before answering; "
-                                f"its log: {log_path}\n{tail}")
+                raise UserError(server_failure(
+                    f"the MLflow server exited (code {process.returncode}) before answering", log_path))
             if time.monotonic() - started > ready_timeout:
-                raise UserError(f"the MLflow server did not answer within {ready_timeout:.0f} s; its log: {log_path}")
+                raise UserError(server_failure(f"the MLflow server did not answer within {ready_timeout:.0f} s",
+                                               log_path))
             time.sleep(0.1)
         server.startup_seconds = time.monotonic() - started
         _add_links(server, experiment=experiment, last=last)
-    except BaseException:
-        server.stop()
+    except BaseException as exc:
+        server.stop(keep_log=str(log_path) in str(exc))
         raise
     return server
 
@@ -329,5 +336,6 @@ __all__ = [
     "port_free",
     "process_group_alive",
     "server_command",
+    "server_failure",
     "start_ui",
 ]
