@@ -171,7 +171,8 @@ def run(
         str | None, typer.Option("--experiment", help="MLflow experiment (default: oneday/<data set>).")
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Move aside a run folder that holds another plan's run and start fresh.")
+        bool, typer.Option("--force", help="Move aside a run folder that holds another plan's run (or this plan's "
+                           "finished one) and start fresh; or train in a non-empty folder beside its files.")
     ] = False,
 ) -> None:
     """Train the planned model until the budget runs out; rerun the same command to resume."""
