@@ -65,7 +65,12 @@ EVAL_FRACTION_OF_TRIAL = 0.1
 
 
 class BudgetTooSmallError(UserError):
-    """The tuning budget cannot pay for one trial."""
+    """The tuning budget cannot pay for one trial; `trial_seconds` is what the shortest trial on the narrowest
+    proxy costs (a slice that large is the least that fits one)."""
+
+    def __init__(self, message: str, *, trial_seconds: float) -> None:
+        super().__init__(message)
+        self.trial_seconds = trial_seconds
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -348,14 +353,16 @@ def size_proxy(
         # Even the narrowest is too dear at the plan's tokens per parameter: shorten its horizon.
         base = build(widths[0], timing0)
         per_step = base.step_seconds + EVALS_PER_TRIAL * base.eval_seconds() / base.steps
-        steps = int((slice_seconds - base.overhead_seconds) / per_step) if per_step > 0 else 0
+        # The tolerance keeps a slice of exactly `need` seconds (below) from rounding down to one step short.
+        steps = math.floor((slice_seconds - base.overhead_seconds) / per_step + 1e-9) if per_step > 0 else 0
         fewest = min_trial_steps(plan)
         if steps < fewest:
             need = base.overhead_seconds + fewest * per_step
             raise BudgetTooSmallError(
                 f"a trial may cost {slice_seconds:.1f} s, but the shortest trial on the narrowest proxy "
                 f"({base.label()}) needs {need:.1f} s for {fewest} steps "
-                f"({base.step_seconds:.3f} s a step, {base.overhead_seconds:.1f} s to set up)"
+                f"({base.step_seconds:.3f} s a step, {base.overhead_seconds:.1f} s to set up)",
+                trial_seconds=need,
             )
         notes.append(
             f"The narrowest proxy at the plan's {tokens_per_param(plan):.3g} tokens/parameter would need "

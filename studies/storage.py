@@ -6,6 +6,9 @@ file lock, so several local processes share it safely). `--storage` takes an RDB
 180 s), which fails the trials of dead workers on other machines. A trial whose process died on this host
 (killed, power loss) stays RUNNING in the storage: every start marks such trials FAIL (`fail_dead_trials`: host,
 pid and process start time are trial attributes).
+
+A storage that does not exist yet (a journal or SQLite file) is only opened, and so created, once a study is
+about to be written into it (`storage_exists`): a refusal before that leaves no empty file behind.
 """
 
 from __future__ import annotations
@@ -53,16 +56,50 @@ def describe_storage(storage: str) -> str:
         return storage.split("@")[-1] if "@" in storage else storage
 
 
+def _local_file(storage: str) -> Path | None:
+    """The file that opening `storage` creates when it is missing: the journal file, or an SQLite URL's
+    database file; None for a server (or in-memory) database."""
+    if not _is_url(storage):
+        return Path(storage).expanduser()
+    if not storage.startswith("sqlite:"):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(storage).database
+    except Exception:
+        return None  # a bad URL: opening it gives the one-line error
+    return Path(database).expanduser() if database and database != ":memory:" else None
+
+
+def storage_exists(storage: str) -> bool:
+    """Whether `storage` may already hold studies: False for a journal or SQLite file that does not exist yet
+    (opening it would create it), True otherwise."""
+    path = _local_file(storage)
+    return path is None or path.exists()
+
+
+def check_storage(storage: str) -> None:
+    """A `UserError` (one line) for a journal file that cannot be made, found without creating anything: its
+    folder does not exist, or it is a folder."""
+    if _is_url(storage):
+        return
+    shown = describe_storage(storage)
+    path = Path(storage).expanduser()
+    if not path.parent.is_dir():
+        raise UserError(f"--storage {shown}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UserError(f"--storage {shown}: is a folder; give a journal file name or an RDB URL")
+
+
 def open_storage(storage: str) -> BaseStorage:
-    """An Optuna storage for `storage` (RDB URL or journal file path); a `UserError` (one line) when it
-    cannot be opened: no driver, no server, a bad URL, a folder that does not exist."""
+    """An Optuna storage for `storage` (RDB URL or journal file path), created when it does not exist; a
+    `UserError` (one line) when it cannot be opened: no driver, no server, a bad URL, a folder that does not
+    exist."""
     shown = describe_storage(storage)
     if not _is_url(storage):
+        check_storage(storage)
         path = Path(storage).expanduser()
-        if not path.parent.is_dir():
-            raise UserError(f"--storage {shown}: the folder {path.parent} does not exist")
-        if path.is_dir():
-            raise UserError(f"--storage {shown}: is a folder; give a journal file name or an RDB URL")
         try:
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as exc:
@@ -104,4 +141,5 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-__all__ = ["HOST", "default_storage", "describe_storage", "fail_dead_trials", "open_storage"]
+__all__ = ["HOST", "check_storage", "default_storage", "describe_storage", "fail_dead_trials", "open_storage",
+           "storage_exists"]

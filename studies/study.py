@@ -3,11 +3,14 @@
 Budget. `--trials N`: N trials that finish (complete or pruned) in the study in total; a restarted `oneday tune`
 runs only the missing ones. Each trial is sized (`proxy.size_proxy`) to a slice of the tuning budget: by default
 `DEFAULT_TUNE_SHARE` (20%) of the plan's budget, `--hours` when given; `CHECK_SHARE` (20%) of it is kept for the
-transfer check. Without `--trials` the number of trials is what fits the budget: the proxy is sized for
-`DEFAULT_TRIALS` slices; when not even the narrowest proxy fits one, the narrowest is used with its steps cut to
-fit a quarter of the budget (or all of it); then as many trials as fit, at most `MAX_AUTO_TRIALS`. A budget that
-cannot pay for one trial of `MIN_TRIAL_STEPS` steps is an error; one that pays for fewer than `FEW_TRIALS` draws
-a warning naming the `--hours` that would give twice as many. The proxy and the number of trials are decided
+transfer check. `--trials N` without `--hours` asks for N trials: the budget is what they cost (logged against
+the plan's budget), and when the default slice cannot pay for one, each is the shortest trial on the narrowest
+proxy; with `--hours` too, a budget that cannot pay for them is an error naming both. Without `--trials` the
+number of trials is what fits the budget: the proxy is sized for `DEFAULT_TRIALS` slices; when not even the
+narrowest proxy fits one, the narrowest is used with its steps cut to fit a quarter of the budget (or all of it);
+then as many trials as fit, at most `MAX_AUTO_TRIALS`. A budget that cannot pay for one trial of
+`MIN_TRIAL_STEPS` steps is an error; one that pays for fewer than `FEW_TRIALS` draws a warning naming the
+`--hours` that would give twice as many. The proxy and the number of trials are decided
 once, when the study is created, and stored in it (user attribute `oneday`); `--trials` on a later start changes
 the number.
 
@@ -24,7 +27,8 @@ trial, η = 2, 2% tolerance).
 
 The study is created once, before any trial runs (`create_study(load_if_exists=True)`); workers only load it
 and wait for it when it does not exist yet, so no two processes race to create the same new study ("UNIQUE
-constraint failed").
+constraint failed"). A storage that does not exist yet is only created after the budget has been found to pay
+for the trials: a refusal leaves no empty journal behind.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import optuna
 from optuna.storages import BaseStorage
 
 from oneday.errors import UserError
+from oneday.formats import human_seconds
 from oneday.plan import Plan
 from oneday.studies.proxy import (
     BudgetTooSmallError,
@@ -59,6 +64,7 @@ from oneday.studies.proxy import (
 from oneday.studies.pruning import TolerantHalvingPruner
 from oneday.studies.short_run import RunData, capped_loss
 from oneday.studies.space import SearchSpace, schedule_rule
+from oneday.studies.storage import check_storage, open_storage, storage_exists
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +149,24 @@ def sampler_for(settings: StudySettings, study: optuna.Study | None, *, worker: 
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
 
 
+def _trials_cost_note(n_trials: int, *, budget_seconds: float, plan: Plan) -> str:
+    """What --trials without --hours costs, against the plan's budget: `4 trials need ~12m (measuring and
+    transfer check included), 20% of the plan's 1h budget`."""
+    share = budget_seconds / plan.train.budget_seconds
+    over = f"; more than the default {DEFAULT_TUNE_SHARE:.0%}" if share > DEFAULT_TUNE_SHARE else ""
+    return (f"{n_trials} trial{'' if n_trials == 1 else 's'} need{'s' if n_trials == 1 else ''} "
+            f"~{human_seconds(budget_seconds)} (measuring and transfer check included), {share:.0%} of the plan's "
+            f"{human_seconds(plan.train.budget_seconds)} budget{over}")
+
+
+def _round_up(value: float) -> float:
+    """`value` rounded up to two significant digits (a least budget must not be shown below itself)."""
+    if value <= 0:
+        return value
+    unit = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(value / unit - 1e-9) * unit
+
+
 def check_budget_args(*, trials: int | None, hours: float | None) -> None:
     if trials is not None and trials < 1:
         raise UserError(f"--trials: must be at least 1, got {trials}")
@@ -152,10 +176,20 @@ def check_budget_args(*, trials: int | None, hours: float | None) -> None:
         raise UserError(f"--hours: must be a positive number, got {hours:g}")
 
 
+def _budget_for(n_trials: int, *, trial_seconds: float, check_reserve: float, spent: float) -> float:
+    """The tuning budget (seconds, as --hours would give it) that pays for the measuring already `spent`, the
+    transfer check and `n_trials` trials: the check keeps its share of the budget, or its reserve when that is
+    more."""
+    trials_seconds = spent + n_trials * trial_seconds
+    return max(trials_seconds / (1.0 - CHECK_SHARE), trials_seconds + check_reserve)
+
+
 def _decide(plan: Plan, data: RunData, *, trials: int | None, hours: float | None, seed: int, beta2: bool,
             weight_decay: bool, schedule: str, clock: Callable[[], float]) -> StudySettings:
     """Size the proxy and the number of trials for a new study (module docstring, "Budget")."""
     started = clock()
+    # --trials without --hours asks for that many trials: the budget becomes what they cost (sized below).
+    sized_to_trials = trials is not None and hours is None
     budget = hours * 3600.0 if hours is not None else DEFAULT_TUNE_SHARE * plan.train.budget_seconds
     trial_budget = budget * (1.0 - CHECK_SHARE)
     where = f"--hours {hours:g} ({budget:.3g} s)" if hours is not None else (
@@ -176,9 +210,21 @@ def _decide(plan: Plan, data: RunData, *, trials: int | None, hours: float | Non
                                max_width=max_width, timings=timings, clock=clock)
             break
         except BudgetTooSmallError as exc:
+            if sized_to_trials:
+                # The default slice cannot pay for one of the trials asked for: each gets the shortest trial on
+                # the narrowest proxy, the cheapest that may rank learning rates, and the budget grows to match.
+                slice_seconds = exc.trial_seconds
+                proxy = size_proxy(plan, data, slice_seconds=slice_seconds, threads=plan.train.threads,
+                                   max_width=narrowest, timings=timings, clock=clock)
+                break
             if planned == attempts[-1][0]:
-                what = "one trial" if planned == 1 else f"{planned} trials"
-                hint = "give more --hours" if trials is None else "give fewer --trials or more --hours"
+                what = "one trial" if trials is None else f"--trials {trials}"
+                if trials is None:
+                    hint = "give more --hours"
+                else:
+                    least = _budget_for(trials, trial_seconds=exc.trial_seconds, check_reserve=0.0,
+                                        spent=clock() - started)
+                    hint = f"give fewer --trials, or at least --hours {_round_up(least / 3600.0):.2g} for {trials}"
                 raise UserError(f"{where} is too small for {what} ({trial_budget:.3g} s after the transfer "
                                 f"check's {CHECK_SHARE:.0%}): {exc}; {hint}") from None
     assert proxy is not None
@@ -200,9 +246,8 @@ def _decide(plan: Plan, data: RunData, *, trials: int | None, hours: float | Non
             """About the --hours that pay for the measuring, the transfer check and n trials, at the proxy's
             full horizon (a bigger budget no longer cuts its steps; trials and check scale with them)."""
             scale = proxy_steps(plan, proxy.model) / proxy.steps
-            check, trial = scale * check_reserve, scale * per_trial
-            seconds = spent + check + n * trial
-            return (seconds if CHECK_SHARE * seconds <= check else (spent + n * trial) / (1 - CHECK_SHARE)) / 3600.0
+            return _budget_for(n, trial_seconds=scale * per_trial, check_reserve=scale * check_reserve,
+                               spent=spent) / 3600.0
 
         fits = int((trial_budget - spent) // per_trial)
         check_note = f"the transfer check's {max(CHECK_SHARE * budget, check_reserve):.3g} s"
@@ -219,6 +264,10 @@ def _decide(plan: Plan, data: RunData, *, trials: int | None, hours: float | Non
                         hours_for(2 * FEW_TRIALS), 2 * FEW_TRIALS)
     else:
         n_trials = trials
+    if sized_to_trials:
+        budget = _budget_for(n_trials, trial_seconds=per_trial, check_reserve=check_reserve, spent=clock() - started)
+        log.log(logging.WARNING if budget > DEFAULT_TUNE_SHARE * plan.train.budget_seconds else logging.INFO,
+                "%s", _trials_cost_note(n_trials, budget_seconds=budget, plan=plan))
     if per_trial > 1.5 * slice_seconds:
         log.warning("a trial takes ~%.0f s, more than its slice of %.0f s: the tuning will overrun its budget",
                     per_trial, slice_seconds)
@@ -260,7 +309,7 @@ def open_study(
     plan: Plan,
     data: RunData,
     *,
-    storage: BaseStorage,
+    storage: str,
     name: str,
     trials: int | None,
     hours: float | None,
@@ -268,24 +317,33 @@ def open_study(
     beta2: bool = False,
     weight_decay: bool = False,
     schedule: str = "auto",
+    on_sizing: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[optuna.Study, StudySettings, bool]:
-    """Load the study, or size the proxy and create it (once, before any trial): (study, settings, created).
-    The planner's default is enqueued as the first trial of a new study."""
-    study = load_study(storage, name)
+    """Load the study from `storage` (an RDB URL or a journal file), or size the proxy and create it (once,
+    before any trial): (study, settings, created). `on_sizing` is called before a new study's proxy is measured.
+    The planner's default is enqueued as the first trial of a new study. A storage that does not exist yet is
+    only created once the budget is known to pay for the trials: a refusal leaves nothing behind."""
+    check_storage(storage)
+    backend = open_storage(storage) if storage_exists(storage) else None
+    study = load_study(backend, name) if backend is not None else None
     created = False
     if study is None or ATTR not in study.user_attrs:
+        if on_sizing is not None:
+            on_sizing()
         settings = _decide(plan, data, trials=trials, hours=hours, seed=seed, beta2=beta2,
                            weight_decay=weight_decay, schedule=schedule, clock=clock)
+        if backend is None:
+            backend = open_storage(storage)
         with optuna_quiet():
-            study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True,
+            study = optuna.create_study(storage=backend, study_name=name, direction="minimize", load_if_exists=True,
                                         sampler=sampler_for(settings, None, worker=False), pruner=settings.pruner())
         if ATTR not in study.user_attrs:  # another creator may have won the race: keep its settings
             study.set_user_attr(ATTR, settings.to_dict())
             study.enqueue_trial(settings.space.enqueue_params(settings.default_params),
                                 user_attrs={"note": "planner default"}, skip_if_exists=True)
             created = True
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=backend)
     settings = settings_of(study, plan, name=name)
     if not created and trials is not None and trials != settings.n_trials:
         if trials > settings.n_trials:

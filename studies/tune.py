@@ -29,7 +29,15 @@ from oneday.plan import Plan, load_plan
 from oneday.studies.results import TrialResult, TuneResult
 from oneday.studies.short_run import RunData, load_run_data
 from oneday.studies.space import schedule_rule
-from oneday.studies.storage import HOST, default_storage, describe_storage, fail_dead_trials, open_storage
+from oneday.studies.storage import (
+    HOST,
+    check_storage,
+    default_storage,
+    describe_storage,
+    fail_dead_trials,
+    open_storage,
+    storage_exists,
+)
 from oneday.studies.study import (
     ATTR,
     StudySettings,
@@ -107,16 +115,21 @@ def run_worker(
     check_budget_args(trials=None, hours=hours)
     path, plan, data = _plan_and_data(plan_path)
     storage_url = storage or default_storage(path)
-    backend = open_storage(storage_url)
+    check_storage(storage_url)
     name = study_name or default_study_name(plan)
-    study = load_study(backend, name)
+    # A journal that does not exist yet is left for `oneday tune` to create: a worker that gives up waiting
+    # leaves no empty file behind.
+    backend = open_storage(storage_url) if storage_exists(storage_url) else None
+    study = load_study(backend, name) if backend is not None else None
     while study is None or ATTR not in study.user_attrs:
         if clock() - started > wait_seconds:
             raise UserError(f"no study {name} in {describe_storage(storage_url)} after {wait_seconds:.0f} s; start "
                             "`oneday tune` (without --worker) first: it creates the study")
         log.info("waiting for study %s to be created in %s", name, describe_storage(storage_url))
         time.sleep(min(2.0, max(0.1, wait_seconds / 10)))
-        study = load_study(backend, name)
+        if backend is None and storage_exists(storage_url):
+            backend = open_storage(storage_url)
+        study = load_study(backend, name) if backend is not None else None
     settings = settings_of(study, plan, name=name)
     study.sampler = sampler_for(settings, study, worker=True)
     study.pruner = settings.pruner()
@@ -165,14 +178,12 @@ def tune_plan(
     path, plan, data = _plan_and_data(plan_path)
     out_path = check_output_path(out if out is not None else path.with_name(f"{path.stem}.tuned.json"))
     storage_url = storage or default_storage(path)
-    backend = open_storage(storage_url)
     name = study_name or default_study_name(plan)
     stage(f"study {name} in {describe_storage(storage_url)}")
-    if load_study(backend, name) is None:
-        stage("measuring proxy step times to size the trials")
-    study, settings, created = open_study(plan, data, storage=backend, name=name, trials=trials, hours=hours,
-                                          seed=seed, beta2=beta2, weight_decay=weight_decay, schedule=schedule,
-                                          clock=clock)
+    study, settings, created = open_study(
+        plan, data, storage=storage_url, name=name, trials=trials, hours=hours, seed=seed, beta2=beta2,
+        weight_decay=weight_decay, schedule=schedule,
+        on_sizing=lambda: stage("measuring proxy step times to size the trials"), clock=clock)
     proxy = settings.proxy
     stage(f"{'created' if created else 'continuing'} study {name}: {settings.n_trials} trials on a proxy "
           f"{proxy.label()}, {proxy.steps} steps ({proxy.tokens():,} tokens) each, ~{proxy.trial_seconds():.1f} s "
@@ -218,11 +229,10 @@ def prepare_study(
     can start on it; (study name, settings). `tune_plan` on the same study later runs, checks and writes."""
     check_budget_args(trials=trials, hours=hours)
     path, plan, data = _plan_and_data(plan_path)
-    backend = open_storage(storage or default_storage(path))
     name = study_name or default_study_name(plan)
-    study, settings, _created = open_study(plan, data, storage=backend, name=name, trials=trials, hours=hours,
-                                           seed=seed, beta2=beta2, weight_decay=weight_decay, schedule=schedule,
-                                           clock=clock)
+    study, settings, _created = open_study(plan, data, storage=storage or default_storage(path), name=name,
+                                           trials=trials, hours=hours, seed=seed, beta2=beta2,
+                                           weight_decay=weight_decay, schedule=schedule, clock=clock)
     tracker = _tracker(plan, tracking_uri=tracking_uri, study_name=name)
     _parent_run(study, tracker, plan, create=True)
     return name, settings

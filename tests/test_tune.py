@@ -7,6 +7,7 @@ One study of 4 trials is run once (module fixture, ~30 s on a busy 2-core machin
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from oneday.plan import load_plan
-from tests.test_tune_helpers import prepared_data, tiny_plan, write_plan
+from tests.test_tune_helpers import PROXY_STEPS, fake_step_timings, prepared_data, tiny_plan, write_plan
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,42 @@ def test_resumed_tune_runs_only_the_missing_trials(tuned):
     assert {t.number: t.params for t in study.trials if t.number in before} == before
     assert result.mlflow_run_id == tuned["result"].mlflow_run_id  # the same parent run, continued
     assert load_plan(result.out).provenance.tuning["trials"]["total"] == 6
+
+
+def test_trials_without_hours_get_the_budget_they_need(prepared, monkeypatch, caplog):
+    from oneday.errors import UserError
+    from oneday.studies import study
+    from oneday.studies.short_run import load_run_data
+
+    fake_step_timings(monkeypatch)
+    plan = tiny_plan(prepared, budget_seconds=2.0)  # its default tuning budget (0.4 s) cannot pay for 4 trials
+    data = load_run_data(plan)
+
+    def decide(trials: int, hours: float | None = None) -> study.StudySettings:
+        return study._decide(plan, data, trials=trials, hours=hours, seed=0, beta2=False, weight_decay=False,
+                             schedule="auto", clock=lambda: 0.0)
+
+    with caplog.at_level(logging.INFO, logger=study.__name__):
+        settings = decide(4)
+    assert settings.n_trials == 4
+    assert (settings.proxy.model.d_model, settings.proxy.steps) == (32, PROXY_STEPS)  # the cheapest trial
+    assert settings.budget_seconds >= 4 * settings.proxy.trial_seconds() + 1.1 * settings.check_seconds
+    assert settings.budget_seconds > study.DEFAULT_TUNE_SHARE * plan.train.budget_seconds
+    assert "4 trials need" in caplog.text and "of the plan's 2s budget" in caplog.text
+    # with --hours too, a budget that cannot pay for them stays an error naming both
+    with pytest.raises(UserError, match="--trials 4") as refused:
+        decide(4, hours=settings.budget_seconds / 3600 / 10)
+    assert "--hours" in str(refused.value)
+
+
+def test_a_worker_that_finds_no_study_leaves_no_journal(prepared, tmp_path):
+    from oneday.errors import UserError
+    from oneday.studies.tune import run_worker
+
+    plan_path = write_plan(tiny_plan(prepared, name="alone"), tmp_path)
+    with pytest.raises(UserError, match="no study"):
+        run_worker(plan_path, wait_seconds=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
 def test_schedule_rule_and_search_space():

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from oneday.cli import app
 from oneday.plan import save_plan
 from tests.factories import make_plan, one_error_line
-from tests.test_tune_helpers import prepared_data, subprocess_env, tiny_plan, write_plan
+from tests.test_tune_helpers import fake_step_timings, prepared_data, subprocess_env, tiny_plan, write_plan
 
 runner = CliRunner()
 ONEDAY = str(Path(sys.executable).with_name("oneday"))
@@ -59,6 +59,42 @@ def test_a_budget_smaller_than_one_trial(prepared, tmp_path):
     line = one_error_line(err)
     assert "--hours 0.0001" in line and "one trial" in line
     assert not (tmp_path / "plan.tuned.json").exists()
+
+
+def test_a_refused_tune_leaves_nothing_behind(prepared, tmp_path, monkeypatch):
+    fake_step_timings(monkeypatch)
+    path = write_plan(tiny_plan(prepared), tmp_path)
+    code, err = _invoke(str(path), "--hours", "0.00001", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert code == 2
+    assert "one trial" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # no empty journal, no MLflow store
+
+
+def test_a_refusal_keeps_an_existing_journal_untouched(prepared, tmp_path, monkeypatch):
+    import optuna
+
+    from oneday.studies.storage import open_storage
+
+    fake_step_timings(monkeypatch)
+    path = write_plan(tiny_plan(prepared), tmp_path)
+    journal = tmp_path / "plan.tune.journal"
+    optuna.create_study(storage=open_storage(str(journal)), study_name="earlier")  # a study the user keeps
+    before = journal.read_bytes()
+    code, err = _invoke(str(path), "--hours", "0.00001")
+    assert code == 2
+    assert "one trial" in one_error_line(err)
+    assert journal.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "plan.tune.journal"]
+
+
+def test_trials_and_hours_that_cannot_pay_for_them(prepared, tmp_path, monkeypatch):
+    fake_step_timings(monkeypatch)
+    path = write_plan(tiny_plan(prepared), tmp_path)
+    code, err = _invoke(str(path), "--trials", "4", "--hours", "0.00001")
+    assert code == 2
+    line = one_error_line(err)
+    assert "--hours 1e-05" in line and "--trials 4" in line and "at least --hours" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
 def test_an_unreachable_storage(prepared, tmp_path):

@@ -1,4 +1,5 @@
-"""Shared set-up for the tuner's tests (no tests here): tiny prepared data and a tiny plan whose proxy is 32 wide.
+"""Shared set-up for the tuner's tests (no tests here): tiny prepared data, a tiny plan whose proxy is 32 wide, and
+fixed step timings for tests of the sizing.
 
 The target is 2 layers × 64 wide with 2 heads of 32 (so the only narrower proxy is one head, 32 wide),
 vocabulary 512, sequence length 32, micro-batch 4 (128 tokens a step). Its planned tokens are set so that the
@@ -59,3 +60,17 @@ def subprocess_env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
     env.pop("ONEDAY_INJECT_NAN_AT_STEP", None)
     return env
+
+
+def fake_step_timings(monkeypatch: Any) -> None:
+    """Fixed step times (a width's cost in proportion to its d_model, 0.1 s to set up) instead of measured ones,
+    and no warm-up: sizing becomes arithmetic, fast and the same on a busy machine. A trial of the 32-wide proxy
+    then costs ~0.2 s."""
+    from oneday.studies import proxy, study
+
+    def fake_measure(model: ModelSpec, *args: Any, **kwargs: Any) -> Any:
+        return proxy._Timing(step_seconds=1e-3 * model.d_model / 32, overhead_seconds=0.1)
+
+    monkeypatch.setattr(proxy, "warm_up", lambda *args, **kwargs: None)
+    monkeypatch.setattr(proxy, "measure_step", fake_measure)
+    monkeypatch.setattr(study, "measure_step", fake_measure)

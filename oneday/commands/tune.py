@@ -120,7 +120,8 @@ def _summary(result: Any) -> Table:
 @guard
 def tune(
     plan: Annotated[Path, typer.Argument(help="The plan.json to tune.")],
-    trials: Annotated[int | None, typer.Option("--trials", help="Trials the study should hold (in total).")] = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="Trials the study should hold (in total); without "
+                                                                "--hours the budget is what they cost.")] = None,
     hours: Annotated[
         float | None, typer.Option("--hours", help="Tuning budget in hours (this command's deadline).")
     ] = None,
