@@ -40,7 +40,7 @@ def _require(condition: bool, field_path: str, message: str) -> None:
 MAX_NAME_LENGTH = 120
 
 
-def _name_problem(name: str) -> str | None:
+def plan_name_problem(name: str) -> str | None:
     """Why `name` cannot be a plan name, or None. The name becomes a folder (`runs/<name>`) and part of MLflow and
     study names: one path component that cannot climb out of `runs/`, start hidden or hold control characters."""
     if len(name) > MAX_NAME_LENGTH:
@@ -271,7 +271,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty")
-        problem = _name_problem(self.name)
+        problem = plan_name_problem(self.name)
         _require(problem is None, "name", f"{problem}, got {self.name!r}")
         _require(
             self.train.seq_len == self.model.seq_len,
@@ -467,5 +467,6 @@ __all__ = [
     "Provenance",
     "TrainSpec",
     "load_plan",
+    "plan_name_problem",
     "save_plan",
 ]

@@ -35,7 +35,16 @@ from oneday.data.sources import short_name
 from oneday.errors import UserError
 from oneday.formats import human_count, human_seconds
 from oneday.models.spec import ModelSpec
-from oneday.plan import Candidate, DataInfo, HardwareInfo, Plan, Prediction, Provenance, TrainSpec
+from oneday.plan import (
+    Candidate,
+    DataInfo,
+    HardwareInfo,
+    Plan,
+    Prediction,
+    Provenance,
+    TrainSpec,
+    plan_name_problem,
+)
 from oneday.planner.budget import KEEP_CHECKPOINTS, Cadence, Reserve, plan_cadence, reserve_for
 from oneday.planner.calibration import load_calibration
 from oneday.planner.decide import CandidateResult, Decision, batch_and_lr, choose
@@ -241,6 +250,9 @@ def _check_request(*, budget_seconds: float, seq_len: int | None, device: str, p
         )
     if name is not None and not name.strip():
         raise UserError("--name: must not be empty")
+    problem = plan_name_problem(name.strip()) if name is not None else None
+    if problem is not None:
+        raise UserError(f"--name: {problem}, got {name.strip()!r}")
 
 
 def _cpu_threads(setup: Setup, smallest: ModelSpec) -> tuple[Setup, str | None]:

@@ -316,9 +316,10 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     tracker.log_artifacts(paths.final, "model")
     tracker.set_tags({names.TAG_INTERRUPTED: str(bool(result.interrupted)).lower()})
     t_outputs = clock()
-    # MLflow gets what is left of the reserve (a few seconds at least): a dead or hung store cannot hold the run
+    # MLflow gets what is left of the budget (a few seconds at least): a dead or hung store cannot hold the run
+    # past it, and a healthy one still being set up after a short run gets the time to finish
     tracker.close(status="KILLED" if result.interrupted else "FINISHED",
-                  timeout=max(MIN_CLOSE_SECONDS, min(reserve, deadline + reserve - clock())))
+                  timeout=max(MIN_CLOSE_SECONDS, deadline + reserve - clock()))
     log.debug("after the loop: final save %.2f s, summary and plot %.2f s, MLflow %.2f s (reserved %.2f s); "
               "charged %.2f s of %.0f s", t_saved - t_end, t_outputs - t_saved, clock() - t_outputs, reserve,
               charged(), spec.budget_seconds)

@@ -220,3 +220,11 @@ def test_explain_takes_no_budget(tmp_path: Path) -> None:
     path = save_plan(factory_plan(), tmp_path / "plan.json")
     code, _, stderr = _invoke("plan", "--explain", str(path), "--hours", "1")
     assert code == 2 and "--explain shows a saved plan" in one_error_line(stderr)
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/plan", ".hidden"])
+def test_a_name_that_is_not_one_folder_name_is_refused_before_any_work(tmp_path: Path, name: str) -> None:
+    code, _, err = _invoke("plan", "--minutes", "5", "--data", "builtin:pydoc", "--name", name,
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "plan.json"))
+    assert code == 2 and "--name: must " in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []

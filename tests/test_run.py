@@ -345,12 +345,13 @@ def test_sigterm_during_start_up_unwinds_like_ctrl_c_and_leaves_nothing(prepared
 def test_a_hung_tracking_server_neither_slows_nor_outlasts_the_run(prepared, tmp_path, hung_server):
     """A server that accepts and never answers used to add ~30 s after training, while summary.json claimed
     the shorter time."""
-    plan = quick(prepared, steps=6, budget_seconds=20.0, train_seconds=20.0)
+    budget = 15.0
+    plan = quick(prepared, steps=6, budget_seconds=budget, train_seconds=budget)
     started = time.monotonic()
     summary = run_plan(plan, run_dir=tmp_path / "run", tracking_uri=hung_server, threads=1, process_start=started)
     wall = time.monotonic() - started
     assert summary.finished and summary.steps == 6
-    assert wall < 12.0, wall
+    assert wall < budget + 1.0, wall
     assert abs(load_summary(tmp_path / "run").session_wall_seconds - wall) < 1.0
     assert summary.tracking_error and "no answer" in summary.tracking_error
 
