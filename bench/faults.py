@@ -2,7 +2,7 @@
 
 1. **Kills.** A CPU plan with a 4-minute budget and a checkpoint every 60 s is run once uninterrupted, then
    again in a fresh folder where `oneday run` is SIGKILLed at `--kills` random moments (each session lives
-   8–40 s, start-up included) and rerun each time, until a last session finishes it. For every kill it prints
+   15–100 s, start-up included) and rerun each time, until a last session finishes it. For every kill it prints
    the training seconds lost (the last logged step's `train_elapsed` minus that of the checkpoint the next
    session resumed from) against the interval, and what the rerun said about it. At the end: steps and
    tokens must be continuous (`tokens == steps × tokens per step`, every session's steps pick up after its
@@ -72,12 +72,14 @@ def _newest_checkpoint(run_dir: Path) -> dict | None:
     return {"step": int(state["step"]), "train_elapsed": float(state["train_elapsed"])}
 
 
-def kills(plan: Plan, plan_path: Path, work: Path, *, count: int, threads: int, seed: int) -> dict:
+def kills(plan: Plan, plan_path: Path, work: Path, *, count: int, threads: int, seed: int,
+          lifetimes: tuple[float, float]) -> dict:
     run_dir, uri = work / "killed", f"sqlite:///{work / 'mlflow.db'}"
     rng = random.Random(seed)
     rows = []
+    finished = False
     for i in range(count):
-        lifetime = rng.uniform(8.0, 40.0)
+        lifetime = rng.uniform(*lifetimes)
         started = time.monotonic()
         proc = _start(plan_path, run_dir, uri, threads)
         try:
@@ -89,22 +91,26 @@ def kills(plan: Plan, plan_path: Path, work: Path, *, count: int, threads: int, 
         if rows:
             rows[-1]["rerun_said_lost"] = int(said.group(1)) if said else 0
         if code != -signal.SIGKILL:
-            print(f"  session {i + 1} ended by itself (code {code}) after {wall:.1f} s: the run is done")
+            if code != 0:
+                raise SystemExit(f"session {i + 1} failed ({code}): {err[-2000:]}")
+            print(f"  session {i + 1} ended by itself after {wall:.1f} s: the run is done")
+            finished = True
             break
         last, checkpoint = _last_step(run_dir), _newest_checkpoint(run_dir)
-        lost = (last["train_elapsed"] - checkpoint["train_elapsed"]) if last and checkpoint else \
-            (last["train_elapsed"] if last else 0.0)
+        lost = max(0.0, (last["train_elapsed"] - checkpoint["train_elapsed"]) if last and checkpoint else
+                   (last["train_elapsed"] if last else 0.0))
         rows.append({"kill": i + 1, "session_s": round(wall, 1), "last_step": last["step"] if last else 0,
                      "checkpoint_step": checkpoint["step"] if checkpoint else None, "lost_train_s": round(lost, 1)})
         print(f"  kill {i + 1}: after {wall:5.1f} s; last logged step {rows[-1]['last_step']}, "
               f"checkpoint {rows[-1]['checkpoint_step']}, lost {lost:.1f} training s")
-    started = time.monotonic()
-    code, err, wall = _finish(_start(plan_path, run_dir, uri, threads), started=started)
-    said = re.search(r"trained about (\d+) s past", " ".join(err.split()))
-    if rows and "rerun_said_lost" not in rows[-1]:
-        rows[-1]["rerun_said_lost"] = int(said.group(1)) if said else 0
-    if code != 0:
-        raise SystemExit(f"the last session failed ({code}): {err[-2000:]}")
+    if not finished:
+        started = time.monotonic()
+        code, err, wall = _finish(_start(plan_path, run_dir, uri, threads), started=started)
+        said = re.search(r"trained about (\d+) s past", " ".join(err.split()))
+        if rows and "rerun_said_lost" not in rows[-1]:
+            rows[-1]["rerun_said_lost"] = int(said.group(1)) if said else 0
+        if code != 0:
+            raise SystemExit(f"the last session failed ({code}): {err[-2000:]}")
     summary = load_summary(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     per_step = plan.train.tokens_per_step()
@@ -177,6 +183,8 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--tracking-minutes", type=float, default=2.0, help="budget of each tracking run")
     parser.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds (default 60)")
+    parser.add_argument("--session-seconds", type=float, nargs=2, default=(15.0, 100.0),
+                        help="each killed session lives a random time in this range (start-up included)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-uninterrupted", action="store_true", help="no reference run (no loss comparison)")
@@ -208,7 +216,8 @@ def main() -> None:
         print(f"  {baseline.steps} steps, val loss {baseline.final_val_loss:.4f}, wall {wall:.1f} s")
 
     print(f"\n== {args.kills} SIGKILLs, checkpoint every {args.checkpoint_every:g} s ==")
-    result = kills(plan, plan_path, work, count=args.kills, threads=args.threads, seed=args.seed)
+    result = kills(plan, plan_path, work, count=args.kills, threads=args.threads, seed=args.seed,
+                   lifetimes=tuple(args.session_seconds))
     rows = result["kills"]
     summary = result["summary"]
     print(f"\n  {'kill':>4} {'session s':>9} {'last step':>9} {'ckpt step':>9} {'lost train s':>12} "

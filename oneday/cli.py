@@ -11,6 +11,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from typer import _click
 from typer.core import TyperGroup
 
@@ -36,8 +37,8 @@ class _OneLineErrors(TyperGroup):
         except _click.exceptions.ClickException as exc:
             where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "oneday"
             message = " ".join(exc.format_message().split())
-            err_console.print(f"[bold red]error:[/bold red] {message} (see `{where} --help`)", highlight=False,
-                              soft_wrap=True, markup=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(message)} (see `{escape(where)} --help`)",
+                              highlight=False, soft_wrap=True)
             code = exc.exit_code
         except typer.Abort:
             err_console.print("[yellow]interrupted[/yellow]")

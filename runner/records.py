@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from oneday.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -109,8 +111,10 @@ class FanOut:
                 continue
             try:
                 method(*args, **kwargs)
-            except Exception:
-                log.exception("observer %s.%s failed; it gets no more records", type(observer).__name__, name)
+            except Exception as exc:  # one line (a full disk under metrics.jsonl, say); the traceback at debug
+                log.error("observer %s.%s failed (%s); it gets no more records, training goes on",
+                          type(observer).__name__, name, first_line(exc))
+                log.debug("observer failure", exc_info=True)
                 self._observers.remove(observer)
 
     def on_start(self, *, step: int, tokens: int, resumed: bool) -> None:

@@ -220,3 +220,10 @@ def test_usage_errors_are_one_line(args: tuple[str, ...], expected: str) -> None
     assert code == 2
     line = one_error_line(err)
     assert expected in line and "--help" in line and "╭" not in err and "Usage:" not in err
+
+
+def test_an_error_naming_a_path_with_brackets_prints_it_as_is(tmp_path: Path) -> None:
+    """Rich markup in the error line used to eat `[/x]`-like parts of a path (or raise a MarkupError)."""
+    missing = tmp_path / "[/bold]odd[red]" / "plan.json"
+    code, _, err = _invoke("run", str(missing))
+    assert code == 2 and "[/bold]odd[red]" in one_error_line(err)
