@@ -6,6 +6,7 @@ trains and tokenizes in a fraction of a second); the cache is always under tmp_p
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from oneday.data.prepare import (
     load_prepared,
     prepare_data,
 )
-from oneday.data.tokenizer import EOT
+from oneday.data.tokenizer import EOT, MIN_VOCAB_SIZE
 from oneday.errors import UserError
 
 # The development machines keep real English corpora beside the checkout (outside this repository). The one test
@@ -385,8 +386,8 @@ def test_empty_file(tmp_path: Path, cache: Path) -> None:
 
 
 def test_whitespace_only_file(tmp_path: Path, cache: Path) -> None:
-    with pytest.raises(UserError, match="no text in"):
-        prepare(write(tmp_path / "w.txt", "\n\n   \n"), cache)
+    with pytest.raises(UserError, match="no text in"):  # the least vocabulary: 7 bytes cannot give 400 tokens
+        prepare(write(tmp_path / "w.txt", "\n\n   \n"), cache, vocab_size=MIN_VOCAB_SIZE)
 
 
 def test_directory_without_text(tmp_path: Path, cache: Path) -> None:
@@ -583,3 +584,203 @@ def test_tokenizer_not_a_tokenizer_directory(tmp_path: Path, cache: Path) -> Non
         prepare(f, cache, tokenizer=str(tmp_path / "corpus"))
     with pytest.raises(UserError, match="tokenizer directory not found"):
         prepare(f, cache, tokenizer=str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 11: a vocabulary the corpus or the trainer cannot give, a cache that cannot be written, a changed cache
+
+
+def test_vocab_size_beyond_the_trainer_refused_before_training(tmp_path: Path, cache: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        raise AssertionError("refused before the tokenizer is trained")
+
+    monkeypatch.setattr(data_mod, "train_tokenizer", boom)
+    with pytest.raises(UserError, match=r"vocab size 1,000,000,000 is too large: .* at most 1,048,576 tokens"):
+        prepare("builtin:pydoc", cache, vocab_size=10**9)  # the Rust trainer aborted the process (SIGABRT)
+    assert not cache.exists()
+
+
+def test_vocab_size_beyond_the_corpus_refused_before_training(tmp_path: Path, cache: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from oneday.data.sources import resolve_source
+    from oneday.data.tokenizer import check_vocab_fits_corpus
+
+    f = write(tmp_path / "c.txt", make_text(300))
+    most = MIN_VOCAB_SIZE + f.stat().st_size
+    check_vocab_fits_corpus(most, resolve_source(str(f)))  # the bound itself is allowed
+
+    def boom(*args, **kwargs):
+        raise AssertionError("refused before the tokenizer is trained")
+
+    monkeypatch.setattr(data_mod, "train_tokenizer", boom)
+    with pytest.raises(UserError, match=rf"vocab size {most + 1:,} is more than .*c\.txt.* at most {most:,} tokens"):
+        prepare(f, cache, vocab_size=most + 1)
+    assert not cache.exists()
+
+
+def _refuse_mkdir_in(cache: Path, code: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file system refuses to create anything under `cache` (os.mkdir: the cache's folders and temp folder)."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path) == cache or cache in Path(path).parents:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize(("code", "reason"), [(errno.EROFS, "read-only file system"),
+                                              (errno.EACCES, "permission denied")])
+def test_cache_that_cannot_be_written_is_one_line(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  code: int, reason: str) -> None:
+    f = write(tmp_path / "c.txt", make_text())
+    _refuse_mkdir_in(cache, code, monkeypatch)
+    with pytest.raises(UserError) as refused:
+        prepare(f, cache)
+    assert str(refused.value) == f"cannot write to {cache}: {reason}"
+    assert not cache.exists()
+
+
+def test_cache_that_cannot_be_written_still_reads_what_is_there(tmp_path: Path, cache: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    f = write(tmp_path / "c.txt", make_text())
+    prepare(f, cache)
+    _refuse_mkdir_in(cache, errno.EROFS, monkeypatch)
+    assert prepare(f, cache).from_cache
+
+
+def _disk_full_for_token_files(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing a token file (.bin) under `cache` fails once some bytes are in: the file system filled up."""
+    import builtins
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, handle) -> None:
+            self.handle = handle
+            self.written = 0
+
+        def write(self, data) -> int:
+            if self.written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write(2) names no file
+            self.written = self.handle.write(data)
+            return self.written
+
+        def __getattr__(self, name: str):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.close()
+
+    def full_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        path = Path(os.fsdecode(file)) if isinstance(file, (str, bytes, os.PathLike)) else None
+        if path is not None and "w" in mode and path.suffix == ".bin" and cache in path.parents:
+            return FullDisk(handle)
+        return handle
+
+    monkeypatch.setattr(builtins, "open", full_open)
+
+
+def test_full_cache_is_one_line_and_nothing_half_written(tmp_path: Path, cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    f = write(tmp_path / "c.txt", make_text(3000))  # several tokenizing batches: the second write fails
+    _disk_full_for_token_files(cache, monkeypatch)
+    with pytest.raises(UserError) as refused:
+        prepare(f, cache)
+    assert str(refused.value) == f"cannot write to {cache}: no space left on device"
+    assert list((cache / "data").iterdir()) == []  # the temporary build folder is gone
+
+
+def test_tokenizer_that_cannot_be_saved_raises_the_os_error(tmp_path: Path, cache: Path) -> None:
+    from oneday.data.tokenizer import save_tokenizer
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (Linux) to fill the disk under the Rust writer")
+    p = prepare(write(tmp_path / "c.txt", make_text()), cache)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(p.tokenizer_dir)
+    target = tmp_path / "tok"
+    target.mkdir()
+    (target / "tokenizer.json").symlink_to("/dev/full")  # the Rust backend writes it: "(os error 28)"
+    with pytest.raises(OSError) as failed:
+        save_tokenizer(tok, target)
+    assert failed.value.errno == errno.ENOSPC
+
+
+def _shuffle(path: Path) -> None:
+    """The same tokens in another order: the same size, other bytes."""
+    tokens = np.fromfile(path, dtype=np.uint16)
+    np.random.default_rng(0).permutation(tokens).tofile(path)
+
+
+@pytest.mark.parametrize("name", ["train.bin", "val.bin"])
+def test_changed_token_file_of_the_same_size_is_refused_and_prepared_again(
+        tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture, name: str) -> None:
+    f = write(tmp_path / "c.txt", make_text())
+    first = prepare(f, cache)
+    original = (first.directory / name).read_bytes()
+    _shuffle(first.directory / name)
+    with pytest.raises(UserError, match=rf"{first.directory / name} changed after it was prepared .*prepare the"):
+        load_prepared(first.directory)
+    with caplog.at_level(logging.WARNING, logger="oneday.data.prepare"):
+        again = prepare(f, cache)
+    assert not again.from_cache and again == first
+    assert (again.directory / name).read_bytes() == original
+    assert any(f"{name} changed" in r.getMessage() and "preparing it again" in r.getMessage()
+               for r in caplog.records)
+
+
+def _data_info(p: PreparedData, spec: Path):
+    from oneday.plan import DataInfo
+
+    return DataInfo(source=p.source, key=p.key, path=str(p.directory), tokenizer=str(p.tokenizer_dir),
+                    vocab_size=p.vocab_size, train_tokens=p.train_tokens, val_tokens=p.val_tokens,
+                    bytes_per_token=p.bytes_per_token(), spec=str(spec))
+
+
+def test_plan_data_prepares_a_changed_entry_again(tmp_path: Path, cache: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from oneday.data.plan_data import load_plan_data
+
+    f = write(tmp_path / "c.txt", make_text())
+    first = prepare(f, cache)
+    assert first.vocab_size == VOCAB  # a plan's data is prepared again with the vocabulary it records
+    original = (first.directory / "train.bin").read_bytes()
+    _shuffle(first.directory / "train.bin")
+    with caplog.at_level(logging.WARNING):
+        data, seconds = load_plan_data(_data_info(first, f))
+    assert data == first and seconds > 0
+    assert (data.directory / "train.bin").read_bytes() == original
+    assert any("train.bin changed" in r.getMessage() for r in caplog.records)
+
+
+def test_entry_of_the_layout_before_checksums_is_prepared_again(tmp_path: Path, cache: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from oneday.data.plan_data import load_plan_data
+
+    f = write(tmp_path / "c.txt", make_text())
+    first = prepare(f, cache)
+    meta = first.metadata()
+    old = {k: v for k, v in meta.items() if k != data_mod.CHECKSUM_FIELD} | {"format_version": 1}
+    (first.directory / "meta.json").write_text(json.dumps(old), encoding="utf-8")
+    data, seconds = load_plan_data(_data_info(first, f))  # the plan keeps working: the same key
+    assert data == first and seconds > 0
+    assert data.metadata()[data_mod.CHECKSUM_FIELD] == meta[data_mod.CHECKSUM_FIELD]
+    (first.directory / "meta.json").write_text(json.dumps(old), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="oneday.data.prepare"):
+        again = prepare(f, cache)
+    assert not again.from_cache and again == first
+    assert any("format version 1" in r.getMessage() for r in caplog.records)
+
+
+def test_checksums_recorded_for_both_token_files(tmp_path: Path, cache: Path) -> None:
+    p = prepare(write(tmp_path / "c.txt", make_text()), cache)
+    checksums = p.metadata()[data_mod.CHECKSUM_FIELD]
+    assert checksums == {name: data_mod.file_checksum(p.directory / name) for name in ("train.bin", "val.bin")}

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from oneday.cli import app
+from tests.factories import one_error_line
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that no path in a table wraps
 
@@ -50,6 +54,44 @@ def test_missing_path_exit_code_2_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and "no such file or directory" in lines[0] and "such.txt" in lines[0]
     assert "Traceback" not in result.output
+
+
+def _plan(cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["plan", "--minutes", "30", "--data", "builtin:pydoc", "--device", "cpu", "--cache-dir", str(cache),
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("command", ["data", "plan"])
+def test_vocab_size_too_large_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    from oneday.data import prepare as data_mod
+
+    def boom(*args, **kwargs):  # the Rust trainer asked for 10^9 tokens aborts the process: refuse before it
+        raise AssertionError("refused before the tokenizer is trained")
+
+    monkeypatch.setattr(data_mod, "train_tokenizer", boom)
+    cache = tmp_path / "cache"
+    args = _args(cache) if command == "data" else _plan(cache, tmp_path / "plan.json")
+    result = runner.invoke(app, [*args, "--vocab-size", "1000000000"])  # the last --vocab-size wins
+    assert result.exit_code == 2, result.output
+    assert "vocab size 1,000,000,000 is too large" in one_error_line(result.stderr)
+    assert not cache.exists() and not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize("command", ["data", "plan"])
+def test_read_only_cache_dir_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    cache = tmp_path / "cache"
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as on a read-only file system (we run as root: chmod would not refuse)
+        if Path(path) == cache or cache in Path(path).parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    result = runner.invoke(app, _args(cache) if command == "data" else _plan(cache, tmp_path / "plan.json"))
+    assert result.exit_code == 2, result.output
+    assert f"error: cannot write to {cache}: read-only file system" in one_error_line(result.stderr)
+    assert not cache.exists() and not (tmp_path / "plan.json").exists()
 
 
 def test_cli_import_is_light() -> None:

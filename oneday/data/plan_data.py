@@ -1,5 +1,9 @@
 """The data a plan was made for: its cache entry, checked by the content key, prepared again when missing.
 
+An entry that is there but cannot be used (incomplete, a token file whose checksum changed, an older layout) is
+prepared again too, with a warning: oneday wrote it, and preparing it again under the same key gives the data the
+plan was made for.
+
 A plan records where its prepared data lives (`data.path`), the content key of that entry, and how it was
 asked for (`data.spec`, tokenizer, text column), so a run or a study on another machine, or after the cache was
 cleared, can prepare the same data again. Different data under the same path, or a source that changed since
@@ -26,7 +30,7 @@ def load_plan_data(info: DataInfo, *, progress: Progress | None = None,
     """(the plan's prepared data, seconds spent preparing it again: 0 when the cache entry was there)."""
     try:
         data = load_prepared(info.path)
-    except (UserError, OSError, ValueError) as exc:  # missing, incomplete, unreadable: prepare it again
+    except (UserError, OSError, ValueError) as exc:  # missing, incomplete, changed, unreadable: prepare it again
         reason = first_line(exc)
     else:
         return _checked(data, info), 0.0
@@ -35,19 +39,19 @@ def load_plan_data(info: DataInfo, *, progress: Progress | None = None,
             f"data: the prepared data at {info.path} cannot be read ({reason}), and the plan does not say "
             "how it was made; prepare it with `oneday data prepare --data ...` and make a new plan"
         )
-    log.warning("prepared data at %s is missing (%s); preparing %s again", info.path, reason, info.spec)
+    log.warning("prepared data at %s cannot be used (%s); preparing %s again", info.path, reason, info.spec)
     started = clock()
     try:
         data = prepare_data(info.spec, tokenizer=info.tokenizer_spec, vocab_size=info.vocab_size,
                             text_column=info.text_column, cache_dir=_cache_root(info.path), progress=progress)
     except UserError as exc:
         raise UserError(
-            f"data: {info.path} is missing and preparing {info.spec} again failed ({exc}); "
+            f"data: {info.path} cannot be used and preparing {info.spec} again failed ({exc}); "
             f"prepare it with `oneday data prepare --data {info.spec}` and make a new plan"
         ) from None
     if data.key != info.key:
         raise UserError(
-            f"data: {info.path} is missing, and preparing {info.spec} again gave different data "
+            f"data: {info.path} cannot be used, and preparing {info.spec} again gave different data "
             f"(key {data.key}, the plan has {info.key}); the source or tokenizer changed: run "
             f"`oneday data prepare --data {info.spec}` and make a new plan"
         )

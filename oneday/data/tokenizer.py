@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -28,7 +30,12 @@ log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (EOT,)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
-MAX_VOCAB_SIZE = 2**32
+MAX_VOCAB_SIZE = 2**32  # the most ids a token file holds (uint32); a given tokenizer may be this large
+# The most tokens oneday trains a BPE to. The Rust trainer reserves memory for the whole vocabulary it is asked for
+# when it starts merging (measured: ~71 bytes a token; 10^9 asked for a 70.9 GB allocation, and the failed
+# allocation aborted the process, which Python cannot catch); 2^20 reserves ~75 MB. It is also 4x the largest
+# vocabulary of current language models (256k): the embedding of a larger one would outweigh any model of a day.
+MAX_TRAINED_VOCAB_SIZE = 2**20
 DEFAULT_VOCAB_SIZE = 8192
 TOKENIZER_SAMPLE_CHARS = 200_000_000
 BPE_MIN_FREQUENCY = 2
@@ -37,14 +44,39 @@ BATCH_CHARS = 2 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt"})
 _MAX_TOKENIZER_FILE_BYTES = 256 << 20
+_RUST_IO_ERROR = re.compile(r"\(os error (?P<errno>\d+)\)")
 
 
-def check_vocab_size(vocab_size: int) -> None:
+def check_vocab_size(vocab_size: int, *, training: bool) -> None:
+    """Refuse a vocabulary size no tokenizer can have, or (`training`) one that oneday does not train a BPE to."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
                         f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special token)")
     if vocab_size > MAX_VOCAB_SIZE:
         raise UserError(f"vocab size {vocab_size:,} is too large: token files hold at most 2**32 ids")
+    if training and vocab_size > MAX_TRAINED_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size:,} is too large: oneday trains a BPE of at most "
+                        f"{MAX_TRAINED_VOCAB_SIZE:,} tokens (2**20: the trainer reserves memory for every token "
+                        "asked for)")
+
+
+def check_vocab_fits_corpus(vocab_size: int, source: Source) -> None:
+    """Refuse a vocabulary larger than the corpus can give a BPE trained on it, before any training.
+
+    The bound is the corpus's size in bytes, known without reading it: each merge joins two adjacent symbols of
+    a distinct pre-tokenized word into one, so a word of n bytes takes at most n - 1 merges and all merges number
+    fewer than the corpus's bytes; the vocabulary is 256 bytes + the special tokens + the merges. It is loose (a
+    real corpus stops merging far sooner, and the tokenizer then says so), but it never refuses a vocabulary the
+    corpus could fill, and it needs no pass over the data. Only where the bytes on disk are at least the text's:
+    not for a hub dataset (size unknown) or parquet files (compressed).
+    """
+    if source.total_bytes is None or any(f.kind == "parquet" for f in source.files):
+        return
+    most = MIN_VOCAB_SIZE + source.total_bytes
+    if vocab_size > most:
+        raise UserError(f"vocab size {vocab_size:,} is more than {source.description} can give: a byte-level BPE "
+                        f"trained on its {source.total_bytes:,} bytes has at most {most:,} tokens "
+                        f"(256 bytes + {len(SPECIAL_TOKENS)} special + at most one merge per byte)")
 
 
 @dataclass
@@ -192,6 +224,24 @@ def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress
     return tok
 
 
+def save_tokenizer(tok: Any, directory: Path) -> None:
+    """`tok.save_pretrained(directory)`, with a failure to write raised as the OSError it is.
+
+    The Rust backend writes tokenizer.json and reports an I/O failure as a bare `Exception` whose message ends in
+    "(os error N)"; made an OSError again, a full or read-only disk is told apart from a bug by its errno.
+    """
+    try:
+        tok.save_pretrained(str(directory))
+    except OSError:
+        raise
+    except Exception as exc:
+        rust_io = _RUST_IO_ERROR.search(str(exc))
+        if rust_io is None:
+            raise
+        code = int(rust_io["errno"])
+        raise OSError(code, os.strerror(code), str(directory)) from exc
+
+
 def batch_encoder(tok: Any) -> Callable[[list[str]], list[list[int]]]:
     """A function from documents to token ids without special tokens, truncation or padding.
 
@@ -218,8 +268,10 @@ __all__ = [
     "TokenizerRef",
     "auto_tokenizer",
     "batch_encoder",
+    "check_vocab_fits_corpus",
     "check_vocab_size",
     "eot_id_of",
     "resolve_tokenizer",
+    "save_tokenizer",
     "train_tokenizer",
 ]
