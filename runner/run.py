@@ -50,7 +50,8 @@ from oneday.tracking.writer import MlflowTracker
 log = logging.getLogger(__name__)
 
 MIN_CLOSE_SECONDS = 2.0
-"""What the MLflow writer always gets to finish, even when the budget is spent: enough for a local store."""
+"""What the MLflow writer always gets to finish, even when the budget is spent: enough for a local store (a store
+that never answered or is down gets half a second)."""
 
 
 def run_plan(
@@ -319,7 +320,8 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     # MLflow gets what is left of the budget (a few seconds at least): a dead or hung store cannot hold the run
     # past it, and a healthy one still being set up after a short run gets the time to finish
     tracker.close(status="KILLED" if result.interrupted else "FINISHED",
-                  timeout=max(MIN_CLOSE_SECONDS, deadline + reserve - clock()))
+                  timeout=max(MIN_CLOSE_SECONDS if tracker.run_id and not tracker.failed else 0.5,
+                              deadline + reserve - clock()))
     log.debug("after the loop: final save %.2f s, summary and plot %.2f s, MLflow %.2f s (reserved %.2f s); "
               "charged %.2f s of %.0f s", t_saved - t_end, t_outputs - t_saved, clock() - t_outputs, reserve,
               charged(), spec.budget_seconds)

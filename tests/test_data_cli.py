@@ -98,3 +98,19 @@ def test_cli_import_is_light() -> None:
     code = "import sys, oneday.cli; print(sorted(m for m in ('torch', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_cache_path_through_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "cachefile").write_text("x")
+    result = runner.invoke(app, ["data", "prepare", "--data", "builtin:pydoc", "--cache-dir",
+                                 str(tmp_path / "cachefile")])
+    assert result.exit_code == 2
+    assert "cannot write to" in one_error_line(result.stderr) and "not a directory" in result.stderr
+
+
+def test_a_corpus_that_fails_to_read_leaves_no_empty_cache_folders(tmp_path: Path) -> None:
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 100)
+    result = runner.invoke(app, ["data", "prepare", "--data", str(tmp_path / "blob.txt"), "--cache-dir",
+                                 str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "not text" in one_error_line(result.stderr)
+    assert not (tmp_path / "cache").exists()

@@ -39,6 +39,7 @@ of wall time, 376k against 342k per CPU-second, on a 2-core machine under load).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -313,8 +314,9 @@ def _remove_stale_temps(root: Path) -> None:
 
 # What a file system says when it cannot store what is written: these come only from writing.
 _WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
-# These come from reading too (a source file that is not ours to read): the cache's only when they name it.
-_ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+# These come from reading too (a source file that is not ours to read, a path through a file): the cache's only
+# when they name it.
+_ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST})
 
 
 @contextmanager
@@ -445,6 +447,7 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
             log.info("data: %s is already prepared (%s); nothing to do", source.description, entry)
             return dataclasses.replace(prepared, source=source.description, from_cache=True)
 
+    created = [folder for folder in (cache, root) if not folder.exists()]  # removed again if nothing gets in
     with _cache_write_errors(cache):
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(root)
@@ -461,6 +464,9 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
             _publish(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
             raise
     prepared = load_prepared(entry)
     log.info("data: prepared %s -> %s: %d train + %d val tokens, %.2f bytes/token, %.0f s",
