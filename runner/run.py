@@ -1,11 +1,14 @@
 """`run_plan`: train a plan to its deadline — set up, train, finish (docs/design.md, Training).
 
-Set up: the device (the plan's, or `--device`), the run folder and its ledger (`run_dir`), MLflow (started
-first: its import and set-up overlap with the rest), the data (`oneday.data.plan_data`), the model, the resume
-point and the deadline (`deadline`). Train: the loop (`loop.train`), observed by metrics.jsonl and MLflow
-(`oneday.tracking.recorder`), the checkpoint ledger and the caller's observer; SIGINT/SIGTERM make the loop save
-a checkpoint and return. Finish (rank 0): the final model and tokenizer, the summary, the plot, the artifacts
-(`outputs`). Under torchrun every rank trains and only rank 0 writes outputs and talks to MLflow.
+Set up: the device (the plan's, or `--device`); what must hold before anything is created (`preflight`: the
+model fits the memory, the disk holds a checkpoint; `run_dir.check_run_dir`: the folder may be used); the data
+(`oneday.data.plan_data`); only then the run folder, locked for the session, and its ledger (`run_dir`); MLflow
+(its import and set-up overlap with building the model), the model, the resume point and the deadline
+(`deadline`). Train: the loop (`loop.train`), observed by metrics.jsonl and MLflow (`oneday.tracking.recorder`),
+the checkpoint ledger and the caller's observer; SIGINT/SIGTERM make the loop save a checkpoint and return
+(outside the loop SIGTERM unwinds like Ctrl-C). Finish (rank 0): the final model and tokenizer, the summary,
+the plot, the artifacts (`outputs`), and the summary again with the real wall time. Under torchrun every rank
+trains and only rank 0 writes outputs and talks to MLflow.
 """
 
 from __future__ import annotations

@@ -23,14 +23,8 @@ import pytest
 
 from oneday.data import prepare as data_mod
 from oneday.data.documents import DOC_MAX_CHARS, DOC_TARGET_CHARS, split_documents
-from oneday.data.prepare import (
-    VAL_MIN_TOKENS,
-    PreparedData,
-    choose_dtype,
-    choose_validation,
-    load_prepared,
-    prepare_data,
-)
+from oneday.data.prepare import PreparedData, load_prepared, prepare_data
+from oneday.data.token_files import VAL_MIN_TOKENS, choose_dtype, choose_validation
 from oneday.data.tokenizer import EOT, MIN_VOCAB_SIZE
 from oneday.errors import UserError
 
@@ -259,7 +253,7 @@ def test_second_call_reuses_cache_without_work(tmp_path: Path, cache: Path,
     def boom(*args, **kwargs):
         raise AssertionError("no tokenizing or training on a cache hit")
 
-    monkeypatch.setattr(data_mod, "_tokenize_corpus", boom)
+    monkeypatch.setattr(data_mod, "tokenize_corpus", boom)
     monkeypatch.setattr(data_mod, "train_tokenizer", boom)
     second = prepare(f, cache)
     assert second.from_cache and not first.from_cache
@@ -499,7 +493,7 @@ def test_nothing_half_written_after_failure(tmp_path: Path, cache: Path, monkeyp
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(data_mod, "_split_token_file", fail)  # fails after the token file is written
+    monkeypatch.setattr(data_mod, "split_token_file", fail)  # fails after the token file is written
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(good, cache)
     assert list((cache / "data").iterdir()) == []

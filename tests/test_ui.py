@@ -299,3 +299,42 @@ def test_ui_starts_links_the_runs_and_stops_on_ctrl_c(ui_store):
         time.sleep(0.2)
     assert not _processes_with(f"--port {port}"), "mlflow server / uvicorn left running"
     assert port_free("127.0.0.1", port)
+
+
+# The same, but the command is started from a worker thread that returns at once (as the browser test and a
+# notebook do): Linux sends the parent-death signal when that thread ends.
+TETHERING_THREAD = """
+import sys, threading, time
+from oneday.compare.tether import start_tethered
+box = []
+def start():  # like start_ui: start, then wait a while (for the server to answer) before the thread returns
+    box.append(start_tethered(["sh", "-c", "sleep 120 & wait"], grace=1.0))
+    time.sleep(1.5)
+thread = threading.Thread(target=start)
+thread.start()
+thread.join()
+print(box[0].pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_group_started_from_a_thread_lives_as_long_as_the_process():
+    from oneday.compare.tether import group_members
+
+    parent = subprocess.Popen([sys.executable, "-c", TETHERING_THREAD], stdout=subprocess.PIPE, text=True)
+    pgid = None
+    try:
+        pgid = int(parent.stdout.readline())
+        time.sleep(3.0)  # past the thread's end and a few of the supervisor's checks
+        assert len(group_members(pgid)) >= 3, "the server died with the thread that started it"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_members(pgid), "the server's process group outlived its parent"
+    finally:
+        parent.kill()
+        if pgid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)

@@ -2,7 +2,7 @@
 outliving it, even when `oneday ui` is killed with SIGKILL and has no chance to stop the server itself.
 
 `start_tethered` starts `python -m oneday.compare.tether <parent pid> <grace> -- <command>` as the leader of a
-new session (so of a new process group). This small supervisor asks Linux for SIGTERM when its parent dies
+new session (so of a new process group). This small supervisor asks Linux for a signal when its parent dies
 (`prctl(PR_SET_PDEATHSIG)`; elsewhere it notices within a second that its parent pid changed), then runs the
 command in its own group. `mlflow server` starts uvicorn (and, unless it is switched off, a job runner) as
 children of its own; all of them stay in this group. When the supervisor is told to stop (its parent died,
@@ -10,8 +10,9 @@ or SIGTERM / SIGINT / SIGHUP), it sends SIGTERM to the whole group, waits up to 
 SIGKILLs whatever is left (uvicorn waits for open browser connections before it exits on SIGTERM), and
 ends by the signal it got. When the command ends by itself, the supervisor ends with its exit status.
 
-The parent-death signal is tied to the thread that started the supervisor: start it from the main thread
-(or from a thread that lives as long as the server should).
+Linux ties the parent-death signal to the thread that started the supervisor: when that thread ends before
+the process (a server started from a worker thread), the supervisor sees its parent pid unchanged and carries
+on; the process's own end is then noticed by polling, within a second.
 """
 
 from __future__ import annotations
@@ -81,13 +82,23 @@ def _raise_stop(signum: int, frame: Any) -> None:
         raise _Stop(signum)
 
 
-def _ask_for_parent_death_signal() -> None:
-    """SIGTERM to this process when its parent dies (Linux only; elsewhere the parent pid is polled)."""
+def _ask_for_parent_death_signal(parent: int) -> None:
+    """SIGUSR1 to this process when its parent dies (Linux only; elsewhere the parent pid is polled).
+
+    Linux sends it when the *thread* that started this process ends, which need not be the parent's end (a
+    server started from a worker thread that then returns): the handler stops only when the parent pid is
+    gone, and the polling in `supervise` still catches the real end later."""
     if not sys.platform.startswith("linux"):
         return
+
+    def parent_maybe_died(signum: int, frame: Any) -> None:
+        if os.getppid() != parent:
+            _raise_stop(signal.SIGTERM, frame)
+
+    signal.signal(signal.SIGUSR1, parent_maybe_died)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGUSR1), 0, 0, 0)
 
 
 def _end_group(child: subprocess.Popen[bytes] | None, grace: float) -> None:
@@ -131,7 +142,7 @@ def supervise(parent: int, grace: float, command: Sequence[str]) -> int:
     for signum in _STOP_SIGNALS:
         signal.signal(signum, _raise_stop)
     try:
-        _ask_for_parent_death_signal()
+        _ask_for_parent_death_signal(parent)
         if os.getppid() != parent:  # the parent died before the request took effect
             raise _Stop(signal.SIGTERM)
         child = subprocess.Popen(command)

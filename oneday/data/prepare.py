@@ -18,23 +18,9 @@ file gets a new entry. An entry is built in a temporary directory beside it and 
 when complete; a failure removes the temporary directory, so a cache entry is never half-written. A cache
 that cannot be written (a read-only or full file system, no permission) is one line naming it.
 
-Validation split: documents are ordered by a hash of their text (so the choice is deterministic, does not
-depend on file order, and identical documents land on the same side) and taken in that order until the
-validation set holds ``clamp(0.5% of all tokens, 8,192, 10,000,000)`` tokens, skipping documents that would
-overshoot that target by more than half. 0.5% is plenty for a 10 GB corpus (~12M tokens, capped at 10M:
-evaluation reads a fixed subset anyway); 8,192 tokens is the least that gives a usable loss estimate
-(32 windows of 256) on a 0.75 MB corpus. A corpus with fewer than 10 documents or fewer than 81,920
-tokens (where 8,192 would exceed 10%) is refused as too small to split.
-
 The tokenizer is trained or loaded by `oneday.data.tokenizer`.
 
-Speed: documents are encoded in batches of ~2M characters with the `tokenizers` library's
-`encode_batch_fast` (Rust, all cores), and each batch becomes one numpy array (ids flattened with
-`np.fromiter`, end-of-text tokens put in with `np.insert`) appended to the token file; nothing iterates
-over tokens in Python, and no Arrow copy of the text or the ids is written. The Rust encoder is the
-bottleneck -- the same one `datasets.map(batched=True)` calls through transformers -- so the tokenizing
-step runs at parity with `datasets.map` (bench/data_throughput.py measures both: 251k against 287k tokens/s
-of wall time, 376k against 342k per CPU-second, on a 2-core machine under load).
+How tokens are written and split: `oneday.data.token_files`.
 """
 
 from __future__ import annotations
@@ -43,17 +29,15 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
-import itertools
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,10 +47,20 @@ import numpy as np
 
 from oneday.data.documents import DOC_MAX_CHARS, DOC_TARGET_CHARS, ReadStats
 from oneday.data.sources import Source, resolve_source
+from oneday.data.token_files import (
+    MIN_DOCUMENTS,
+    VAL_FRACTION,
+    VAL_MAX_SHARE,
+    VAL_MAX_TOKENS,
+    VAL_MIN_TOKENS,
+    VAL_OVERSHOOT,
+    choose_dtype,
+    choose_validation,
+    split_token_file,
+    tokenize_corpus,
+)
 from oneday.data.tokenizer import (
-    BATCH_CHARS,
     DEFAULT_VOCAB_SIZE,
-    MAX_VOCAB_SIZE,
     TokenizerRef,
     auto_tokenizer,
     batch_encoder,
@@ -97,16 +91,6 @@ TOKEN_FILES = ("train.bin", "val.bin")
 CHECKSUM_FIELD = "xxh3_64"
 CHECKSUM_CHUNK_BYTES = 8 << 20
 TOKENIZER_SUBDIR = "tokenizer"
-UINT16_MAX_VOCAB = 2**16
-
-VAL_FRACTION = 0.005
-VAL_MIN_TOKENS = 8192
-VAL_MAX_TOKENS = 10_000_000
-VAL_MAX_SHARE = 0.10
-VAL_OVERSHOOT = 1.5
-MIN_DOCUMENTS = 10
-
-MOVE_CHUNK_TOKENS = 8 << 20
 _TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]+-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
@@ -152,126 +136,6 @@ class PreparedData:
     def metadata(self) -> dict[str, Any]:
         """The entry's meta.json (counts, settings, timings), as written when it was prepared."""
         return json.loads((self.directory / META_FILE).read_text(encoding="utf-8"))
-
-
-def choose_dtype(vocab_size: int) -> str:
-    """The narrowest unsigned dtype that holds every id below `vocab_size` (uint16 halves disk and I/O)."""
-    if vocab_size <= UINT16_MAX_VOCAB:
-        return "uint16"
-    if vocab_size <= MAX_VOCAB_SIZE:
-        return "uint32"
-    raise UserError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
-
-
-def _val_target(total_tokens: int) -> int:
-    return min(VAL_MAX_TOKENS, max(VAL_MIN_TOKENS, math.ceil(VAL_FRACTION * total_tokens)))
-
-
-def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndarray:
-    """Indices (ascending) of the documents held out for validation; the rules are in the module docstring.
-
-    Raises UserError when the corpus is too small to split, or its documents too large to hold out about
-    the target without taking much more.
-    """
-    ndocs = len(doc_tokens)
-    total = int(doc_tokens.sum(dtype=np.int64))
-    min_total = math.ceil(VAL_MIN_TOKENS / VAL_MAX_SHARE)
-    if ndocs < MIN_DOCUMENTS or total < min_total:
-        raise UserError(f"corpus too small to hold out a validation set: {ndocs:,} documents, {total:,} tokens; "
-                        f"need at least {MIN_DOCUMENTS} documents and {min_total:,} tokens")
-    target = _val_target(total)
-    cap = int(target * VAL_OVERSHOOT)
-    order = np.argsort(doc_hashes, kind="stable")
-    chosen: list[int] = []
-    taken = 0
-    for start in range(0, ndocs, 65536):
-        idx = order[start:start + 65536]
-        for i, n in zip(idx.tolist(), doc_tokens[idx].tolist(), strict=True):
-            if taken + n <= cap:
-                chosen.append(i)
-                taken += n
-                if taken >= target:
-                    return np.sort(np.asarray(chosen, dtype=np.int64))
-    raise UserError(f"cannot hold out ~{target:,} validation tokens by whole documents: the documents are too "
-                    f"large (largest {int(doc_tokens.max()):,} of {total:,} tokens); split them into smaller ones")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizing and splitting
-
-
-@dataclass
-class _DocTable:
-    tokens: np.ndarray  # per document, including its end-of-text token
-    text_bytes: np.ndarray
-    hashes: np.ndarray
-    max_id: int
-
-
-def _tokenize_corpus(source: Source, encode: Callable[[list[str]], list[list[int]]], *, eot_id: int,
-                     dtype: str, out_path: Path, work_dir: Path, stats: ReadStats,
-                     progress: Progress) -> _DocTable:
-    """Tokenize every document into `out_path` (each followed by `eot_id`); return per-document numbers."""
-    import xxhash
-
-    tokens: list[np.ndarray] = []
-    nbytes: list[np.ndarray] = []
-    hashes: list[np.ndarray] = []
-    max_id = eot_id
-    with open(out_path, "wb") as out, \
-            progress.task("tokenizing", total=source.total_bytes, unit="B") as task:
-        for docs, consumed in source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=stats):
-            if docs:
-                ids = encode(docs)
-                lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
-                if flat.size:
-                    max_id = max(max_id, int(flat.max()))
-                out.write(np.insert(flat, np.cumsum(lens), eot_id).data)  # not tofile(): it drops the errno
-                raw = [d.encode("utf-8") for d in docs]
-                tokens.append((lens + 1).astype(np.uint32))
-                nbytes.append(np.fromiter(map(len, raw), dtype=np.uint32, count=len(raw)))
-                hashes.append(np.fromiter(map(xxhash.xxh3_64_intdigest, raw), dtype=np.uint64, count=len(raw)))
-            task.advance(consumed)
-    if not tokens:
-        raise UserError(f"no text in {source.description}")
-    return _DocTable(np.concatenate(tokens), np.concatenate(nbytes), np.concatenate(hashes), max_id)
-
-
-def _move(mm: np.ndarray, src: int, end: int, dst: int) -> None:
-    """Copy mm[src:end] to mm[dst:...] (dst <= src) in chunks, so memory stays bounded."""
-    if src == dst:
-        return
-    for start in range(src, end, MOVE_CHUNK_TOKENS):
-        stop = min(end, start + MOVE_CHUNK_TOKENS)
-        mm[dst + (start - src):dst + (stop - src)] = mm[start:stop]
-
-
-def _split_token_file(all_path: Path, *, train_path: Path, val_path: Path, doc_tokens: np.ndarray,
-                      val_idx: np.ndarray, dtype: str) -> None:
-    """Write the validation documents to val.bin, compact the rest in place, and rename it train.bin.
-
-    In place, so a 10 GB corpus needs no second 10 GB copy on disk; only the validation documents
-    (at most VAL_MAX_TOKENS * 1.5 tokens) are copied.
-    """
-    offsets = np.concatenate([[0], np.cumsum(doc_tokens, dtype=np.int64)])
-    total = int(offsets[-1])
-    mm = np.memmap(all_path, dtype=dtype, mode="r+", shape=(total,))
-    with open(val_path, "wb") as f:
-        for i in val_idx.tolist():
-            f.write(mm[offsets[i]:offsets[i + 1]].data)
-    write = read = 0
-    for i in val_idx.tolist():
-        start = int(offsets[i])
-        _move(mm, read, start, write)
-        write += start - read
-        read = int(offsets[i + 1])
-    _move(mm, read, total, write)
-    write += total - read
-    mm.flush()
-    del mm
-    os.truncate(all_path, write * np.dtype(dtype).itemsize)
-    os.replace(all_path, train_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,7 +362,7 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
     t0 = time.perf_counter()
     stats = ReadStats()
     all_path = work_dir / "all.bin"
-    table = _tokenize_corpus(source, batch_encoder(tok), eot_id=eot_id, dtype=dtype, out_path=all_path,
+    table = tokenize_corpus(source, batch_encoder(tok), eot_id=eot_id, dtype=dtype, out_path=all_path,
                              work_dir=work_dir, stats=stats, progress=progress)
     seconds["tokenize"] = round(time.perf_counter() - t0, 3)
     vocab = len(tok)
@@ -509,7 +373,7 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
 
     t0 = time.perf_counter()
     val_idx = choose_validation(table.tokens, table.hashes)
-    _split_token_file(all_path, train_path=work_dir / "train.bin", val_path=work_dir / "val.bin",
+    split_token_file(all_path, train_path=work_dir / "train.bin", val_path=work_dir / "val.bin",
                       doc_tokens=table.tokens, val_idx=val_idx, dtype=dtype)
     seconds["split"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
