@@ -324,7 +324,7 @@ class WallLedger:
     """Observer: on each checkpoint event, stores the wall time charged so far in run.json; every
     `alive_every` seconds of logged steps, the session's charged time (so a kill's lost work can be told)."""
 
-    def __init__(self, ledger: RunLedger, charged: Callable[[], float], *, alive_every: float = 30.0) -> None:
+    def __init__(self, ledger: RunLedger, charged: Callable[[], float], *, alive_every: float = 10.0) -> None:
         self._ledger = ledger
         self._charged = charged
         self._alive_every = alive_every
