@@ -117,14 +117,12 @@ def kills(plan: Plan, plan_path: Path, work: Path, *, count: int, threads: int, 
     continuous = summary.tokens == summary.steps * per_step and all(
         r["tokens"] == r["step"] * per_step for r in records if r.get("kind") == "step")
     # after each resume, the steps pick up right after the checkpoint it names
-    resumes = [r for r in records if r.get("event") == "resume"]
     picks_up = True
     for index, record in enumerate(records):
         if record.get("event") == "resume":
             following = next((r for r in records[index + 1:] if r.get("kind") == "step"), None)
             picks_up &= following is None or following["step"] > record["step"]
-    return {"kills": rows, "summary": summary, "continuous": continuous, "picks_up": picks_up,
-            "resumes": len(resumes)}
+    return {"kills": rows, "summary": summary, "continuous": continuous, "picks_up": picks_up}
 
 
 class HungServer:
