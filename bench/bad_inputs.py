@@ -170,9 +170,13 @@ def cases() -> list[Case]:
         # -- tune ------------------------------------------------------------------------------------------
         Case("tune missing plan", ["tune", "nope.json"]),
         Case("tune --trials 0", ["tune", "plan.json", "--trials", "0"], plan),
-        Case("tune --hours 0.0001", ["tune", "plan.json", "--hours", "0.0001"], plan),
-        Case("tune --storage bad URL", ["tune", "plan.json", "--storage", "nosuch://x"], plan),
-        Case("tune --worker without a study", ["tune", "plan.json", "--worker"], plan),
+        Case("tune --hours 0.0001", ["tune", "run/plan.json", "--hours", "0.0001"], _copy_shared("run")),
+        Case("tune --trials 4 --hours 0.0001", ["tune", "run/plan.json", "--trials", "4", "--hours", "0.0001"],
+             _copy_shared("run")),
+        Case("tune --storage bad URL", ["tune", "run/plan.json", "--storage", "nosuch://x"], _copy_shared("run")),
+        Case("tune --storage in a missing folder", ["tune", "run/plan.json", "--storage", "nope/j.log"],
+             _copy_shared("run")),
+        Case("tune plan with missing data", ["tune", "plan.json"], plan),
         # -- ui / compare ----------------------------------------------------------------------------------
         Case("ui --port 0", ["ui", "--port", "0"]),
         Case("ui --port 70000", ["ui", "--port", "70000"]),
