@@ -345,19 +345,19 @@ def _settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, set
                             probe_seconds=spent)
         spec, micro, rung = wanted
         tried.add((shape_key(spec), micro))
-        if rung:
-            extensions += 1
-            ladder = sorted([*ladder, spec], key=lambda s: s.params_scaling())
-        else:
-            checks += 1
+        extensions += rung
+        checks += not rung
         probe = measure_more(probe, spec, micro_batch=micro, deadline=deadline,
                              memory_limit_bytes=setup.memory_limit_bytes, peak_flops=peak, progress=progress,
                              clock=clock)
         timing = probe.timing_for(spec)
-        if timing is not None:
-            key, ran_at = shape_key(spec), timing.measurement.micro_batch
-            # an out-of-memory error halved the planned micro-batch: that is the most it may use
-            ran[key] = ran_at if micro is not None and ran_at < micro else max(ran.get(key, 0), ran_at)
+        if timing is None:
+            continue  # not measured (out of time, or it does not fit): a rung stays off the ladder
+        if rung:
+            ladder = sorted([*ladder, spec], key=lambda s: s.params_scaling())
+        key, ran_at = shape_key(spec), timing.measurement.micro_batch
+        # an out-of-memory error halved the planned micro-batch: that is the most it may use
+        ran[key] = ran_at if micro is not None and ran_at < micro else max(ran.get(key, 0), ran_at)
 
 
 def _next_measurement(decision: Decision, bl: BatchLR, *, ladder: list[ModelSpec], setup: Setup,
@@ -365,18 +365,17 @@ def _next_measurement(decision: Decision, bl: BatchLR, *, ladder: list[ModelSpec
                       check: bool) -> tuple[ModelSpec, int | None, bool] | None:
     """(shape, micro-batch or None for the probe's own rule, whether it is a new rung) to measure next, or None.
 
-    A new rung when the chosen shape is the smallest of the ladder, or the largest with nothing larger left
-    out for memory. Else the chosen shape at the plan's micro-batch p when no measurement stands for it: on
-    CUDA a measurement at m stands for p when p ≤ m ≤ `MICRO_BATCH_SLACK`·p (less memory than measured, a
-    step at least 80% as large); on a CPU any measurement of the shape does (tok/s barely depends on the
-    micro-batch there; `timing` module docstring). The check runs at `CHECK_HEADROOM`·p (at most
-    `micro_cap`, what memory allows): the measured speed moves the tokens, hence the batch and p a little,
-    and the measurement must still stand for the plan made on it."""
+    A new rung when the chosen shape is the smallest or the largest of the ladder (a larger shape left out
+    for memory is still on the ladder, so a memory-bound choice is not extended). Else the chosen shape at
+    the plan's micro-batch p when no measurement stands for it: on CUDA a measurement at m stands for p when
+    p ≤ m ≤ `MICRO_BATCH_SLACK`·p (less memory than measured, a step at least 80% as large); on a CPU any
+    measurement of the shape does (tok/s barely depends on the micro-batch there; `timing` module
+    docstring). The check runs at `CHECK_HEADROOM`·p (at most `micro_cap`, what memory allows): the measured
+    speed moves the tokens, hence the batch and p a little, and the measurement must still stand for the
+    plan made on it."""
     chosen = decision.chosen()
     if extend:
-        largest = max((r for r in decision.results), key=lambda r: r.params())
-        below = chosen.spec == ladder[0]
-        above = chosen.spec == ladder[-1] and largest.fits_memory
+        below, above = chosen.spec == ladder[0], chosen.spec == ladder[-1]
         rung = next_rung(ladder, below=below) if below or above else None
         if rung is not None and (shape_key(rung), None) not in tried:
             return rung, None, True
