@@ -35,12 +35,31 @@ from oneday.planner.laws import (
 )
 from oneday.planner.throughput import Measurement, ThroughputModel
 
-__all__ = ["BatchLR", "CandidateResult", "Decision", "batch_and_lr", "choose", "estimate_memory_bytes"]
+__all__ = [
+    "SAFE_MEMORY_FRACTION",
+    "BatchLR",
+    "CandidateResult",
+    "Decision",
+    "batch_and_lr",
+    "choose",
+    "estimate_memory_bytes",
+    "memory_scale",
+    "safe_micro_batch",
+]
 
 # --------------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------------
-def _memory_scale(measurements: Sequence[Measurement], *, activation_bytes: int) -> float:
+SAFE_MEMORY_FRACTION = 0.85
+"""The share of the memory limit an *estimated* micro-batch may fill. The estimate
+(`ModelSpec.estimate_train_memory_bytes`, corrected by the measured/estimated ratio) leaves out the
+allocator's caching and fragmentation (reserved exceeds allocated by 5-15% in long runs), torch.compile
+and cuBLAS workspaces (hundreds of MiB) and the CUDA context; a plan that fills the limit to the last GiB
+(micro-batch 67 at 124.9 of 125.4 GiB on an H200, 17 at 20.4 of 20.6 GiB on a 4090, seen in simulation)
+fails at its first step. 15% covers those; a micro-batch that was measured ran and needs no margin."""
+
+
+def memory_scale(measurements: Sequence[Measurement], *, activation_bytes: int) -> float:
     """measured / estimated peak memory, the largest over the measurements (a conservative
     correction of `ModelSpec.estimate_train_memory_bytes` for this device, dtype and allocator);
     1.0 when no measurement reports memory."""
@@ -60,13 +79,17 @@ def estimate_memory_bytes(spec: ModelSpec, micro_batch: int, *, activation_bytes
     return scale * spec.estimate_train_memory_bytes(micro_batch=micro_batch, activation_bytes=activation_bytes)
 
 
-def _max_micro_batch(spec: ModelSpec, *, memory_limit: float, activation_bytes: int, scale: float, cap: int) -> int:
-    """Largest micro-batch ≤ cap whose estimated memory fits (the estimate is affine in micro-batch)."""
+def safe_micro_batch(
+    spec: ModelSpec, *, memory_limit_bytes: float, activation_bytes: int, scale: float = 1.0, cap: int
+) -> int:
+    """Largest micro-batch ≤ `cap` whose estimated memory (`estimate_memory_bytes`, affine in the
+    micro-batch) stays within `SAFE_MEMORY_FRACTION` of `memory_limit_bytes`; 0 when not even one fits."""
+    allowed = SAFE_MEMORY_FRACTION * memory_limit_bytes
     one = estimate_memory_bytes(spec, 1, activation_bytes=activation_bytes, scale=scale)
     per_sample = estimate_memory_bytes(spec, 2, activation_bytes=activation_bytes, scale=scale) - one
-    if one > memory_limit:
+    if one > allowed:
         return 0
-    return int(min(cap, 1 + (memory_limit - one) // per_sample))
+    return int(min(cap, 1 + (allowed - one) // per_sample))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,10 +173,10 @@ def choose(
 
     For each candidate: D = tok/s × train_seconds; D' = Muennighoff effective tokens given the unique
     tokens; loss = law.loss(N, D') and band = band_law.loss(N, D'). Candidates that do not fit in
-    `memory_limit_bytes` are skipped: measured ones fit by definition; for the others the largest
-    micro-batch (≤ the largest measured) is estimated with `estimate_memory_bytes` (activations at
-    `activation_bytes` per value, corrected by the measured/estimated ratio); the caller keeps a
-    margin in the limit (CUDA context, fragmentation).
+    `memory_limit_bytes` are skipped: measured ones fit by definition (their micro-batch ran); for the
+    others the largest micro-batch (≤ the largest measured) whose `estimate_memory_bytes` (activations
+    at `activation_bytes` per value, corrected by the measured/estimated ratio) stays within
+    `SAFE_MEMORY_FRACTION` of the limit (`safe_micro_batch`: what the estimate leaves out).
 
     The isoFLOP valley is flat (Hoffmann et al. 2022, fig. 3), so among near-ties — within
     `tie_tolerance` (relative, 0.5%) of the best loss — the fastest shape (highest tok/s, the smaller
@@ -166,7 +189,7 @@ def choose(
         raise UserError("data: no unique training tokens (the training split is empty)")
     if not candidates:
         raise ValueError("choose needs at least one candidate shape")
-    scale = _memory_scale(throughput.measurements, activation_bytes=activation_bytes)
+    scale = memory_scale(throughput.measurements, activation_bytes=activation_bytes)
     cap = max(m.micro_batch for m in throughput.measurements)
 
     rows: list[CandidateResult] = []
@@ -178,8 +201,8 @@ def choose(
             micro, fits = cap, True
             memory = estimate_memory_bytes(spec, micro, activation_bytes=activation_bytes, scale=scale)
         else:
-            micro = _max_micro_batch(
-                spec, memory_limit=memory_limit_bytes, activation_bytes=activation_bytes, scale=scale, cap=cap
+            micro = safe_micro_batch(
+                spec, memory_limit_bytes=memory_limit_bytes, activation_bytes=activation_bytes, scale=scale, cap=cap
             )
             fits = micro >= 1
             memory = estimate_memory_bytes(spec, max(micro, 1), activation_bytes=activation_bytes, scale=scale)

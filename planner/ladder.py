@@ -1,7 +1,8 @@
 """The ladder of candidate shapes the planner chooses from: widths, depths, head size, vocabulary padding.
 
 Pure Python (no torch). `candidate_shapes` spaces shapes about 1.6× apart in N between two sizes, keeping the
-aspect ratio d_model / n_layer in a sensible band; `shape_key` identifies a shape for throughput and memory.
+aspect ratio d_model / n_layer in a sensible band; `next_rung` adds one beyond either end (when the planner's
+choice falls on an end); `shape_key` identifies a shape for throughput and memory.
 """
 
 from __future__ import annotations
@@ -55,6 +56,65 @@ def _make_spec(
     )
 
 
+Pooled = tuple[float, float, int, int]  # (N, |log(aspect / aspect_target)|, n_layer, d_model)
+
+
+def _shape_pool(make: dict, *, up_to: float, aspect_min: float, aspect_max: float, aspect_target: float,
+                max_layers: int) -> list[Pooled]:
+    """Every valid (n_layer, d_model) pair (widths and aspect band of `candidate_shapes`) with N up to about `up_to`."""
+    head_dim = make["head_dim"]
+    pool: list[Pooled] = []
+    d_model = head_dim
+    while True:
+        step = 64 if d_model < 1024 else 128
+        step = math.lcm(step, head_dim)
+        d_model = -(-d_model // step) * step
+        fewest_layers = max(1, math.ceil(d_model / aspect_max))
+        if _make_spec(fewest_layers, d_model, **make).params_scaling() > up_to:
+            break
+        for n_layer in range(1, max_layers + 1):
+            aspect = d_model / n_layer
+            if not aspect_min <= aspect <= aspect_max:
+                continue
+            n = _make_spec(n_layer, d_model, **make).params_scaling()
+            pool.append((n, abs(math.log(aspect / aspect_target)), n_layer, d_model))
+        d_model += step
+    return pool
+
+
+def next_rung(
+    ladder: list[ModelSpec],
+    *,
+    below: bool,
+    ladder_ratio: float = 1.6,
+    aspect_min: float = 32.0,
+    aspect_max: float = 100.0,
+    aspect_target: float = 64.0,
+    max_layers: int = 64,
+) -> ModelSpec | None:
+    """The shape one rung beyond the smallest (`below`) or largest end of `ladder`, by the rules of
+    `candidate_shapes` (same vocabulary, sequence length, head size, tying, parametrization): N near
+    end / `ladder_ratio` (or × it) with the aspect nearest `aspect_target`, else the valid shape nearest the
+    end that is at least ladder_ratio^0.5 beyond it. None when no valid shape lies beyond (below 1×64)."""
+    end = ladder[0] if below else ladder[-1]
+    make = dict(head_dim=end.head_dim, vocab_size=end.vocab_size, seq_len=end.seq_len,
+                tied_embeddings=end.tied_embeddings, parametrization=end.parametrization)
+    n = float(end.params_scaling())
+    spacing = ladder_ratio**0.5
+    target = n / ladder_ratio if below else n * ladder_ratio
+    pool = _shape_pool(make, up_to=target * ladder_ratio, aspect_min=aspect_min, aspect_max=aspect_max,
+                       aspect_target=aspect_target, max_layers=max_layers)
+    beyond = [p for p in pool if (p[0] * spacing <= n if below else p[0] >= n * spacing)]
+    if not beyond:
+        return None
+    near = [p for p in beyond if target / spacing <= p[0] <= target * spacing]
+    if near:
+        pick = min(near, key=lambda p: (p[1], abs(math.log(p[0] / target))))
+    else:
+        pick = min(beyond, key=lambda p: abs(math.log(p[0] / n)))
+    return _make_spec(pick[2], pick[3], **make)
+
+
 def candidate_shapes(
     *,
     vocab_size: int,
@@ -96,26 +156,10 @@ def candidate_shapes(
     vocab = pad_vocab(vocab_size, vocab_multiple)
     make = dict(head_dim=head_dim, vocab_size=vocab, seq_len=seq_len,
                 tied_embeddings=tied_embeddings, parametrization=parametrization)
+    pool = _shape_pool(make, up_to=max_params * ladder_ratio, aspect_min=aspect_min, aspect_max=aspect_max,
+                       aspect_target=aspect_target, max_layers=max_layers)
 
-    # every valid (n_layer, d_model) pair, with its N
-    pool: list[tuple[float, float, int, int]] = []  # (N, aspect deviation, n_layer, d_model)
-    d_model = head_dim
-    while True:
-        step = 64 if d_model < 1024 else 128
-        step = math.lcm(step, head_dim)
-        d_model = -(-d_model // step) * step
-        fewest_layers = max(1, math.ceil(d_model / aspect_max))
-        if _make_spec(fewest_layers, d_model, **make).params_scaling() > max_params * ladder_ratio:
-            break
-        for n_layer in range(1, max_layers + 1):
-            aspect = d_model / n_layer
-            if not aspect_min <= aspect <= aspect_max:
-                continue
-            n = _make_spec(n_layer, d_model, **make).params_scaling()
-            pool.append((n, abs(math.log(aspect / aspect_target)), n_layer, d_model))
-        d_model += step
-
-    chosen: list[tuple[float, float, int, int]] = []
+    chosen: list[Pooled] = []
     window = ladder_ratio**0.3
     target = min_params
     while pool and target <= max_params * window:
@@ -138,4 +182,4 @@ def candidate_shapes(
     return [_make_spec(p[2], p[3], **make) for p in chosen]
 
 
-__all__ = ["ShapeKey", "candidate_shapes", "pad_vocab", "shape_key", "swiglu_ff"]
+__all__ = ["ShapeKey", "candidate_shapes", "next_rung", "pad_vocab", "shape_key", "swiglu_ff"]

@@ -10,13 +10,20 @@
   CPU below 5 min → 128, GPU below 30 min → 512 — where shorter windows buy more optimizer steps; halved
   further (not below 16) until the validation split holds at least 4 windows. An explicit `seq_len` must lie in
   [16, `models.spec.MAX_SEQ_LEN`] and fit in the data.
-- probe time: 2% of the budget, at most 180 s, at least `PROBE_MIN_SECONDS` (3 s on CPU: enough for two small
-  shapes; 20 s on CUDA, 90 s when compiling, since each measured shape compiles); `probe_seconds` overrides. A
-  10-minute CPU budget probes for 12 s.
+- probe time: 2% of the budget up to `PROBE_KNEE_SECONDS` (3 min, reached at a 2.5 h budget), then 3 min until
+  1% of the budget is more (5 h), then 1% (`PROBE_LONG_FRACTION`): the share shrinks as budgets grow, but the
+  time grows with them, since a long budget trains a large model whose shapes take long to build, compile and
+  time, and choosing it well is worth more than 1% of the day (a fixed 3 min left a 24 h GPU plan unable to
+  measure the shapes near its optimum). At least `PROBE_MIN_SECONDS` (3 s on CPU: enough for two small shapes;
+  20 s on CUDA, 90 s when compiling, since each measured shape compiles); `probe_seconds` overrides. A
+  10-minute CPU budget probes for 12 s, a 1 h GPU budget that compiles for 90 s, a 24 h one for 14.4 min.
 - candidate range: from 2 layers × 128 wide (the smallest sensible model) up to 3× the compute-optimal N
   (`LossLaw.compute_optimal`) of an upper bound on the compute — peak FLOP/s × budget × 0.5 (a generous MFU) —
   and at least 4× the smallest, so the ladder always offers a few rungs; shapes that do not fit memory are
   dropped by the measurement (CPU: by estimate) and by `choose`.
+- which shapes to measure first (CUDA): the ladder shape the loss law favours if every shape ran at
+  `EXPECTED_CUDA_MFU` (35%, what a well-sized model reaches with bf16 and torch.compile: nanoGPT's 124M runs at
+  ~40% on an A100), with the data's repetition discount (`expected_optimum`); the probe starts there.
 - memory limit: CUDA 90% of the free memory less 512 MiB (CUDA context, fragmentation); CPU 60% of the available
   RAM (the run also maps the data and other processes share the machine).
 """
@@ -30,7 +37,7 @@ from typing import Any
 from oneday.errors import UserError
 from oneday.models.spec import MAX_SEQ_LEN, ModelSpec
 from oneday.planner.ladder import pad_vocab, swiglu_ff
-from oneday.planner.laws import LossLaw
+from oneday.planner.laws import LossLaw, effective_tokens
 from oneday.runner import costs
 
 MAX_HOURS = 10_000.0
@@ -40,9 +47,11 @@ SHORT_SEQ_LEN = {"cuda": 512, "cpu": 128}
 SHORT_BUDGET_SECONDS = {"cuda": 1800.0, "cpu": 300.0}
 
 PROBE_FRACTION = 0.02
-PROBE_MAX_SECONDS = 180.0
+PROBE_KNEE_SECONDS = 180.0
+PROBE_LONG_FRACTION = 0.01
 PROBE_MIN_SECONDS = {"cpu": 3.0, "cuda": 20.0, "cuda+compile": 90.0}
 
+EXPECTED_CUDA_MFU = 0.35
 COMPILE_MIN_SECONDS = 1800.0
 COMPILE_FALLBACK_SECONDS = 60.0
 GENEROUS_MFU = 0.5
@@ -105,11 +114,15 @@ def setup_for(probe: Any, *, budget_seconds: float, probe_seconds: float | None)
         floor = PROBE_MIN_SECONDS["cpu"]
     if limit <= 0:
         raise UserError(f"{probe.name}: no free memory to train in ({free / 2**30:.2f} GiB free)")
-    seconds = probe_seconds if probe_seconds is not None else min(
-        PROBE_MAX_SECONDS, max(floor, PROBE_FRACTION * budget_seconds)
-    )
+    seconds = probe_seconds if probe_seconds is not None else probe_share(budget_seconds, floor=floor)
     return Setup(device=device, dtype=dtype, compile=compile_, threads=threads, memory_limit_bytes=limit,
                   probe_seconds=seconds)
+
+
+def probe_share(budget_seconds: float, *, floor: float) -> float:
+    """Seconds of the budget the probe may use (module docstring): 2% up to the knee, 1% past it, at least `floor`."""
+    share = min(PROBE_FRACTION * budget_seconds, max(PROBE_KNEE_SECONDS, PROBE_LONG_FRACTION * budget_seconds))
+    return max(floor, share)
 
 
 def sequence_length(requested: int | None, *, device: str, budget_seconds: float, data: Any) -> tuple[int, str]:
@@ -151,6 +164,20 @@ def candidate_range(
     return min_params, max_params
 
 
+def expected_optimum(
+    ladder: list[ModelSpec], *, peak_flops: float, train_seconds: float, unique_tokens: float, law: LossLaw
+) -> float:
+    """N of the ladder shape with the least predicted loss `law.loss(N, D')` if every shape trained at
+    `EXPECTED_CUDA_MFU` of `peak_flops` for `train_seconds` (D = tokens, D' = Muennighoff's effective tokens of
+    D over `unique_tokens`): where the probe starts measuring on a GPU (module docstring)."""
+
+    def loss(spec: ModelSpec) -> float:
+        tokens = EXPECTED_CUDA_MFU * peak_flops * train_seconds / spec.flops_per_token()
+        return law.loss(spec.params_scaling(), effective_tokens(tokens, unique_tokens))
+
+    return float(min(ladder, key=loss).params_scaling())
+
+
 def min_reserve_seconds(setup: Setup) -> float:
     """What any plan on this device must spend besides training: probing, start-up (and compile), and
     the final save of the smallest model — known before anything is measured."""
@@ -159,4 +186,4 @@ def min_reserve_seconds(setup: Setup) -> float:
 
 
 __all__ = ["MAX_HOURS", "MIN_SEQ_LEN", "Setup", "candidate_range", "check_hours", "check_seq_len",
-           "min_reserve_seconds", "sequence_length", "setup_for"]
+           "expected_optimum", "min_reserve_seconds", "probe_share", "sequence_length", "setup_for"]

@@ -38,11 +38,18 @@ class Measurement:
         return self.achieved_flops() / peak_flops
 
 
+MFU_CEILING = 0.75
+"""The highest MFU an extrapolation may reach on a datasheet peak (unless a measurement was higher: a CPU's
+peak is a timed matmul that training can beat). The best published end-to-end training figures sit below it:
+PaLM 46% (Chowdhery et al. 2022), FlashAttention-2 GPT training 72% on an A100 (Dao 2023)."""
+
+
 @dataclass(frozen=True)
 class ThroughputModel:
-    """tokens/s as a function of shape: log(achieved FLOP/s) = a + b·log(FLOPs/token), MFU clamped.
+    """tokens/s as a function of shape: MFU from a power law fitted through the measured shapes, and above
+    the largest measured shape a saturating curve rising toward `mfu_ceiling`. See `fit_throughput`.
 
-    Measured shapes return their measured tokens/s; others are predicted. See `fit_throughput`.
+    Measured shapes return their measured tokens/s; others are predicted.
     """
 
     a: float
@@ -52,6 +59,16 @@ class ThroughputModel:
     mfu_high: float
     measurements: tuple[Measurement, ...]
     note: str
+    flops_top: float = math.inf
+    """FLOPs/token of the largest measured shape: the power law holds up to it, the saturating curve above."""
+    mfu_top: float = 0.0
+    """The power law's (clamped) MFU at `flops_top`, where the saturating curve starts."""
+    mfu_ceiling: float = 0.0
+    """The saturating curve's limit m_max (≤ `mfu_top`: no rise seen, the clamped power law holds above too)."""
+    flops_bottom: float = 0.0
+    """FLOPs/token of the smallest measured shape: below it the saturating curve (when a rise was seen)."""
+    mfu_bottom: float = 0.0
+    """The power law's (clamped) MFU at `flops_bottom`."""
 
     def measurement_for(self, spec: ModelSpec) -> Measurement | None:
         """The fastest measurement of this shape, if it was measured."""
@@ -60,13 +77,26 @@ class ThroughputModel:
         return max(same, key=lambda m: m.tokens_per_s) if same else None
 
     def predicted_mfu(self, spec: ModelSpec) -> float:
-        """MFU from the fit, clamped to [mfu_low, mfu_high]."""
+        """The power law, clamped to [mfu_low, mfu_high]. When the measurements show a rise, outside the
+        measured sizes the saturating curve m(F) = m_max·F / (F + F_half) instead (`fit_throughput` says
+        why): above the largest, equal to `mfu_top` at `flops_top` and rising toward m_max = `mfu_ceiling`
+        (never below the clamped power law); below the smallest, equal to `mfu_bottom` at `flops_bottom`."""
         f = spec.flops_per_token()
-        mfu = math.exp(self.a + self.b * math.log(f)) / self.peak_flops
-        return min(self.mfu_high, max(self.mfu_low, mfu))
+        power_law = math.exp(self.a + self.b * math.log(f)) / self.peak_flops
+        clamped = min(self.mfu_high, max(self.mfu_low, power_law))
+        rises = self.mfu_ceiling > max(self.mfu_top, self.mfu_bottom)
+        if f > self.flops_top and rises:
+            half = self.flops_top * (self.mfu_ceiling / self.mfu_top - 1.0)
+            return max(clamped, self.mfu_ceiling * f / (f + half))
+        if f < self.flops_bottom and rises:
+            # Below the smallest measured shape MFU falls along the same curve: the power law's floor (half the
+            # lowest measured MFU) would make the smallest shapes of a GPU ladder look several times too fast.
+            half = self.flops_bottom * (self.mfu_ceiling / self.mfu_bottom - 1.0)
+            return self.mfu_ceiling * f / (f + half)
+        return clamped
 
     def mfu(self, spec: ModelSpec) -> float:
-        """Measured MFU when measured, else the clamped prediction."""
+        """Measured MFU when measured, else the prediction."""
         m = self.measurement_for(spec)
         return m.mfu(self.peak_flops) if m else self.predicted_mfu(spec)
 
@@ -78,15 +108,53 @@ class ThroughputModel:
         return self.predicted_mfu(spec) * self.peak_flops / spec.flops_per_token()
 
 
+def saturating_ceiling(measurements: Sequence[Measurement], *, peak_flops: float) -> float | None:
+    """m_max of the fit seconds/token = F / (m_max·P) + t₀ through the measurements, or None.
+
+    Why this form: a step's time is its FLOPs at the rate the device sustains on large matmuls plus work
+    that does not grow with them (kernel launches, memory-bound norms and activations, the optimizer's
+    pass: Amdahl's law; the roofline model of Williams, Waterman & Patterson 2009). Then MFU =
+    F / (P·(F/(m_max·P) + t₀)) = m_max·F / (F + F_half) with F_half = m_max·P·t₀: it rises with size and
+    saturates at m_max instead of growing as a power law or stopping at the largest measured value.
+    Seconds per token is affine in F, so the fit is linear least squares, weighted by 1/t² so that each
+    shape counts by its relative error (the smallest shape's microseconds would otherwise count for
+    nothing). None without two distinct sizes, or when the fit finds no rise (t₀ ≤ 0 or slope ≤ 0).
+    """
+    points = [(m.spec.flops_per_token(), 1.0 / m.tokens_per_s) for m in measurements]
+    if len({f for f, _ in points}) < 2:
+        return None
+    w = [1.0 / t**2 for _, t in points]
+    sw = sum(w)
+    sx = sum(wi * f for wi, (f, _) in zip(w, points, strict=True))
+    sy = sum(wi * t for wi, (_, t) in zip(w, points, strict=True))
+    sxx = sum(wi * f * f for wi, (f, _) in zip(w, points, strict=True))
+    sxy = sum(wi * f * t for wi, (f, t) in zip(w, points, strict=True))
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        return None
+    slope = (sw * sxy - sx * sy) / det
+    overhead = (sxx * sy - sx * sxy) / det
+    if slope <= 0 or overhead <= 0:
+        return None
+    return 1.0 / (slope * peak_flops)
+
+
 def fit_throughput(measurements: Sequence[Measurement], *, peak_flops: float) -> ThroughputModel:
     """Model tokens/s across sizes from measured shapes.
 
     Achieved FLOP/s grows with model size (small models leave the device idle: kernel launch and
-    memory-bound ops dominate; Cramming, Geiping & Goldstein 2023). We fit, by least squares,
-    log(tok/s × F) = a + b·log F, with F = FLOPs/token (6N + 12·L·d·T), i.e. achieved FLOP/s as a
-    power of the per-token cost, and predict tok/s(spec) = exp(a + b·log F)/F. Predicted MFU is
-    clamped to [0.5 × lowest measured MFU, highest measured MFU] and never above 1: no extrapolation
-    beyond what was seen at the top, and at most a halving below it.
+    memory-bound ops dominate; Cramming, Geiping & Goldstein 2023). Up to the largest measured shape we
+    fit, by least squares, log(tok/s × F) = a + b·log F, with F = FLOPs/token (6N + 12·L·d·T), i.e.
+    achieved FLOP/s as a power of the per-token cost, and predict tok/s(spec) = exp(a + b·log F)/F, its
+    MFU clamped to [0.5 × lowest measured MFU, highest measured MFU].
+
+    Above the largest measured shape a power law would grow without bound and a clamp would hold every
+    larger shape at the largest measured MFU (which made the planner choose too small a model whenever the
+    probe had not reached the optimum); there MFU follows a saturating curve m_max·F/(F + F_half)
+    (`saturating_ceiling`: its ceiling m_max fitted on all measured shapes, capped at `MFU_CEILING` or the
+    highest measured MFU if that is higher), starting from the power law's value at the largest measured
+    shape (never below the clamped power law); below the smallest measured shape MFU falls along the same
+    curve. Without a fitted rise the clamped power law holds everywhere.
 
     With a single measured size (one point, or several of one shape) the slope is unknown: the model
     assumes the same achieved FLOP/s for every size (b = 0) and `note` says so. Needs ≥ 1 measurement.
@@ -102,24 +170,39 @@ def fit_throughput(measurements: Sequence[Measurement], *, peak_flops: float) ->
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     distinct = len({shape_key(m.spec) for m in measurements})
+    high = min(1.0, max(mfus))
+    low = min(high, 0.5 * min(mfus))
     if distinct < 2 or sxx < 1e-12:
         b = 0.0
+        ceiling = None
         note = (
             f"Only one shape measured: assuming the same achieved FLOP/s (MFU {mfus[0]:.1%}) at every "
             "size; measure a second size to model how throughput changes with size."
         )
     else:
         b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+        ceiling = saturating_ceiling(measurements, peak_flops=peak_flops)
         note = (
             f"Throughput fitted on {distinct} measured shapes: achieved FLOP/s ∝ (FLOPs/token)^{b:.2f}, "
             f"MFU {min(mfus):.1%}–{max(mfus):.1%} measured; predictions clamped to "
-            f"[{0.5 * min(mfus):.1%}, {min(1.0, max(mfus)):.1%}]."
+            f"[{0.5 * min(mfus):.1%}, {min(1.0, max(mfus)):.1%}] within the measured sizes"
         )
     a = my - b * mx
-    high = min(1.0, max(mfus))
-    low = min(high, 0.5 * min(mfus))
+    top = max(m.spec.flops_per_token() for m in measurements)
+    bottom = min(m.spec.flops_per_token() for m in measurements)
+    mfu_top = min(high, max(low, math.exp(a + b * math.log(top)) / peak_flops))
+    mfu_bottom = min(high, max(low, math.exp(a + b * math.log(bottom)) / peak_flops))
+    ceiling = min(ceiling, max(MFU_CEILING, high)) if ceiling is not None else mfu_top
+    if distinct >= 2:
+        note += (
+            f"; outside the measured sizes MFU follows a curve saturating at {ceiling:.1%} "
+            "(seconds/token = F/(m_max·peak) + overhead)."
+            if ceiling > max(mfu_top, mfu_bottom)
+            else "; they show no rise with size to extrapolate."
+        )
     return ThroughputModel(a=a, b=b, peak_flops=peak_flops, mfu_low=low, mfu_high=high,
-                           measurements=tuple(measurements), note=note)
+                           measurements=tuple(measurements), note=note, flops_top=top, mfu_top=mfu_top,
+                           mfu_ceiling=ceiling, flops_bottom=bottom, mfu_bottom=mfu_bottom)
 
 
-__all__ = ["Measurement", "ThroughputModel", "fit_throughput"]
+__all__ = ["MFU_CEILING", "Measurement", "ThroughputModel", "fit_throughput", "saturating_ceiling"]

@@ -38,8 +38,6 @@ recorded as the compile time. CPU: fp32, eager (bf16 on CPUs without AVX-512 BF1
 compiling takes 60–90 s here and gains nothing at steady state; docs/design.md, Measured facts).
 
 torch is imported inside the functions: importing this module stays cheap.
-
-torch is imported inside the functions: importing this module stays cheap.
 """
 
 
@@ -152,12 +150,14 @@ def time_shape(
     reference: Sequence[ShapeTiming],
     hard_deadline: float | None,
     clock: Callable[[], float],
+    micro_batch: int | None = None,
 ) -> ShapeTiming:
     """Build, size, warm up and time one shape within `budget_seconds` (a slice of the probe's time).
 
-    Raises `SkipShape` when it does not fit at micro-batch 1 (CUDA), or when `hard_deadline` (the end of the
-    probe's time; None for the one shape that must be measured) would pass before the minimum of timed
-    steps is done, judged from the first warm-up step.
+    `micro_batch` fixes the micro-batch (the plan's, to check it) instead of the rules of the module
+    docstring; an out-of-memory error still halves it. Raises `SkipShape` when it does not fit at
+    micro-batch 1 (CUDA), or when `hard_deadline` (the end of the probe's time; None for the one shape that
+    must be measured) would pass before the minimum of timed steps is done, judged from the first warm-up step.
     """
     import torch
 
@@ -188,7 +188,9 @@ def time_shape(
             torch.cuda.synchronize()
 
     # -- micro-batch -----------------------------------------------------------------------------
-    if device == "cuda":
+    if micro_batch is not None:
+        micro, reason = micro_batch, "the plan's micro-batch"
+    elif device == "cuda":
         micro, reason = cuda_micro_batch(
             spec, step=eager, batch=batch, optimizer=optimizer,
             memory_limit_bytes=memory_limit_bytes, activation_bytes=activation_bytes,
@@ -239,7 +241,7 @@ def time_shape(
             slice_left = max(0.0, started + budget_seconds - now)
             hard_left = math.inf if hard_deadline is None else max(0.0, hard_deadline - now)
             room = min(1.5 * slice_left, hard_left)
-            if device == "cpu" and not compile and micro > 1 and rest * steady > room:
+            if device == "cpu" and not compile and micro_batch is None and micro > 1 and rest * steady > room:
                 # The CPU is slower than expected (other load, or a first shape with no reference): shrink the
                 # micro-batch so one more warm-up step and the minimum of timed steps fit (CPU tok/s barely
                 # depends on the micro-batch; the run then uses this micro-batch too). Not when compiled: a

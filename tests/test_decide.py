@@ -344,3 +344,77 @@ def test_reserve_raises_when_nothing_is_left() -> None:
             budget_seconds=0, compile_seconds=0, eval_seconds_each=0, eval_count=0,
             checkpoint_seconds_each=0, checkpoint_count=0, final_save_seconds=0, probe_seconds=0,
         )
+
+
+# --- memory: a safe share of the limit for estimated micro-batches ---------------------------------------
+def test_estimated_micro_batches_keep_a_safe_share_of_the_memory(cands) -> None:
+    """Issue 12: the plan filled an H200 to 124.9 of 125.4 GiB (micro-batch 67) by its estimate: an OOM at step 1."""
+    from oneday.planner.decide import SAFE_MEMORY_FRACTION, memory_scale, safe_micro_batch
+
+    tm = _throughput(cands)  # measured at micro-batch 16 with 1.1× the estimated memory
+    scale = memory_scale(tm.measurements, activation_bytes=2)
+    assert scale == pytest.approx(1.1, rel=1e-3)
+    big = next(s for s in cands if tm.measurement_for(s) is None and s.params_scaling() > 3e8)
+    # a limit where the estimate allows micro-batch 12 at 100% of it, and fewer within the safe share
+    limit = estimate_memory_bytes(big, 12, activation_bytes=2, scale=scale) * 1.001
+    d = _choose(cands, tm, 72, memory_limit_bytes=limit, activation_bytes=2)
+    row = next(r for r in d.results if r.spec == big)
+    assert 1 <= row.micro_batch < 12
+    assert row.micro_batch == safe_micro_batch(big, memory_limit_bytes=limit, activation_bytes=2, scale=scale, cap=16)
+    for r in d.results:
+        if not r.measured and r.fits_memory:
+            assert r.peak_memory_bytes <= SAFE_MEMORY_FRACTION * limit
+    # a shape that fits only above the safe share is not considered at all
+    one = estimate_memory_bytes(big, 1, activation_bytes=2, scale=scale)
+    tight = one / (0.5 * (1 + SAFE_MEMORY_FRACTION))  # micro-batch 1 takes ~92% of this limit
+    assert safe_micro_batch(big, memory_limit_bytes=tight, activation_bytes=2, scale=scale, cap=16) == 0
+    d = _choose(cands, tm, 72, memory_limit_bytes=tight, activation_bytes=2)
+    assert not next(r for r in d.results if r.spec == big).fits_memory
+
+
+# --- MFU above (and below) the measured sizes: a saturating curve, not a hard cap -----------------------
+def _saturating(spec: ModelSpec, *, ceiling: float = 0.5, overhead: float = 4e-8) -> Measurement:
+    """Seconds per token = F / (ceiling · peak) + overhead: MFU rising with size toward `ceiling`."""
+    seconds_per_token = spec.flops_per_token() / (ceiling * PEAK) + overhead
+    return Measurement(spec=spec, micro_batch=16, tokens_per_s=1 / seconds_per_token, peak_memory_bytes=0,
+                       seconds_measured=10.0)
+
+
+def test_mfu_above_the_largest_measured_shape_rises_toward_a_ceiling(cands) -> None:
+    """Issue 12: every shape above the largest measured one was capped at its MFU, so the planner chose too
+    small a model whenever the probe had not reached the optimum."""
+    from oneday.planner.throughput import MFU_CEILING, saturating_ceiling
+
+    measured = cands[2:7]
+    tm = fit_throughput([_saturating(s) for s in measured], peak_flops=PEAK)
+    assert saturating_ceiling(tm.measurements, peak_flops=PEAK) == pytest.approx(0.5, rel=1e-6)
+    assert tm.mfu_ceiling == pytest.approx(0.5, rel=1e-6) and "saturating at 50.0%" in tm.note
+    top = max(m.mfu(PEAK) for m in tm.measurements)
+    above = [s for s in cands if s.flops_per_token() > measured[-1].flops_per_token()]
+    mfus = [tm.mfu(s) for s in above]
+    assert mfus == sorted(mfus) and mfus[0] > top  # rises past the largest measured MFU ...
+    assert all(m < 0.5 <= MFU_CEILING for m in mfus)  # ... but never to the ceiling
+    for s, m in zip(above, mfus, strict=True):  # and tracks the true curve
+        assert m == pytest.approx(_saturating(s).mfu(PEAK), rel=0.1)
+    # below the smallest measured shape it falls along the same curve (not to the power law's floor)
+    below = [s for s in cands if s.flops_per_token() < measured[0].flops_per_token()]
+    for s in below:
+        assert tm.mfu(s) == pytest.approx(_saturating(s).mfu(PEAK), rel=0.25)
+        assert tm.mfu(s) < min(m.mfu(PEAK) for m in tm.measurements)
+
+
+def test_mfu_ceiling_is_capped_and_no_rise_keeps_the_power_law(cands) -> None:
+    from oneday.planner.throughput import MFU_CEILING
+
+    # a device whose MFU would rise toward 95%: extrapolation stops at MFU_CEILING
+    tm = fit_throughput([_saturating(s, ceiling=0.95, overhead=2e-7) for s in cands[2:6]], peak_flops=PEAK)
+    assert tm.mfu_ceiling == MFU_CEILING
+    assert all(tm.mfu(s) < MFU_CEILING for s in cands)
+    # MFU that does not rise with size (a CPU): the clamped power law everywhere, as before
+    flat = [Measurement(spec=s, micro_batch=16, tokens_per_s=0.3 * PEAK / s.flops_per_token() * (1 - 0.02 * i),
+                        peak_memory_bytes=0, seconds_measured=10.0) for i, s in enumerate(cands[2:6])]
+    tm = fit_throughput(flat, peak_flops=PEAK)
+    assert tm.mfu_ceiling <= tm.mfu_top and "no rise" in tm.note
+    for s in cands:
+        line = math.exp(tm.a + tm.b * math.log(s.flops_per_token())) / PEAK
+        assert tm.predicted_mfu(s) == pytest.approx(min(tm.mfu_high, max(tm.mfu_low, line)))

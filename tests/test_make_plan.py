@@ -85,7 +85,9 @@ def test_chosen_candidate_is_marked(plan: Plan) -> None:
     assert sum(c.measured for c in plan.candidates) >= 1
     ns = [c.params_scaling for c in plan.candidates]
     assert ns == sorted(ns) and ns[0] == min(ns)
-    assert (plan.candidates[0].n_layer, plan.candidates[0].d_model) == (2, 128)  # the smallest sensible shape
+    # the ladder starts at the smallest sensible shape, 2×128, unless it won and rungs below it were measured
+    labels = [(c.n_layer, c.d_model) for c in plan.candidates]
+    assert (2, 128) in labels and all(c.measured for c in plan.candidates[: labels.index((2, 128))])
 
 
 def test_calibration_file_is_used(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
@@ -255,3 +257,178 @@ def test_cadence_rules() -> None:
     assert slow.eval_tokens == 8 * 257
     assert slow.eval_count * slow.eval_each <= 0.05 * 600 + slow.eval_each
     assert slow.eval_every > 30
+
+
+# --------------------------------------------------------------------------------------------------
+# make_plan on simulated devices (tests/simulated_device.py): the hardware, the data and every timed
+# training step are injected; the planner's own code runs
+# --------------------------------------------------------------------------------------------------
+def _simulate(monkeypatch: pytest.MonkeyPatch, device, *, name: str, free_bytes: int | None = None,
+              train_tokens: int = 20_000_000_000) -> None:
+    """make_plan sees `device` (a SimulatedGpu or SimulatedCpu): a probe with its name and memory, a large
+    prepared corpus (its size does not limit the choice), and its timings."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+
+    import oneday.data.prepare as prepare
+    from oneday.planner import hardware, measure
+
+    cpu = hardware.probe_hardware("cpu")
+    if free_bytes is not None:  # a GPU
+        probe = replace(cpu, device="cuda", name=name, count=1, memory_bytes=free_bytes + 2**30,
+                        free_memory_bytes=free_bytes, bf16_supported=True, torch_cuda_available=True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    else:
+        probe = replace(cpu, torch_threads=1)
+        monkeypatch.setattr(hardware, "resolve_peak_flops", lambda *a, **k: (device.peak_flops, "simulated"))
+    monkeypatch.setattr(hardware, "probe_hardware", lambda device="auto": probe)
+    data = SimpleNamespace(vocab_size=8192, train_tokens=train_tokens, val_tokens=10_000_000, source="simulated",
+                           key="0" * 16, directory=Path("/nonexistent"), tokenizer_dir=Path("/nonexistent"),
+                           bytes_per_token=lambda: 4.0)
+    monkeypatch.setattr(prepare, "prepare_data", lambda *a, **k: data)
+    monkeypatch.setattr(measure, "measure_one", device.measure_one)
+
+
+def _planned_memory(plan: Plan) -> float:
+    """The chosen shape's estimated memory at the plan's micro-batch, corrected as the planner does."""
+    from oneday.planner.decide import estimate_memory_bytes
+
+    c = next(c for c in plan.candidates if c.chosen)
+    at = estimate_memory_bytes(plan.model, c.micro_batch, activation_bytes=2)
+    return c.peak_memory_bytes / at * estimate_memory_bytes(plan.model, plan.train.micro_batch, activation_bytes=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "free_gib", "peak", "hours", "at_least"),
+    [
+        ("NVIDIA H200", 139.9, 989.4e12, 1, 85e6),  # issue 12: chose 10×640 (55M), 12×768 is 91M
+        ("NVIDIA H200", 139.9, 989.4e12, 24, 250e6),
+        ("NVIDIA GeForce RTX 4090", 23.4, 165.2e12, 1, 50e6),
+        ("NVIDIA GeForce RTX 4090", 23.4, 165.2e12, 24, 85e6),
+    ],
+)
+def test_simulated_gpu_plan_measures_near_its_optimum_and_keeps_memory_safe(
+    monkeypatch: pytest.MonkeyPatch, name: str, free_gib: float, peak: float, hours: float, at_least: float
+) -> None:
+    """Issue 12: on an H200 for 1 h the plan chose 10×640 (55M) instead of 12×768 (91M), and planned
+    micro-batches that filled the memory limit to the last GiB (an OOM at the first step)."""
+    from oneday.planner.decide import SAFE_MEMORY_FRACTION
+    from tests.simulated_device import SimulatedGpu
+
+    gpu = SimulatedGpu(peak_flops=peak, free_memory_bytes=int(free_gib * 2**30))
+    _simulate(monkeypatch, gpu, name=name, free_bytes=gpu.free_memory_bytes)
+    plan = make_plan(hours=hours, data="simulated", device="cuda", clock=gpu.clock)
+    assert plan.model.params_scaling() >= at_least, plan.model.label()
+    chosen = next(c for c in plan.candidates if c.chosen)
+    assert chosen.measured  # the plan rests on a measurement of the shape it trains ...
+    assert plan.train.micro_batch <= chosen.micro_batch <= 1.25 * plan.train.micro_batch  # ... at its micro-batch
+    limit = 0.9 * gpu.free_memory_bytes - (512 << 20)
+    assert plan.hardware.peak_flops == peak
+    assert _planned_memory(plan) <= SAFE_MEMORY_FRACTION * limit
+    assert gpu.memory(plan.model, plan.train.micro_batch) <= SAFE_MEMORY_FRACTION * limit
+    # every candidate the table offers fits within the safe share by its estimate, or was measured
+    for c in plan.candidates:
+        assert c.measured or c.peak_memory_bytes <= SAFE_MEMORY_FRACTION * limit
+    # the probe's share grows with the budget (about 1% of a day), and its extra measurements stay bounded
+    share = max(90.0, min(0.02 * hours * 3600, max(180.0, 0.01 * hours * 3600)))
+    assert plan.provenance.probe_seconds <= 1.5 * share + 60
+
+
+def test_simulated_gpu_times_the_chosen_shape_at_its_planned_micro_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the probe did not reach the chosen shape (here: it starts far below the optimum), the plan times it
+    at its planned micro-batch before committing, and uses that measurement."""
+    import oneday.planner.make as make
+    from tests.simulated_device import SimulatedGpu
+
+    gpu = SimulatedGpu()
+    _simulate(monkeypatch, gpu, name="NVIDIA H200", free_bytes=gpu.free_memory_bytes)
+    monkeypatch.setattr(make, "expected_optimum", lambda *a, **k: 14e6)  # a poor guess: 6×384
+    plan = make_plan(hours=1, data="simulated", device="cuda", clock=gpu.clock)
+    assert gpu.calls[0] == ("6×384", None)
+    checks = [(label, micro) for label, micro in gpu.calls if micro is not None]
+    assert checks and checks[-1][0] == plan.model.label()
+    chosen = next(c for c in plan.candidates if c.chosen)
+    assert chosen.measured and chosen.micro_batch == checks[-1][1]
+    assert plan.train.micro_batch <= chosen.micro_batch <= 1.25 * plan.train.micro_batch
+    assert plan.prediction.tokens_per_s == pytest.approx(chosen.tokens_per_s)
+    assert plan.model.params_scaling() >= 85e6  # still 12×768 or larger
+
+
+def test_simulated_gpu_plan_uses_the_micro_batch_an_oom_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of the chosen shape runs out of memory (less free memory than reported): the plan's
+    micro-batch is the one that ran."""
+    import oneday.planner.make as make
+    from tests.simulated_device import SimulatedGpu
+
+    gpu = SimulatedGpu()
+    _simulate(monkeypatch, gpu, name="NVIDIA H200", free_bytes=gpu.free_memory_bytes)
+    monkeypatch.setattr(make, "expected_optimum", lambda *a, **k: 14e6)
+    real_measure = gpu.measure_one
+
+    def shrinking(spec, **kwargs):
+        if kwargs.get("micro_batch"):
+            gpu.free_memory_bytes = gpu.memory(spec, kwargs["micro_batch"] // 2 + 1)  # the planned one OOMs
+        return real_measure(spec, **kwargs)
+
+    from oneday.planner import measure
+
+    monkeypatch.setattr(measure, "measure_one", shrinking)
+    plan = make_plan(hours=1, data="simulated", device="cuda", clock=gpu.clock)
+    chosen = next(c for c in plan.candidates if c.chosen)
+    checked = [micro for label, micro in gpu.calls if micro is not None and label == plan.model.label()]
+    assert checked and chosen.measured
+    assert plan.train.micro_batch <= chosen.micro_batch <= checked[-1] // 2
+
+
+@pytest.mark.parametrize("winner", ["smallest", "largest"])
+def test_ladder_is_extended_when_an_end_wins(monkeypatch: pytest.MonkeyPatch, winner: str) -> None:
+    """Issue 12: on small CPU corpora the smallest candidate (2×128) won and the reasons said "lower the minimum
+    size to check", with no way to do so. An end of the ladder that wins is now extended by a rung (at most
+    two) and the new rung measured."""
+    import oneday.planner.make as make
+    from tests.simulated_device import SimulatedCpu
+
+    def speed(spec) -> float:  # tokens/s: tiny shapes very fast (the smallest wins) or large ones (the largest)
+        ratio = spec.params_scaling() / 1.43e6  # to 2×128's N
+        return 2e4 / ratio**2 if winner == "smallest" else 2e4 * ratio**0.5
+
+    rungs = []
+
+    def recording(ladder, *, below):
+        rung = next_rung(ladder, below=below)
+        rungs.append((below, rung))
+        return rung
+
+    next_rung = make.next_rung
+    monkeypatch.setattr(make, "next_rung", recording)
+    cpu = SimulatedCpu(tokens_per_s=speed)
+    _simulate(monkeypatch, cpu, name="cpu", train_tokens=10**9)
+    plan = make_plan(hours=1 / 6, data="simulated", vocab_size=8192, device="cpu", clock=cpu.clock, probe_seconds=12)
+    added_rungs = {(r.n_layer, r.d_model) for _, r in rungs if r is not None}  # None: no valid shape beyond
+    assert 1 <= len(added_rungs) <= 2 and all(below == (winner == "smallest") for below, _ in rungs)
+    by_label = {(c.n_layer, c.d_model): c for c in plan.candidates}
+    added = [by_label[label] for label in added_rungs]
+    assert all(c.measured for c in added)
+    ns = sorted(c.params_scaling for c in plan.candidates)
+    assert {c.params_scaling for c in added} == set(ns[: len(added)] if winner == "smallest" else ns[-len(added):])
+    if winner == "smallest":
+        assert (plan.candidates[0].n_layer, plan.candidates[0].d_model) != (2, 128)
+    assert next(c for c in plan.candidates if c.chosen).measured
+
+
+def test_probe_share_grows_with_the_budget() -> None:
+    """Issue 12: the probe had at most 3 minutes whatever the budget; now about 1% of a 24 h budget, while the
+    CPU's small budgets keep theirs."""
+    from oneday.planner.policy import PROBE_MIN_SECONDS, probe_share
+
+    cpu, gpu = PROBE_MIN_SECONDS["cpu"], PROBE_MIN_SECONDS["cuda+compile"]
+    assert probe_share(600, floor=cpu) == pytest.approx(12.0)  # a 10-minute CPU budget, as before
+    assert probe_share(60, floor=cpu) == cpu
+    assert probe_share(3600, floor=gpu) == gpu  # an hour that compiles: the floor
+    assert probe_share(86400, floor=gpu) == pytest.approx(864.0)  # 1% of a day
+    budgets = [60 * 1.3**i for i in range(40)]
+    shares = [probe_share(b, floor=cpu) for b in budgets]
+    assert shares == sorted(shares)  # never less time for a longer budget ...
+    assert all(s <= max(cpu, 0.02 * b) for s, b in zip(shares, budgets, strict=True))  # ... nor a larger share

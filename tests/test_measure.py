@@ -168,3 +168,127 @@ def test_fastest_cpu_threads_measures_both_counts_and_picks_the_faster() -> None
     threads, speeds = fastest_cpu_threads(spec, max_threads=2, tokens=128)
     assert set(speeds) == {1, 2} and all(v > 0 for v in speeds.values())
     assert speeds[threads] == max(speeds.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# A simulated GPU (tests/simulated_device.py): H200-like step times and memory, a fake clock, fake OOMs
+# --------------------------------------------------------------------------------------------------
+GPU_LADDER = dict(vocab_size=8192, seq_len=1024, min_params=1.4e6, max_params=2e9)
+
+
+@pytest.fixture
+def gpu(monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from oneday.planner import measure
+    from tests.simulated_device import SimulatedGpu
+
+    sim = SimulatedGpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(measure, "measure_one", sim.measure_one)
+    return sim
+
+
+def _limit(free: float) -> int:
+    return int(0.9 * free - (512 << 20))  # policy.setup_for's CUDA limit
+
+
+def _gpu_probe(gpu, ladder: list[ModelSpec], **overrides):
+    kwargs = dict(device="cuda", dtype="bf16", compile=True, seconds=90.0,
+                  memory_limit_bytes=_limit(gpu.free_memory_bytes), threads=None, peak_flops=gpu.peak_flops,
+                  clock=gpu.clock)
+    kwargs.update(overrides)
+    return probe_throughput(ladder, **kwargs)
+
+
+def test_measure_order_near_an_index_goes_outwards() -> None:
+    assert measure_order(9, near=4, limit=9) == [4, 5, 3, 6, 2, 7, 1, 8, 0]
+    assert measure_order(5, near=0) == [0, 1, 2, 3, 4]
+    assert measure_order(5, near=4, limit=3) == [4, 3, 2]
+    with pytest.raises(ValueError):
+        measure_order(3, near=3)
+
+
+def test_cuda_probe_never_builds_a_shape_whose_estimate_cannot_fit(gpu) -> None:
+    """Issue 12: on CUDA every shape was built and tried ("CUDA finds out by trying"); those whose estimated
+    memory cannot fit are now never built, nor anything larger."""
+    from oneday.planner.decide import SAFE_MEMORY_FRACTION
+
+    gpu.free_memory_bytes = 24 * 2**30  # a 24 GiB card
+    limit = _limit(gpu.free_memory_bytes)
+    ladder = candidate_shapes(**GPU_LADDER)
+    too_big = [s for s in ladder
+               if s.estimate_train_memory_bytes(micro_batch=1, activation_bytes=2) > SAFE_MEMORY_FRACTION * limit]
+    assert too_big  # the ladder reaches past this card
+    probe = _gpu_probe(gpu, ladder, seconds=600.0, optimum_params=too_big[0].params_scaling())
+    built = {label for label, _ in gpu.calls}
+    assert not built & {s.label() for s in too_big}
+    assert all(any(r.startswith(f"{s.label()}: estimated not to fit in 85%") for r in probe.skipped) for s in too_big)
+    # the measured memory ratio (1.1× the estimate here) also keeps out shapes the raw estimate would let in
+    assert all(t.measurement.peak_memory_bytes <= limit for t in probe.timings)
+    smallest = ladder[0].estimate_train_memory_bytes(micro_batch=1, activation_bytes=2)
+    with pytest.raises(UserError, match="not even the smallest shape"):
+        _gpu_probe(gpu, ladder, memory_limit_bytes=int(smallest / 0.9))  # fits the limit, not its safe share
+    assert built == {label for label, _ in gpu.calls}  # nothing was built for the refusal
+
+
+def test_cuda_probe_measures_near_the_optimum_first(gpu) -> None:
+    """Issue 12: the probe measured smallest, largest, then midpoints; on a GPU the large shapes were then
+    predicted too dear and skipped, so the shapes near the optimum went unmeasured."""
+    ladder = candidate_shapes(**GPU_LADDER)
+    optimum = next(s for s in ladder if s.label() == "12×768")
+    probe = _gpu_probe(gpu, ladder, optimum_params=optimum.params_scaling() * 1.1)
+    assert gpu.calls[0] == ("12×768", None)
+    labels = [label for label, _ in gpu.calls]
+    index = {s.label(): i for i, s in enumerate(ladder)}
+    assert all(abs(index[label] - index["12×768"]) <= 2 for label in labels)  # its neighbours next
+    assert len(probe.timings) >= 2 and gpu.clock() - 1000.0 <= 90.0 + 60.0
+
+
+def test_predicted_cost_of_a_large_shape_uses_its_own_micro_batch_and_a_floor_speed(gpu) -> None:
+    """Issue 12: 32×2048 was predicted at 1,103 s from 2×128's speed (~4% MFU) and micro-batch; ~100 s is realistic."""
+    from oneday.planner.measure import CUDA_FLOOR_MFU, predict_cost
+
+    ladder = candidate_shapes(**GPU_LADDER)
+    small, large = ladder[0], next(s for s in ladder if s.label() == "32×2048")
+    limit = _limit(gpu.free_memory_bytes)
+    reference = _gpu_probe(gpu, [small]).timings
+    assert reference[0].mfu < CUDA_FLOOR_MFU  # the smallest shape's speed is no guide for the largest
+    predicted = predict_cost(large, reference, device="cuda", compile=True, memory_limit_bytes=limit,
+                             activation_bytes=2, peak_flops=gpu.peak_flops)
+    started = gpu.clock()
+    gpu.measure_one(large, device="cuda", compile=True, budget_seconds=1.0, memory_limit_bytes=limit,
+                    hard_deadline=None, clock=gpu.clock)
+    actual = gpu.clock() - started
+    assert actual <= predicted < 300.0  # errs long, but not tenfold
+
+
+def test_measure_more_times_the_given_micro_batch_in_place_of_the_earlier_timing(gpu) -> None:
+    from oneday.planner.measure import measure_more
+
+    ladder = candidate_shapes(**GPU_LADDER)
+    shape = next(s for s in ladder if s.label() == "12×768")
+    limit = _limit(gpu.free_memory_bytes)
+    probe = _gpu_probe(gpu, [shape])
+    assert probe.timing_for(shape).measurement.micro_batch == 128
+    again = measure_more(probe, shape, micro_batch=100, deadline=gpu.clock() + 600, memory_limit_bytes=limit,
+                         peak_flops=gpu.peak_flops, clock=gpu.clock)
+    assert gpu.calls[-1] == ("12×768", 100)
+    assert [t.measurement.micro_batch for t in again.timings] == [100]
+    assert again.seconds > probe.seconds
+    # out of time: not measured, and the probe says why
+    calls = len(gpu.calls)
+    late = measure_more(again, shape, micro_batch=64, deadline=gpu.clock() + 5, memory_limit_bytes=limit,
+                        peak_flops=gpu.peak_flops, clock=gpu.clock)
+    assert len(gpu.calls) == calls and late.timings == again.timings
+    assert "measuring it would take about" in late.skipped[-1]
+    # a micro-batch whose estimate cannot fit is never built
+    huge = measure_more(again, shape, micro_batch=4096, deadline=gpu.clock() + 600, memory_limit_bytes=limit,
+                        peak_flops=gpu.peak_flops, clock=gpu.clock)
+    assert len(gpu.calls) == calls and "estimated not to fit" in huge.skipped[-1]
+    # an out-of-memory error at the given micro-batch halves it (the real device had less memory than reported)
+    gpu.free_memory_bytes = int(1.1 * shape.estimate_train_memory_bytes(micro_batch=60, activation_bytes=2))
+    oom = measure_more(again, shape, micro_batch=100, deadline=gpu.clock() + 600, memory_limit_bytes=limit,
+                       peak_flops=gpu.peak_flops, clock=gpu.clock)
+    timing = oom.timing_for(shape)
+    assert timing.measurement.micro_batch == 50 and "halved" in timing.micro_batch_reason
