@@ -14,7 +14,7 @@ This module measures and assembles; the rules live in pure modules (`policy`, `l
    as in Cramming (Geiping & Goldstein 2023): the person's budget is wall-clock, not optimizer time.
 4. `throughput.fit_throughput`, the cadence and reserves (`budget`), `decide.choose`, `decide.batch_and_lr`.
    The reserves depend on the chosen shape (its checkpoint size, its eval speed), so reserves and choice are
-   iterated to a fixed point. Then `_settle` measures what the choice rests on and chooses again: a rung
+   iterated to a fixed point. Then `settle.settle` measures what the choice rests on and chooses again: a rung
    beyond the ladder when an end of it wins, the chosen shape at its planned micro-batch when that was only
    predicted (`measure.measure_more`).
 5. The `Plan`.
@@ -26,14 +26,13 @@ shorter than `MIN_TRAIN_STEPS` (10) optimizer steps of the smallest measured sha
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from oneday import __version__
 from oneday.data.sources import short_name
@@ -50,13 +49,12 @@ from oneday.plan import (
     TrainSpec,
     plan_name_problem,
 )
-from oneday.planner.budget import KEEP_CHECKPOINTS, Cadence, Reserve, plan_cadence, reserve_for
+from oneday.planner.budget import KEEP_CHECKPOINTS, Reserve
 from oneday.planner.calibration import load_calibration
-from oneday.planner.decide import BatchLR, CandidateResult, Decision, batch_and_lr, choose
-from oneday.planner.ladder import candidate_shapes, next_rung, shape_key
-from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw
+from oneday.planner.decide import CandidateResult
+from oneday.planner.ladder import candidate_shapes
+from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022
 from oneday.planner.policy import (
-    COMPILE_FALLBACK_SECONDS,
     Setup,
     candidate_range,
     check_hours,
@@ -67,24 +65,14 @@ from oneday.planner.policy import (
     setup_for,
 )
 from oneday.planner.reasons import reasons
-from oneday.planner.throughput import ThroughputModel, fit_throughput
+from oneday.planner.settle import MICRO_BATCH_SLACK, settle
 from oneday.progress import NULL_PROGRESS, Progress
 from oneday.runner import costs
-
-if TYPE_CHECKING:
-    from oneday.planner.measure import ThroughputProbe
 
 log = logging.getLogger(__name__)
 
 PEAK_MEASURE_SECONDS = 0.5
 MIN_TRAIN_STEPS = 10
-MAX_LADDER_EXTENSIONS = 2
-MAX_PLAN_CHECKS = 2
-MICRO_BATCH_SLACK = 1.25
-CHECK_HEADROOM = 1.1
-# The measurements after the probe (a rung beyond the ladder, the chosen shape at its micro-batch) may run past
-# the probe's time by this share of it: they are what the choice rests on, and cost about one shape each.
-EXTRA_PROBE_SHARE = 0.5
 
 
 def default_plan_name(data: str, *, budget_seconds: float, params_total: int) -> str:
@@ -174,7 +162,7 @@ def make_plan(
     )
 
     # -- the choice, measured again where it rests on a prediction; reserves depend on the chosen shape --
-    settled = _settle(ladder, probe=probe, peak=peak, setup=setup, budget_seconds=budget_seconds,
+    settled = settle(ladder, probe=probe, peak=peak, setup=setup, budget_seconds=budget_seconds,
                       probe_started=probe_started, prepared=prepared, law=law, band_law=band_law, clock=clock,
                       progress=progress)
     ladder, probe, decision, reserve, cadence, bl = (settled.ladder, settled.probe, settled.decision,
@@ -299,118 +287,6 @@ def _cpu_threads(setup: Setup, smallest: ModelSpec) -> tuple[Setup, str | None]:
     return replace(setup, threads=threads), note
 
 
-@dataclass(frozen=True)
-class _Settled:
-    """What `_settle` ends with: the ladder (extended or not), every measurement, and the choice on them."""
-
-    ladder: list[ModelSpec]
-    probe: ThroughputProbe
-    decision: Decision
-    reserve: Reserve
-    cadence: Cadence
-    bl: BatchLR
-    probe_seconds: float
-
-
-def _settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setup: Setup, budget_seconds: float,
-            probe_started: float, prepared: Any, law: LossLaw, band_law: LossLaw, clock: Callable[[], float],
-            progress: Progress) -> _Settled:
-    """Choose on what the probe measured, then measure what the choice rests on and choose again, until
-    nothing is left to measure (`_next_measurement`) or the time is up: when the choice is an end of the
-    ladder, one rung beyond it (at most `MAX_LADDER_EXTENSIONS`: the optimum may lie outside the range); then
-    the chosen shape at its planned micro-batch when that was not measured (at most `MAX_PLAN_CHECKS`). These
-    measurements count as probing, and run while their predicted cost fits in the probe's time plus
-    `EXTRA_PROBE_SHARE` of it."""
-    from oneday.planner.measure import measure_more
-
-    deadline = probe_started + (1.0 + EXTRA_PROBE_SHARE) * setup.probe_seconds
-    tried: set[tuple[Any, int | None]] = set()
-    # The largest micro-batch that ran per shape: a check at a smaller one replaces the shape's timing, but the
-    # plan may still use up to this (else `batch_and_lr`'s rounding would move the micro-batch at each check).
-    ran = {shape_key(t.spec): t.measurement.micro_batch for t in probe.timings}
-    extensions = checks = 0
-    while True:
-        throughput = fit_throughput(probe.measurements, peak_flops=peak)
-        spent = round(clock() - probe_started, 3)
-        decision, reserve, cadence = _choose_with_reserves(
-            ladder, probe=probe, throughput=throughput, setup=setup, budget_seconds=budget_seconds,
-            probe_seconds=spent, prepared=prepared, law=law, band_law=band_law)
-        chosen = decision.chosen()
-        cap = max(1, chosen.micro_batch, ran.get(shape_key(chosen.spec), 0))
-        bl = batch_and_lr(spec=chosen.spec, tokens=chosen.tokens, max_micro_batch=cap)
-        wanted = _next_measurement(decision, bl, ladder=ladder, setup=setup, tried=tried, micro_cap=cap,
-                                   extend=extensions < MAX_LADDER_EXTENSIONS, check=checks < MAX_PLAN_CHECKS)
-        if wanted is None:
-            return _Settled(ladder=ladder, probe=probe, decision=decision, reserve=reserve, cadence=cadence, bl=bl,
-                            probe_seconds=spent)
-        spec, micro, rung = wanted
-        tried.add((shape_key(spec), micro))
-        extensions += rung
-        checks += not rung
-        probe = measure_more(probe, spec, micro_batch=micro, deadline=deadline,
-                             memory_limit_bytes=setup.memory_limit_bytes, peak_flops=peak, progress=progress,
-                             clock=clock)
-        timing = probe.timing_for(spec)
-        if timing is None:
-            continue  # not measured (out of time, or it does not fit): a rung stays off the ladder
-        if rung:
-            ladder = sorted([*ladder, spec], key=lambda s: s.params_scaling())
-        key, ran_at = shape_key(spec), timing.measurement.micro_batch
-        # an out-of-memory error halved the planned micro-batch: that is the most it may use
-        ran[key] = ran_at if micro is not None and ran_at < micro else max(ran.get(key, 0), ran_at)
-
-
-def _next_measurement(decision: Decision, bl: BatchLR, *, ladder: list[ModelSpec], setup: Setup,
-                      tried: set[tuple[Any, int | None]], micro_cap: int, extend: bool,
-                      check: bool) -> tuple[ModelSpec, int | None, bool] | None:
-    """(shape, micro-batch or None for the probe's own rule, whether it is a new rung) to measure next, or None.
-
-    A new rung when the chosen shape is the smallest or the largest of the ladder (a larger shape left out
-    for memory is still on the ladder, so a memory-bound choice is not extended). Else the chosen shape at
-    the plan's micro-batch p when no measurement stands for it: on CUDA a measurement at m stands for p when
-    p ≤ m ≤ `MICRO_BATCH_SLACK`·p (less memory than measured, a step at least 80% as large); on a CPU any
-    measurement of the shape does (tok/s barely depends on the micro-batch there; `timing` module
-    docstring). The check runs at `CHECK_HEADROOM`·p (at most `micro_cap`, what memory allows): the measured
-    speed moves the tokens, hence the batch and p a little, and the measurement must still stand for the
-    plan made on it."""
-    chosen = decision.chosen()
-    if extend:
-        below, above = chosen.spec == ladder[0], chosen.spec == ladder[-1]
-        rung = next_rung(ladder, below=below) if below or above else None
-        if rung is not None and (shape_key(rung), None) not in tried:
-            return rung, None, True
-    if not check:
-        return None
-    planned = bl.micro_batch
-    if chosen.measured and (setup.device == "cpu" or planned <= chosen.micro_batch <= MICRO_BATCH_SLACK * planned):
-        return None
-    micro = min(micro_cap, math.ceil(CHECK_HEADROOM * planned))
-    if (shape_key(chosen.spec), micro) in tried:
-        return None
-    return chosen.spec, micro, False
-
-
-def _choose_with_reserves(ladder: list[ModelSpec], *, probe: Any, throughput: ThroughputModel, setup: Setup,
-                          budget_seconds: float, probe_seconds: float, prepared: Any, law: LossLaw,
-                          band_law: LossLaw) -> tuple[Decision, Reserve, Cadence]:
-    """`decide.choose` with the reserves of the shape it chooses: they depend on it (checkpoint size, eval
-    speed), so reserves and choice are iterated to a fixed point (at most 4 rounds) from a middle shape."""
-    ref = probe.timings[len(probe.timings) // 2].spec
-    for _ in range(4):
-        cadence = _cadence_for(ref, probe=probe, throughput=throughput, setup=setup, budget_seconds=budget_seconds,
-                               val_tokens=prepared.val_tokens)
-        reserve = reserve_for(cadence, budget_seconds=budget_seconds, probe_seconds=probe_seconds)
-        decision = choose(
-            candidates=ladder, throughput=throughput, train_seconds=reserve.train_seconds(),
-            unique_tokens=float(prepared.train_tokens), memory_limit_bytes=setup.memory_limit_bytes,
-            activation_bytes=2 if setup.dtype == "bf16" else 4, law=law, band_law=band_law,
-        )
-        if decision.chosen().spec == ref:
-            break
-        ref = decision.chosen().spec
-    return decision, reserve, cadence
-
-
 def _hardware_info(hw: Any, setup: Setup, *, peak: float, peak_source: str) -> HardwareInfo:
     """The plan's record of the probed hardware and the peak FLOP/s its MFU is measured against."""
     return HardwareInfo(
@@ -450,38 +326,6 @@ def _data_info(prepared: Any, *, data: str, tokenizer: str | None, text_column: 
         tokenizer_spec=_respec(tokenizer) if tokenizer else None,
         text_column=text_column,
     )
-
-
-def _cadence_for(
-    spec: ModelSpec,
-    *,
-    probe: Any,
-    throughput: ThroughputModel,
-    setup: Setup,
-    budget_seconds: float,
-    val_tokens: int,
-) -> Cadence:
-    """Cadence and costs for `spec`, from its own timing if measured, else the nearest measured shape's."""
-    from oneday.planner.measure import scale_compile_seconds
-
-    timing = probe.timing_for(spec)
-    near = timing or probe.nearest(spec)
-    # forward tok/s: measured, or the model's training tok/s times the nearest shape's forward/train ratio
-    ratio = near.forward_tokens_per_s / near.measurement.tokens_per_s
-    forward = timing.forward_tokens_per_s if timing else ratio * throughput.tokens_per_s(spec)
-    if setup.compile:
-        measured = [t for t in probe.timings if t.compile_seconds > 0]
-        if timing is not None and timing.compile_seconds > 0:
-            compile_s = timing.compile_seconds
-        elif measured:
-            base = min(measured, key=lambda t: abs(t.spec.n_layer - spec.n_layer))
-            compile_s = scale_compile_seconds(base.compile_seconds, base.spec, spec)
-        else:
-            compile_s = COMPILE_FALLBACK_SECONDS
-    else:
-        compile_s = 0.0
-    return plan_cadence(spec, setup=setup, budget_seconds=budget_seconds, val_tokens=val_tokens,
-                    forward_tokens_per_s=forward, compile_seconds=compile_s)
 
 
 def _check_enough_training(probe: Any, *, reserve: Reserve, budget_seconds: float) -> None:

@@ -387,7 +387,7 @@ def test_ladder_is_extended_when_an_end_wins(monkeypatch: pytest.MonkeyPatch, wi
     """Issue 12: on small CPU corpora the smallest candidate (2×128) won and the reasons said "lower the minimum
     size to check", with no way to do so. An end of the ladder that wins is now extended by a rung (at most
     two) and the new rung measured."""
-    import oneday.planner.make as make
+    import oneday.planner.settle as settle_module
     from tests.simulated_device import SimulatedCpu
 
     def speed(spec) -> float:  # tokens/s: tiny shapes very fast (the smallest wins) or large ones (the largest)
@@ -401,8 +401,8 @@ def test_ladder_is_extended_when_an_end_wins(monkeypatch: pytest.MonkeyPatch, wi
         rungs.append((below, rung))
         return rung
 
-    next_rung = make.next_rung
-    monkeypatch.setattr(make, "next_rung", recording)
+    next_rung = settle_module.next_rung
+    monkeypatch.setattr(settle_module, "next_rung", recording)
     cpu = SimulatedCpu(tokens_per_s=speed)
     _simulate(monkeypatch, cpu, name="cpu", train_tokens=10**9)
     plan = make_plan(hours=1 / 6, data="simulated", vocab_size=8192, device="cpu", clock=cpu.clock, probe_seconds=12)
