@@ -271,13 +271,14 @@ def choose(
     smallest = min(feasible, key=lambda i: rows[i].params())
     if chosen_i == largest and len(feasible) > 1 and not skipped:
         reasons.append(
-            "The largest candidate was chosen: the budget may favour a larger model than the range "
-            "offered; raise the maximum size to check."
+            "The largest candidate was chosen: a larger model may do better still. The planner adds up to two "
+            "larger shapes while the probe's time lasts; more --probe-seconds lets it measure further."
         )
     if chosen_i == smallest and len(feasible) > 1:
         reasons.append(
-            "The smallest candidate was chosen: the budget may favour a smaller model than the range "
-            "offered; lower the minimum size to check."
+            "The smallest candidate was chosen: a smaller model may do better still. The planner adds up to two "
+            "smaller shapes (down to the smallest valid one) while the probe's time lasts; more --probe-seconds "
+            "lets it measure further."
         )
     if c.epochs > max_good_epochs:
         reasons.append(

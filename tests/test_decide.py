@@ -418,3 +418,14 @@ def test_mfu_ceiling_is_capped_and_no_rise_keeps_the_power_law(cands) -> None:
     for s in cands:
         line = math.exp(tm.a + tm.b * math.log(s.flops_per_token())) / PEAK
         assert tm.predicted_mfu(s) == pytest.approx(min(tm.mfu_high, max(tm.mfu_low, line)))
+
+
+def test_an_end_of_the_ladder_that_wins_names_a_flag_that_exists(cands) -> None:
+    """The reasons used to say "lower the minimum size to check" / "raise the maximum", for which there is no flag."""
+    few = cands[3:7]
+    tiny = _choose(few, _throughput(few), 0.01)  # minutes on an H100: the smallest shape wins
+    huge = _choose(few, _throughput(few), 1000.0, unique=1e13)  # weeks: the largest wins
+    for decision, end in ((tiny, "smallest"), (huge, "largest")):
+        assert decision.chosen().spec == (few[0] if end == "smallest" else few[-1])
+        reason = next(r for r in decision.reasons if f"The {end} candidate was chosen" in r)
+        assert "--probe-seconds" in reason and "size to check" not in reason
