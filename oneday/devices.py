@@ -25,12 +25,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GpuPeak:
     """Datasheet peak FLOP/s of one GPU model by dtype (dense tensor-core figures for bf16/fp16/tf32,
-    CUDA-core figure for fp32). `pattern` is matched against the NVML name, case-insensitively."""
+    CUDA-core figure for fp32). `pattern` is matched against the NVML name, case-insensitively.
+
+    `sm_count` is the whole GPU's number of streaming multiprocessors, with `sm_source` its citation: a MIG
+    slice's peak is the whole GPU's scaled by its share of them (`mig_peak_flops`). Only GPUs that can be split
+    into MIG slices need it; it is None elsewhere, and for the B200, whose SM count NVIDIA's datasheet omits.
+    """
 
     key: str
     pattern: str
     flops: dict[str, float]
     source: str
+    sm_count: int | None = None
+    sm_source: str = ""
 
 
 _H100_SXM = "NVIDIA H100 Tensor Core GPU datasheet (SXM5): dense = half the with-sparsity figures"
@@ -38,6 +45,11 @@ _H100_NVL = "NVIDIA H100 NVL datasheet (2024, per GPU): dense = half the with-sp
 _H200 = "NVIDIA H200 Tensor Core GPU datasheet: dense = half the with-sparsity figures"
 _A100 = "NVIDIA A100 Tensor Core GPU datasheet (40GB/80GB, SXM4 and PCIe): dense figures"
 _ADA_DC = "NVIDIA {} datasheet: dense = half the with-sparsity figures"
+_HOPPER_SMS = "NVIDIA H100 Tensor Core GPU Architecture whitepaper: H100 SXM5 132 SMs, H100 PCIe 114 SMs"
+_HOPPER_LIKE_SXM = (
+    "the {} uses GH100 in the H100 SXM5 configuration, 132 SMs (NVIDIA H100 Tensor Core GPU Architecture "
+    "whitepaper; 132 SMs x 128 FP32 lanes x 2 x the boost clock gives the datasheet's FP32 figure)"
+)
 _GEFORCE = (
     "NVIDIA {} whitepaper, peak FP16/BF16 tensor TFLOPS with FP32 accumulate, dense "
     "(GeForce cards run FP32-accumulate at half the FP16-accumulate rate)"
@@ -49,19 +61,21 @@ PEAK_FLOPS_TABLE: tuple[GpuPeak, ...] = (
     GpuPeak("B200", r"\bB200\b", {"bf16": 2.25e15, "fp16": 2.25e15, "tf32": 1.1e15, "fp32": 75e12},
             "NVIDIA HGX B200 datasheet (per GPU): dense = half the with-sparsity figures"),
     GpuPeak("GH200", r"\bGH200\b", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
-            "NVIDIA GH200 Grace Hopper datasheet (H100 GPU): dense = half the with-sparsity figures"),
+            "NVIDIA GH200 Grace Hopper datasheet (H100 GPU): dense = half the with-sparsity figures",
+            132, _HOPPER_LIKE_SXM.format("GH200")),
     GpuPeak("H200 NVL", r"\bH200\b.*\bNVL\b", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
-            _H200 + " (H200 NVL column)"),
+            _H200 + " (H200 NVL column)", 132, _HOPPER_LIKE_SXM.format("H200")),
     GpuPeak("H200 SXM", r"\bH200\b", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 67e12},
-            _H200 + " (H200 SXM column)"),
+            _H200 + " (H200 SXM column)", 132, _HOPPER_LIKE_SXM.format("H200")),
     GpuPeak("H100 NVL", r"\bH100\b.*\bNVL\b", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12},
-            _H100_NVL),
+            _H100_NVL, 132, _HOPPER_LIKE_SXM.format("H100 NVL")),
     GpuPeak("H100 PCIe", r"\bH100\b.*(\bPCIe\b|HBM2e)",
             {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
-            "NVIDIA H100 Tensor Core GPU datasheet (PCIe): dense = half the with-sparsity figures"),
+            "NVIDIA H100 Tensor Core GPU datasheet (PCIe): dense = half the with-sparsity figures", 114, _HOPPER_SMS),
     GpuPeak("H100 SXM", r"\bH100\b", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
-            _H100_SXM),
-    GpuPeak("A100", r"\bA100\b", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}, _A100),
+            _H100_SXM, 132, _HOPPER_SMS),
+    GpuPeak("A100", r"\bA100\b", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}, _A100,
+            108, "NVIDIA A100 Tensor Core GPU Architecture whitepaper: 108 SMs (A100 40GB/80GB, SXM4 and PCIe)"),
     GpuPeak("L40S", r"\bL40S\b", {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12},
             _ADA_DC.format("L40S")),
     GpuPeak("L40", r"\bL40\b", {"bf16": 181.05e12, "fp16": 181.05e12, "tf32": 90.5e12, "fp32": 90.5e12},
@@ -135,6 +149,24 @@ def peak_flops(name: str, dtype: str) -> tuple[float, str] | None:
     if flops is None:
         return None
     return flops, f"{entry.key} ({normalize_dtype(dtype)}, dense): {entry.source}"
+
+
+def mig_peak_flops(name: str, dtype: str, *, slice_sm_count: int | None) -> tuple[float, str] | None:
+    """Peak dense FLOP/s of a MIG slice of the GPU `name` that has `slice_sm_count` SMs, with its source.
+
+    A slice runs a share of the GPU's SMs at the GPU's clocks, and tensor throughput is per SM, so its peak is
+    the datasheet figure × slice SMs / whole-GPU SMs (NVIDIA Multi-Instance GPU User Guide: a GPU instance owns
+    its SMs exclusively). None when the table lacks the figure or either SM count (measure instead).
+    """
+    entry = match_gpu(name)
+    found = peak_flops(name, dtype)
+    if entry is None or found is None or not entry.sm_count or not slice_sm_count:
+        return None
+    flops, source = found
+    share = min(1.0, slice_sm_count / entry.sm_count)
+    return flops * share, (
+        f"{source}; scaled to a MIG slice: {slice_sm_count} of {entry.sm_count} SMs ({entry.sm_source})"
+    )
 
 
 def measure_peak_flops(device: str, dtype: str, *, seconds: float = 1.0, size: int | None = None) -> float:
@@ -236,5 +268,5 @@ def host_memory() -> tuple[int, int]:
     return total, available
 
 
-__all__ = ["PEAK_FLOPS_TABLE", "GpuPeak", "host_memory", "match_gpu", "measure_peak_flops", "normalize_dtype",
-           "peak_flops", "read_text"]
+__all__ = ["PEAK_FLOPS_TABLE", "GpuPeak", "host_memory", "match_gpu", "measure_peak_flops", "mig_peak_flops",
+           "normalize_dtype", "peak_flops", "read_text"]

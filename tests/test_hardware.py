@@ -6,14 +6,16 @@ import sys
 import time
 import types
 from collections import namedtuple
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from oneday.devices import match_gpu, measure_peak_flops, normalize_dtype, peak_flops
+from oneday.devices import match_gpu, measure_peak_flops, mig_peak_flops, normalize_dtype, peak_flops
 from oneday.errors import UserError
 from oneday.planner import hardware
 from oneday.planner.hardware import HardwareProbe, probe_hardware, resolve_peak_flops
-from tests.factories import no_gpu
+from tests.factories import no_gpu, one_error_line
 
 
 @no_gpu
@@ -103,8 +105,20 @@ def test_peak_flops_values() -> None:
         normalize_dtype("int8")
 
 
-# --- a simulated NVML ------------------------------------------------------------------------------
-def _fake_pynvml(*, count: int = 8, name: str | bytes = "NVIDIA H100 80GB HBM3", fail_init: bool = False):
+# --- a simulated NVML and a simulated CUDA torch ----------------------------------------------------
+H100_UUID = "2a3b4c5d-0000-1111-2222-333344445555"
+A100_UUID = "9f8e7d6c-0000-1111-2222-333344445555"
+
+
+def _fake_pynvml(
+    *,
+    count: int = 8,
+    name: str | bytes = "NVIDIA H100 80GB HBM3",
+    fail_init: bool = False,
+    uuids: tuple[str, ...] = (),
+    mig_mode: tuple[int, int] = (0, 0),
+):
+    """A stand-in for nvidia-ml-py: `count` GPUs named `name`; GPU i has UUID "GPU-" + uuids[i] where given."""
     mod = types.ModuleType("pynvml")
 
     class NVMLError(Exception):
@@ -116,10 +130,14 @@ def _fake_pynvml(*, count: int = 8, name: str | bytes = "NVIDIA H100 80GB HBM3",
     class NVMLError_NotSupported(NVMLError):
         pass
 
+    class NVMLError_NotFound(NVMLError):
+        pass
+
     memory = namedtuple("memory", "total free used")
     mod.NVMLError = NVMLError
     mod.NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
     mod.NVML_CLOCK_SM = 1
+    mod.NVML_DEVICE_MIG_ENABLE = 1
     calls: list[str] = []
 
     def init() -> None:
@@ -130,11 +148,24 @@ def _fake_pynvml(*, count: int = 8, name: str | bytes = "NVIDIA H100 80GB HBM3",
     def not_supported(*_args):
         raise NVMLError_NotSupported("Not Supported")
 
+    def uuid_of(handle) -> str:
+        index = handle[1]
+        if not isinstance(index, int) or index >= len(uuids):
+            raise NVMLError_NotSupported("Not Supported")
+        return f"GPU-{uuids[index]}"
+
+    def handle_by_uuid(uuid: str):
+        known = [f"GPU-{u}" for u in uuids]
+        if uuid not in known:
+            raise NVMLError_NotFound("Not Found")
+        return ("handle", known.index(uuid))
+
     mod.nvmlInit = init
     mod.nvmlShutdown = lambda: calls.append("shutdown")
     mod.nvmlDeviceGetCount = lambda: count
     mod.nvmlDeviceGetHandleByIndex = lambda i: ("handle", i)
-    mod.nvmlDeviceGetHandleByUUID = lambda u: ("handle", u)
+    mod.nvmlDeviceGetHandleByUUID = handle_by_uuid
+    mod.nvmlDeviceGetUUID = uuid_of
     mod.nvmlDeviceGetName = lambda h: name
     mod.nvmlDeviceGetMemoryInfo = lambda h: memory(total=85520809984, free=84500000000, used=1020809984)
     mod.nvmlDeviceGetPowerManagementLimit = lambda h: 700000
@@ -142,9 +173,38 @@ def _fake_pynvml(*, count: int = 8, name: str | bytes = "NVIDIA H100 80GB HBM3",
     mod.nvmlSystemGetDriverVersion = lambda: b"550.54.15"
     mod.nvmlSystemGetCudaDriverVersion = lambda: 12040
     mod.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
+    mod.nvmlDeviceGetMigMode = lambda h: mig_mode
+    mod.nvmlDeviceIsMigDeviceHandle = lambda h: False
     mod.not_supported = not_supported
+    mod.memory = memory
     mod.calls = calls
     return mod
+
+
+def _fake_cuda_torch(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    name: str = "NVIDIA H100 80GB HBM3",
+    count: int = 1,
+    total: int = 85_000_000_000,
+    free: int = 80_000_000_000,
+    sms: int = 132,
+    capability: tuple[int, int] = (9, 0),
+    uuid: str | None = H100_UUID,
+) -> None:
+    """Make this CPU build of torch report a CUDA GPU (device 0) with these facts."""
+    import torch
+
+    props = types.SimpleNamespace(name=name, total_memory=total, multi_processor_count=sms, major=capability[0],
+                                  minor=capability[1], uuid=uuid)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free, total))
+    # torch >= 2.4 answers True on a V100 too (bf16 emulation): the probe must not trust it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
 
 
 def test_simulated_nvml_gives_a_cuda_probe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,18 +237,18 @@ def test_simulated_nvml_auto_without_cuda_torch_plans_for_cpu(monkeypatch: pytes
 
 
 def test_simulated_nvml_auto_with_cuda_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = _fake_pynvml(name=b"Tesla T4", count=1)
+    fake = _fake_pynvml(name=b"NVIDIA L4", count=1, uuids=(A100_UUID,))
     fake.nvmlDeviceGetPowerManagementLimit = fake.not_supported
-    fake.nvmlDeviceGetCudaComputeCapability = lambda h: (7, 5)
+    fake.nvmlDeviceGetCudaComputeCapability = lambda h: (8, 9)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    info = hardware._torch_info()
-    info.update(cuda_available=True, torch_cuda_version="12.4")
-    monkeypatch.setattr(hardware, "_torch_info", lambda: dict(info))
+    _fake_cuda_torch(monkeypatch, name="NVIDIA L4", capability=(8, 9), sms=58, uuid=A100_UUID)
     probe = probe_hardware()
-    assert probe.device == "cuda" and probe.name == "Tesla T4" and probe.count == 1
+    assert probe.device == "cuda" and probe.name == "NVIDIA L4" and probe.count == 1
     assert probe.power_limit_w is None  # not supported → None, not a crash
-    assert probe.compute_capability == "7.5" and not probe.bf16_supported
-    assert any("no bf16" in note for note in probe.notes)
+    assert probe.compute_capability == "8.9" and probe.bf16_supported
+    assert probe.memory_bytes == 85520809984  # NVML's figure where NVML answers
+    assert probe.sm_count == 58 and not probe.mig
+    assert probe.notes == ()
 
 
 def test_simulated_nvml_zero_gpus_or_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,3 +283,131 @@ def test_resolve_peak_flops_on_cpu_measures() -> None:
     probe = probe_hardware("cpu")
     flops, source = resolve_peak_flops(probe, "fp32", seconds=0.2)
     assert flops > 0 and source.startswith("measured")
+
+
+# --- NVML missing or failing: torch describes the GPU ---------------------------------------------
+def test_without_nvml_torch_describes_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(fail_init=True))
+    _fake_cuda_torch(monkeypatch, name="NVIDIA A100-SXM4-80GB", capability=(8, 0), sms=108, count=2,
+                     total=81_000_000_000, free=79_000_000_000)
+    for device in ("auto", "cuda"):
+        probe = probe_hardware(device)
+        assert probe.device == "cuda" and probe.torch_cuda_available
+        assert probe.name == "NVIDIA A100-SXM4-80GB" and probe.count == 2
+        assert probe.memory_bytes == 81_000_000_000 and probe.free_memory_bytes == 79_000_000_000
+        assert probe.compute_capability == "8.0" and probe.bf16_supported and probe.sm_count == 108
+        assert probe.power_limit_w is None and probe.driver_version is None
+        assert any("NVML cannot describe the GPU (NVMLError_LibraryNotFound" in note and "torch" in note
+                   for note in probe.notes)
+    assert resolve_peak_flops(probe, "bf16") == peak_flops("NVIDIA A100-SXM4-80GB", "bf16")
+
+
+def test_nvml_name_and_memory_not_supported_come_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_pynvml(count=1, uuids=(H100_UUID,))
+    fake.nvmlDeviceGetName = fake.not_supported
+    fake.nvmlDeviceGetMemoryInfo = fake.not_supported
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    _fake_cuda_torch(monkeypatch, total=85_000_000_000, free=80_000_000_000)
+    probe = probe_hardware()
+    assert probe.device == "cuda" and probe.name == "NVIDIA H100 80GB HBM3"
+    assert probe.memory_bytes == 85_000_000_000 and probe.free_memory_bytes == 80_000_000_000
+    assert probe.power_limit_w == 700.0 and probe.driver_version == "550.54.15"  # what NVML could say, it said
+    assert any("NVML cannot report the GPU's name or memory" in note for note in probe.notes)
+
+
+# --- MIG slices ------------------------------------------------------------------------------------
+MIG_NAME = "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+
+
+@pytest.mark.parametrize("signal", ["nvml-mig-mode", "visible-mig-uuid", "name"])
+def test_mig_slice_peak_is_scaled_by_its_share_of_the_sms(monkeypatch: pytest.MonkeyPatch, signal: str) -> None:
+    fake = _fake_pynvml(count=1, uuids=(H100_UUID,), mig_mode=(1, 1) if signal == "nvml-mig-mode" else (0, 0))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    torch_name = MIG_NAME if signal == "name" else "NVIDIA H100 80GB HBM3"
+    if signal == "visible-mig-uuid":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-5e6f7a8b-0000-1111-2222-333344445555")
+    _fake_cuda_torch(monkeypatch, name=torch_name, sms=16, total=10_200_000_000, free=9_800_000_000)
+    probe = probe_hardware()
+    assert probe.device == "cuda" and probe.mig and probe.sm_count == 16
+    assert probe.memory_bytes == 10_200_000_000 and probe.free_memory_bytes == 9_800_000_000  # the slice's
+    flops, source = resolve_peak_flops(probe, "bf16")
+    assert flops == pytest.approx(989.4e12 * 16 / 132)
+    assert "MIG slice: 16 of 132 SMs" in source and "whitepaper" in source
+    assert any("MIG slice" in note for note in probe.notes)
+
+
+def test_mig_slice_without_sm_counts_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware, "measure_peak_flops", lambda device, dtype, seconds: 1.5e14)
+    probe = replace(probe_hardware("cpu"), device="cuda", name="NVIDIA B200 MIG 1g.23gb", mig=True, sm_count=18)
+    flops, source = resolve_peak_flops(probe, "bf16")
+    assert flops == 1.5e14 and source.startswith("measured") and "MIG slice" in source
+    unknown_slice = replace(probe, name=MIG_NAME, sm_count=None)
+    assert resolve_peak_flops(unknown_slice, "bf16")[0] == 1.5e14
+    assert mig_peak_flops(MIG_NAME, "bf16", slice_sm_count=None) is None
+    assert mig_peak_flops("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "bf16", slice_sm_count=42)[0] == pytest.approx(
+        312e12 * 42 / 108)
+
+
+# --- NVML and CUDA devices matched by UUID ---------------------------------------------------------
+def test_nvml_handle_is_the_one_with_torchs_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NVML orders by PCI bus (A100 first), CUDA fastest first (H100 is torch's device 0)
+    fake = _fake_pynvml(count=2, uuids=(A100_UUID, H100_UUID))
+    names = {0: "NVIDIA A100-SXM4-80GB", 1: "NVIDIA H100 80GB HBM3"}
+    fake.nvmlDeviceGetName = lambda h: names[h[1]]
+    fake.nvmlDeviceGetMemoryInfo = lambda h: fake.memory(total=(h[1] + 1) * 10**10, free=(h[1] + 1) * 10**10, used=0)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _fake_cuda_torch(monkeypatch, count=2, uuid=H100_UUID)
+    probe = probe_hardware()
+    assert probe.name == "NVIDIA H100 80GB HBM3" and probe.memory_bytes == 2 * 10**10
+    assert not any("by index" in note for note in probe.notes)
+
+
+def test_without_uuids_nvml_is_matched_by_index_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_pynvml(count=2)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _fake_cuda_torch(monkeypatch, count=2, uuid=None)
+    probe = probe_hardware()
+    assert probe.device == "cuda" and probe.name == "NVIDIA H100 80GB HBM3"
+    assert any("matched to torch's by index, not UUID" in note for note in probe.notes)
+
+
+# --- GPUs without bf16 -----------------------------------------------------------------------------
+V100_REFUSAL = (
+    "--device cuda: Tesla V100-SXM2-16GB (compute capability 7.0) has no bf16: oneday trains in bf16 on GPUs; "
+    "fp16 with a grad scaler is not supported yet; use --device cpu or a GPU with compute capability >= 8.0"
+)
+
+
+def _v100(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_pynvml(count=1, name="Tesla V100-SXM2-16GB", uuids=(H100_UUID,))
+    fake.nvmlDeviceGetCudaComputeCapability = lambda h: (7, 0)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    _fake_cuda_torch(monkeypatch, name="Tesla V100-SXM2-16GB", capability=(7, 0), sms=80)
+
+
+def test_gpu_without_bf16_is_refused_for_cuda_and_auto_plans_for_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    _v100(monkeypatch)
+    with pytest.raises(UserError) as info:
+        probe_hardware("cuda")
+    assert str(info.value) == V100_REFUSAL
+    probe = probe_hardware("auto")
+    assert probe.device == "cpu"
+    assert any("Tesla V100-SXM2-16GB (compute capability 7.0) has no bf16" in note and "planning for the CPU" in note
+               for note in probe.notes)
+
+
+def test_plan_on_a_gpu_without_bf16_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from oneday.cli import app
+
+    _v100(monkeypatch)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--hours", "1", "--data", "builtin:pydoc", "--device", "cuda",
+                                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert result.exit_code == 2
+    assert V100_REFUSAL in one_error_line(result.stderr)
+    assert not out.exists() and not (tmp_path / "cache").exists()
