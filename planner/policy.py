@@ -1,6 +1,6 @@
 """The defaults that follow from the device and the budget, before anything is measured (pure).
 
-- dtype / compile: CUDA — bf16 autocast when the GPU has bf16 (else fp32), `torch.compile` when the budget is at
+- dtype / compile: CUDA — bf16 autocast (the probe refuses a GPU without bf16), `torch.compile` when the budget is at
   least `COMPILE_MIN_SECONDS` (30 min: a ~60 s compile is then ≤ 3% of the budget); CPU — fp32, no compile (bf16
   is ~50× slower on CPUs without AVX-512 BF16/AMX; compiling takes 60–90 s with no steady-state gain;
   docs/design.md, Measured facts).
