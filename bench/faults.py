@@ -23,11 +23,9 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +39,7 @@ from budget import bench_plan  # noqa: E402
 from oneday.plan import Plan, save_plan  # noqa: E402
 from oneday.runner.summary import load_summary  # noqa: E402
 from oneday.tracking.recorder import read_metrics  # noqa: E402
+from tests.factories import HungServer  # noqa: E402
 
 ONEDAY = str(Path(sys.executable).with_name("oneday"))
 
@@ -123,36 +122,6 @@ def kills(plan: Plan, plan_path: Path, work: Path, *, count: int, threads: int, 
             following = next((r for r in records[index + 1:] if r.get("kind") == "step"), None)
             picks_up &= following is None or following["step"] > record["step"]
     return {"kills": rows, "summary": summary, "continuous": continuous, "picks_up": picks_up}
-
-
-class HungServer:
-    """Accepts TCP connections and never answers: a hung MLflow server."""
-
-    def __init__(self) -> None:
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.listen(64)
-        self.socket.settimeout(0.2)
-        self.held: list[socket.socket] = []
-        self.stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.held.append(self.socket.accept()[0])
-            except OSError:
-                continue
-
-    def close(self) -> None:
-        self.stop.set()
-        for conn in self.held:
-            conn.close()
-        self.socket.close()
 
 
 def tracking(plan_path: Path, work: Path, *, threads: int, budget: float) -> list[dict]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -65,6 +67,17 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_failed_for_space(exc: BaseException, directory: Path, *, needed: int = 0) -> bool:
+    """Whether a failed write into `directory` was for want of space: ENOSPC, or (libraries that hide the errno,
+    like torch.save's "unexpected pos") a file system with less room than `needed` bytes, or under 1 MiB."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < max(needed, 1 << 20)
+    except OSError:
+        return False
+
+
 def fsync(path: Path) -> None:
     """Flush a file, or a folder's entries, to disk (before and after a rename that must survive a crash)."""
     fd = os.open(path, os.O_RDONLY)
@@ -74,4 +87,4 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["CACHE_ENV", "cache_dir", "check_output_path", "fsync", "write_atomic"]
+__all__ = ["CACHE_ENV", "cache_dir", "check_output_path", "fsync", "write_atomic", "write_failed_for_space"]

@@ -21,7 +21,6 @@ Everything is loaded with `weights_only=True`, so a checkpoint cannot run code.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from safetensors.torch import load_file, save_model
 
 from oneday import signals
 from oneday.errors import UserError
-from oneday.paths import fsync
+from oneday.paths import fsync, write_failed_for_space
 
 logger = logging.getLogger(__name__)
 
@@ -155,16 +154,6 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def _looks_full(directory: Path, needed: int) -> bool:
-    """The file system of `directory` has less room than `needed` bytes (what a failed save had written), or
-    under 1 MiB."""
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return False
-    return free < max(needed, 1 << 20)
-
-
 def _torch_save(obj: Any, path: Path) -> None:
     with open(path, "wb") as handle:
         torch.save(obj, handle)
@@ -260,7 +249,7 @@ class CheckpointStore:
                 raise KeyboardInterrupt from None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
             # torch.save reports a full disk as "RuntimeError: ... unexpected pos": ask the file system instead
-            full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _looks_full(self.directory, written)
+            full = write_failed_for_space(exc, self.directory, needed=written)
             previous = self.folders()
             kept = f"the last good checkpoint {previous[-1].name} is kept" if previous else "no earlier checkpoint"
             raise CheckpointError(

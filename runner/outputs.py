@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ from typing import Any
 from oneday import __version__
 from oneday.errors import UserError, first_line
 from oneday.formats import finite_or_none
+from oneday.paths import write_failed_for_space
 from oneday.runner.records import LoopResult
 from oneday.runner.session import Session
 from oneday.runner.summary import RunSummary
@@ -38,7 +38,7 @@ def save_final(model: Any, *, tokenizer_dir: str | os.PathLike[str], out: Path, 
     except (OSError, RuntimeError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _nearly_full(out.parent)
+        full = write_failed_for_space(exc, out.parent)
         raise UserError(f"{out}: cannot save the final model ({reason}{'; the disk is full' if full else ''}); "
                         "the last checkpoint is kept: make room and rerun the same command to save it") from None
     except BaseException:
@@ -85,13 +85,6 @@ def _write_model(model: Any, *, tokenizer_dir: str | os.PathLike[str], into: Pat
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(into)
-
-
-def _nearly_full(directory: Path) -> bool:
-    try:
-        return shutil.disk_usage(directory).free < 1 << 20
-    except OSError:
-        return False
 
 
 def build_summary(session: Session, result: LoopResult, *, prep_seconds: float, wall: float, run_id: str | None,

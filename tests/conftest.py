@@ -27,28 +27,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture
 def hung_server():
-    """A TCP server that accepts connections and never answers (a hung MLflow server)."""
-    import socket
-    import threading
+    """The http address of a server that accepts connections and never answers (a hung MLflow server)."""
+    from tests.factories import HungServer
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held, stop = [], threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join(2)
-    for conn in held:
-        conn.close()
+    server = HungServer()
+    yield server.uri
     server.close()

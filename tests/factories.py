@@ -77,3 +77,39 @@ def one_error_line(stderr: str) -> str:
     assert len(errors) == 1, stderr
     assert "Traceback" not in stderr
     return " ".join(stderr.split())
+
+
+class HungServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hung MLflow server); `uri` is
+    its http address. `close()` drops the connections and the socket."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(64)
+        self._socket.settimeout(0.2)
+        self._held: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._held.append(self._socket.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for conn in self._held:
+            conn.close()
+        self._socket.close()

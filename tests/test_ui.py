@@ -134,6 +134,26 @@ time.sleep(120)
 """
 
 
+def _kill_and_expect_the_group_gone(parent: subprocess.Popen, pgid: int) -> None:
+    """SIGKILL the parent (it cannot stop anything itself); its tethered group must be gone within 10 s."""
+    from oneday.compare.tether import group_members
+
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_members(pgid), "the server's process group outlived its parent"
+
+
+def _clean_up(parent: subprocess.Popen, pgid: int | None) -> None:
+    """What a failed test leaves behind."""
+    parent.kill()
+    if pgid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("script", ["sleep 120 & wait", "trap '' TERM; sleep 120 & sleep 120"],
                          ids=["stops-on-sigterm", "ignores-sigterm"])
 def test_server_group_ends_when_its_parent_is_killed(script):
@@ -147,17 +167,9 @@ def test_server_group_ends_when_its_parent_is_killed(script):
         while len(group_members(pgid)) < 3 and time.monotonic() < deadline:  # supervisor, sh, sleep
             time.sleep(0.05)
         assert len(group_members(pgid)) >= 3
-        parent.kill()  # SIGKILL: the parent cannot stop anything itself
-        parent.wait()
-        deadline = time.monotonic() + 10
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not group_members(pgid), "the server's process group outlived its parent"
+        _kill_and_expect_the_group_gone(parent, pgid)
     finally:
-        parent.kill()
-        if pgid is not None:  # what a failure leaves behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+        _clean_up(parent, pgid)
 
 
 def test_tethered_command_exit_status_and_stop(tmp_path):
@@ -327,14 +339,6 @@ def test_a_group_started_from_a_thread_lives_as_long_as_the_process():
         pgid = int(parent.stdout.readline())
         time.sleep(3.0)  # past the thread's end and a few of the supervisor's checks
         assert len(group_members(pgid)) >= 3, "the server died with the thread that started it"
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 10
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not group_members(pgid), "the server's process group outlived its parent"
+        _kill_and_expect_the_group_gone(parent, pgid)
     finally:
-        parent.kill()
-        if pgid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+        _clean_up(parent, pgid)
