@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ class MlflowTracker:
         self._thread = threading.Thread(target=self._work, name="oneday-mlflow", daemon=True)
         self._client: Any = None
         self._last_step = 0
-        self._metrics: list[_Metrics] = []  # not yet sent, oldest first
+        self._metrics: deque[_Metrics] = deque()  # not yet sent, oldest first
         self._buffered_values = 0
         self._others: list[_Tags | _Artifact] = []  # not yet sent, in order
         self._retry_at: float | None = None  # set while the store is down
@@ -219,7 +220,7 @@ class MlflowTracker:
         self._buffered_values += len(item.values)
         self._last_step = max(self._last_step, item.step)
         while self._buffered_values > MAX_BUFFERED_METRICS and len(self._metrics) > 1:
-            oldest = self._metrics.pop(0)
+            oldest = self._metrics.popleft()
             self._buffered_values -= len(oldest.values)
             self.dropped += len(oldest.values)
 
@@ -237,16 +238,16 @@ class MlflowTracker:
             while self._metrics:
                 batch, values = [], 0
                 while self._metrics and values + len(self._metrics[0].values) <= MAX_METRICS_PER_BATCH:
-                    item = self._metrics.pop(0)
+                    item = self._metrics.popleft()
                     batch.append(item)
                     values += len(item.values)
                 if not batch:  # one record larger than a batch (never, with oneday's records)
-                    batch.append(self._metrics.pop(0))
+                    batch.append(self._metrics.popleft())
                 metrics = [Metric(k, v, m.timestamp_ms, m.step) for m in batch for k, v in m.values.items()]
                 try:
                     self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
                 except BaseException:
-                    self._metrics[:0] = batch
+                    self._metrics.extendleft(reversed(batch))
                     raise
                 self._buffered_values -= len(metrics)
                 sent += len(metrics)
