@@ -173,13 +173,15 @@ def load_throughput(path: str | os.PathLike[str]) -> SavedThroughput:
 
 def _from_plan(plan: Plan, *, path: str) -> SavedThroughput:
     """The measured rows of a plan's candidates table, their shapes completed from the plan's model (the ladder's
-    shapes differ only in depth, width and heads; d_ff follows the width)."""
+    shapes differ only in depth, width and heads; d_ff follows the width), their tokens/s one GPU's."""
+    # a plan for several GPUs lists their aggregate tokens/s: one GPU measured that over ranks × efficiency
+    aggregate = plan.train.world_size * plan.prediction.data_parallel_efficiency
     measured = []
     for c in plan.candidates:
         if not c.measured:
             continue
         spec = replace(plan.model, n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head, d_ff=swiglu_ff(c.d_model))
-        measured.append(Measurement(spec=spec, micro_batch=c.micro_batch, tokens_per_s=c.tokens_per_s,
+        measured.append(Measurement(spec=spec, micro_batch=c.micro_batch, tokens_per_s=c.tokens_per_s / aggregate,
                                     peak_memory_bytes=c.peak_memory_bytes, seconds_measured=0.0))
     if plan.provenance.what_if is not None:
         raise ValueError("a what-if plan holds no measurements; use a plan made on the real machine")

@@ -173,6 +173,18 @@ def test_throughput_file_measurements_are_used(tmp_path: Path) -> None:
     assert str(path) in plan.reasons[0]
 
 
+def test_throughput_file_of_a_several_gpu_plan_is_taken_per_gpu(tmp_path: Path) -> None:
+    """A plan made for 8 GPUs lists their aggregate tokens/s; a what-if for one takes one GPU's share of it."""
+    _, real = _measured_source(tmp_path, speedup=1.0)
+    eight = replace(real, train=replace(real.train, world_size=8),
+                    prediction=replace(real.prediction, data_parallel_efficiency=0.9))
+    path = save_plan(eight, tmp_path / "eight.json")
+    plan = what_if_plan(what_if="h200", hours=24, data_tokens=10**10, throughput=path)
+    chosen = next(c for c in plan.candidates if c.chosen)
+    listed = {(c.n_layer, c.d_model): c.tokens_per_s for c in eight.candidates if c.measured}
+    assert chosen.measured and chosen.tokens_per_s == pytest.approx(listed[chosen.n_layer, chosen.d_model] / 7.2)
+
+
 def test_throughput_from_another_gpu_is_scaled_by_the_peaks(tmp_path: Path) -> None:
     spec = tiny_model(seq_len=1024, vocab_size=8192)
     fields = {k: getattr(spec, k) for k in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "seq_len")}
@@ -235,7 +247,7 @@ def test_make_plan_refuses_more_gpus_than_the_machine_has(tmp_path: Path) -> Non
 def test_run_refuses_a_what_if_plan_on_other_hardware(tmp_path_factory: pytest.TempPathFactory,
                                                         tmp_path: Path) -> None:
     cache = tmp_path_factory.getbasetemp() / "oneday-plan-data-cache"
-    plan = _what_if(tmp_path, "--minutes", "10", "--what-if", "l4", "--data", "builtin:pydoc", "--vocab-size", "512",
+    plan = _what_if(tmp_path, "--minutes", "3", "--what-if", "l4", "--data", "builtin:pydoc", "--vocab-size", "512",
                     "--cache-dir", str(cache))
     run_dir = tmp_path / "run"
     code, _, stderr = _invoke("run", str(tmp_path / "plan.json"), "--device", "cpu", "--run-dir", str(run_dir))
