@@ -277,3 +277,14 @@ def test_parse_token_count() -> None:
     assert parse_token_count("5e8") == 5 * 10**8 and parse_token_count("12345") == 12345
     with pytest.raises(UserError):
         parse_token_count("-3")
+
+
+def test_what_if_needs_no_torch() -> None:
+    """A what-if plan neither probes nor measures: torch is never imported (it may not even be a CUDA build)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from oneday.planner.what_if import what_if_plan; "
+            "what_if_plan(what_if='h100x8', hours=24, data_tokens=10**10); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
