@@ -233,9 +233,9 @@ class MfuClass:
 MFU_CLASSES: dict[str, MfuClass] = {
     "hopper": MfuClass(
         "hopper", 0.50, 6.8e8,
-        "llm.c trains GPT-2 1.5B on 8×H100 at ~50% MFU (Karpathy, llm.c discussion #677: 24 h, $672); the 124M "
-        "model runs ~2× faster on an H100 than on an A100 (llm.c #481), ~28% of the H100's peak; oneday's "
-        "PyTorch step is assumed to reach what llm.c's CUDA reaches at large sizes: m(1.5B) = 47%, m(124M) = 28%",
+        "llm.c trains GPT-2 1.5B on 8×H100 at ~50% MFU (Karpathy, llm.c discussion #677: 24 h, $672); for the "
+        "124M model an H100 node cuts llm.c's A100 time (#481) by 2-3× (Karpathy), ~28% of the H100's higher "
+        "peak; oneday's PyTorch step is assumed to reach llm.c's MFU at large sizes: m(1.5B) = 47%, m(124M) = 28%",
     ),
     "blackwell": MfuClass(
         "blackwell", 0.50, 6.8e8,
