@@ -105,6 +105,61 @@ PEAK_FLOPS_TABLE: tuple[GpuPeak, ...] = (
             "NVIDIA T4 datasheet: FP16/FP32 mixed-precision tensor; no bf16"),
 )
 
+@dataclass(frozen=True)
+class GpuModel:
+    """A GPU one can plan for without having it (`oneday plan --what-if KEY`): the name NVML would report
+    (matched to `PEAK_FLOPS_TABLE` by `match_gpu`), its memory with the source, and its MFU class
+    (`oneday.planner.throughput.MFU_CLASSES`). Memory is the datasheet's figure taken as GiB: NVML reports
+    79.6 GiB on an "80GB" H100 and 140.4 GiB on a "141GB" H200, so the datasheet GB are close to GiB."""
+
+    key: str
+    name: str
+    memory_gib: float
+    memory_source: str
+    mfu_class: str
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+
+# Only GPUs with bf16 (the GPU runs need it; V100 and T4 are refused by the probe too).
+GPU_MODELS: tuple[GpuModel, ...] = (
+    GpuModel("b200", "NVIDIA B200", 180, "NVIDIA HGX B200 datasheet: 180 GB HBM3e per GPU", "blackwell"),
+    GpuModel("gh200", "NVIDIA GH200 480GB", 96, "NVIDIA GH200 datasheet: 96 GB HBM3", "hopper"),
+    GpuModel("h200", "NVIDIA H200", 141, "NVIDIA H200 datasheet (SXM): 141 GB HBM3e", "hopper"),
+    GpuModel("h200-nvl", "NVIDIA H200 NVL", 141, "NVIDIA H200 datasheet (NVL): 141 GB HBM3e", "hopper"),
+    GpuModel("h100", "NVIDIA H100 80GB HBM3", 80, "NVIDIA H100 datasheet (SXM5): 80 GB HBM3", "hopper"),
+    GpuModel("h100-pcie", "NVIDIA H100 PCIe", 80, "NVIDIA H100 datasheet (PCIe): 80 GB HBM2e", "hopper"),
+    GpuModel("h100-nvl", "NVIDIA H100 NVL", 94, "NVIDIA H100 NVL datasheet: 94 GB HBM3", "hopper"),
+    GpuModel("a100-80gb", "NVIDIA A100-SXM4-80GB", 80, "NVIDIA A100 datasheet: 80 GB HBM2e", "ampere"),
+    GpuModel("a100-40gb", "NVIDIA A100-SXM4-40GB", 40, "NVIDIA A100 datasheet: 40 GB HBM2", "ampere"),
+    GpuModel("l40s", "NVIDIA L40S", 48, "NVIDIA L40S datasheet: 48 GB GDDR6", "ada"),
+    GpuModel("l40", "NVIDIA L40", 48, "NVIDIA L40 datasheet: 48 GB GDDR6", "ada"),
+    GpuModel("l4", "NVIDIA L4", 24, "NVIDIA L4 datasheet: 24 GB GDDR6", "l4"),
+    GpuModel("a10g", "NVIDIA A10G", 24, "AWS EC2 G5: 24 GB per A10G", "ampere-small"),
+    GpuModel("a10", "NVIDIA A10", 24, "NVIDIA A10 datasheet: 24 GB GDDR6", "ampere-small"),
+    GpuModel("rtx6000-ada", "NVIDIA RTX 6000 Ada Generation", 48, "NVIDIA RTX 6000 Ada datasheet: 48 GB GDDR6",
+             "ada"),
+    GpuModel("rtx-a6000", "NVIDIA RTX A6000", 48, "NVIDIA RTX A6000 datasheet: 48 GB GDDR6", "ampere-small"),
+    GpuModel("rtx4090", "NVIDIA GeForce RTX 4090", 24, "NVIDIA GeForce RTX 4090 specifications: 24 GB GDDR6X",
+             "geforce"),
+    GpuModel("rtx3090", "NVIDIA GeForce RTX 3090", 24, "NVIDIA GeForce RTX 3090 specifications: 24 GB GDDR6X",
+             "geforce"),
+)
+"""`match_gpu(name)` finds every one of them in `PEAK_FLOPS_TABLE` (tests/test_what_if.py checks)."""
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[\s_-]+", "", text.lower())
+
+
+def gpu_model(key: str) -> GpuModel | None:
+    """The `GPU_MODELS` entry for a name as a person types it ("h100", "A100-80GB", "rtx 4090"), or None."""
+    wanted = _squash(key)
+    return next((g for g in GPU_MODELS if _squash(g.key) == wanted), None)
+
+
 _DTYPE_ALIASES = {
     "bf16": "bf16",
     "bfloat16": "bf16",
@@ -268,5 +323,5 @@ def host_memory() -> tuple[int, int]:
     return total, available
 
 
-__all__ = ["PEAK_FLOPS_TABLE", "GpuPeak", "host_memory", "match_gpu", "measure_peak_flops", "mig_peak_flops",
-           "normalize_dtype", "peak_flops", "read_text"]
+__all__ = ["GPU_MODELS", "PEAK_FLOPS_TABLE", "GpuModel", "GpuPeak", "gpu_model", "host_memory", "match_gpu",
+           "measure_peak_flops", "mig_peak_flops", "normalize_dtype", "peak_flops", "read_text"]

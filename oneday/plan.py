@@ -100,6 +100,9 @@ class DataInfo:
     spec: str = ""
     tokenizer_spec: str | None = None
     text_column: str | None = None
+    assumed: bool = False
+    """True when no data was prepared (`oneday plan --data-tokens`): the token counts are assumed, and the plan
+    cannot be run."""
 
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 2, "data.vocab_size", f"must be >= 2, got {self.vocab_size}")
@@ -125,6 +128,8 @@ class TrainSpec:
     seq_len: int
     micro_batch: int
     grad_accum: int
+    world_size: int = dataclasses.field(default=1, kw_only=True)  # keyword-only: the fields after it have no default
+    """The number of data-parallel ranks this plan is sized for; `micro_batch` and `grad_accum` are PER RANK."""
     lr: float
     planned_tokens: int
     planned_steps: int
@@ -159,7 +164,8 @@ class TrainSpec:
             f"{p}.train_seconds",
             f"must be in (0, budget_seconds={self.budget_seconds}], got {self.train_seconds}",
         )
-        for name in ("seq_len", "micro_batch", "grad_accum", "planned_steps", "eval_tokens", "keep_checkpoints"):
+        for name in ("seq_len", "micro_batch", "grad_accum", "world_size", "planned_steps", "eval_tokens",
+                     "keep_checkpoints"):
             value = getattr(self, name)
             _require(value >= 1, f"{p}.{name}", f"must be >= 1, got {value}")
         _require(self.planned_tokens >= 1, f"{p}.planned_tokens", f"must be >= 1, got {self.planned_tokens}")
@@ -198,8 +204,8 @@ class TrainSpec:
         return self.budget_seconds - self.train_seconds
 
     def tokens_per_step(self) -> int:
-        """Global batch in tokens: micro_batch · grad_accum · seq_len."""
-        return self.micro_batch * self.grad_accum * self.seq_len
+        """Global batch in tokens: micro_batch · grad_accum · world_size · seq_len (the first two are per rank)."""
+        return self.micro_batch * self.grad_accum * self.world_size * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -216,12 +222,17 @@ class Prediction:
     epochs: float = 0.0
     effective_tokens: float = 0.0
     calibrated: bool = False
+    data_parallel_efficiency: float = 1.0
+    """Per-GPU throughput on `hardware.count` GPUs as a share of one GPU's (assumed unless measured; see the
+    reasons); `tokens_per_s` is the aggregate."""
 
     def __post_init__(self) -> None:
         _require(self.tokens_per_s > 0, "prediction.tokens_per_s", f"must be > 0, got {self.tokens_per_s}")
         _require(0 <= self.mfu <= 1.5, "prediction.mfu", f"must be in [0, 1.5], got {self.mfu}")
         _require(self.loss > 0, "prediction.loss", f"must be > 0, got {self.loss}")
         _require(len(self.loss_band) == 2, "prediction.loss_band", "must hold two numbers")
+        efficiency = self.data_parallel_efficiency
+        _require(0 < efficiency <= 1, "prediction.data_parallel_efficiency", f"must be in (0, 1], got {efficiency}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +265,8 @@ class Provenance:
     # Filled by `oneday tune`: study name, storage, trials, best value, corrections applied.
     tuning: dict[str, Any] | None = None
     calibration: str | None = None
+    # Filled by `oneday plan --what-if`: the hardware planned for (not probed) and what was assumed about it.
+    what_if: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

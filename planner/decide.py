@@ -190,7 +190,7 @@ def choose(
     if not candidates:
         raise ValueError("choose needs at least one candidate shape")
     scale = memory_scale(throughput.measurements, activation_bytes=activation_bytes)
-    cap = max(m.micro_batch for m in throughput.measurements)
+    cap = throughput.micro_batch_cap()
 
     rows: list[CandidateResult] = []
     for spec in candidates:
@@ -334,9 +334,11 @@ class BatchLR:
     cooldown_fraction: float
     cooldown_shape: str
     notes: tuple[str, ...]
+    world_size: int = 1
+    """Data-parallel ranks: `micro_batch` and `grad_accum` are per rank (`settle.split_batch`)."""
 
     def global_batch_tokens(self) -> int:
-        return self.micro_batch * self.grad_accum * self.seq_len
+        return self.micro_batch * self.grad_accum * self.world_size * self.seq_len
 
     def steps(self) -> int:
         """Planned optimizer steps (an estimate: the run is keyed to the clock)."""

@@ -61,10 +61,11 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
         f"seq {m.seq_len}), N = {human_count(m.params_scaling())} (non-embedding + head), "
         f"{human_count(m.params_total())} in all, {human_count(m.flops_per_token())} FLOPs/token",
     ))
+    ranks = (f" × {t.world_size}", " × GPUs") if t.world_size > 1 else ("", "")
     lines.append((
         "batch",
-        f"{t.micro_batch} × {t.grad_accum} × {t.seq_len} = {t.tokens_per_step():,} tokens per step "
-        f"(micro-batch × accumulation × sequence), ~{t.planned_steps:,} steps",
+        f"{t.micro_batch} × {t.grad_accum}{ranks[0]} × {t.seq_len} = {t.tokens_per_step():,} tokens per step "
+        f"(micro-batch × accumulation{ranks[1]} × sequence), ~{t.planned_steps:,} steps",
     ))
     lines.append((
         "LR",
@@ -105,9 +106,11 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
     ))
     compiled = ", torch.compile" if t.compile else ""
     threads = f", {t.threads} threads" if t.device == "cpu" and t.threads else ""
+    count = f"{t.world_size} × " if t.world_size > 1 else ""
+    what_if = "what-if (not probed): " if plan.provenance.what_if else ""
     lines.append((
         "device",
-        f"{h.name} ({t.device}, {t.precision}{compiled}{threads}), peak {human_flops(h.peak_flops)} "
+        f"{what_if}{count}{h.name} ({t.device}, {t.precision}{compiled}{threads}), peak {human_flops(h.peak_flops)} "
         f"({h.peak_flops_source.split(':')[0]})",
     ))
     lines.append((

@@ -29,10 +29,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from oneday import __version__
 from oneday.data.sources import short_name
@@ -53,7 +53,7 @@ from oneday.planner.budget import KEEP_CHECKPOINTS, Reserve
 from oneday.planner.calibration import load_calibration
 from oneday.planner.decide import CandidateResult
 from oneday.planner.ladder import candidate_shapes
-from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022
+from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw
 from oneday.planner.policy import (
     Setup,
     candidate_range,
@@ -65,7 +65,8 @@ from oneday.planner.policy import (
     setup_for,
 )
 from oneday.planner.reasons import reasons
-from oneday.planner.settle import MICRO_BATCH_SLACK, settle
+from oneday.planner.settle import MICRO_BATCH_SLACK, Settled, settle
+from oneday.planner.throughput import DATA_PARALLEL_EFFICIENCY
 from oneday.progress import NULL_PROGRESS, Progress
 from oneday.runner import costs
 
@@ -94,6 +95,7 @@ def make_plan(
     cache_dir: str | os.PathLike[str] | None = None,
     calibration: str | os.PathLike[str] | None = None,
     command: str = "",
+    gpus: int = 1,
     clock: Callable[[], float] = time.monotonic,
     progress: Progress | None = None,
 ) -> Plan:
@@ -101,26 +103,95 @@ def make_plan(
 
     `data`, `tokenizer`, `vocab_size`, `text_column`, `cache_dir` go to `prepare_data`; `device` is
     auto/cuda/cpu; `probe_seconds` overrides the measuring time; `calibration` is a calibration file
-    whose law replaces the default. Every problem the user can fix raises `UserError` (one line).
+    whose law replaces the default; `gpus` plans for that many of this machine's GPUs (data parallel).
+    Every problem the user can fix raises `UserError` (one line). The probe, the data and the measurements
+    go to `plan_for`, which `oneday plan --what-if` calls with a datasheet and assumed throughput instead.
     """
-    from oneday.planner.hardware import probe_hardware, resolve_peak_flops
-    from oneday.planner.measure import probe_throughput
+    from oneday.planner.hardware import probe_hardware
 
     progress = progress or NULL_PROGRESS
-    budget_seconds = check_hours(hours) * 3600.0
-    _check_request(budget_seconds=budget_seconds, seq_len=seq_len, device=device, probe_seconds=probe_seconds,
-                   name=name)
-    law = load_calibration(calibration) if calibration is not None else EPOCH_2024
-    band_law = HOFFMANN_2022
-
-    # -- hardware, then a first check that the budget can pay for the fixed costs ---------------------
+    request = PlanRequest(
+        budget_seconds=check_hours(hours) * 3600.0, data=data, tokenizer=tokenizer, text_column=text_column,
+        seq_len=seq_len, name=name, probe_seconds=probe_seconds, calibration=calibration, command=command,
+        gpus=check_gpus(gpus), law=load_calibration(calibration) if calibration is not None else EPOCH_2024,
+    )
+    check_request(request, device=device)
     hw = probe_hardware(device)
     if hw.device == "cuda" and not hw.torch_cuda_available:
         raise UserError(
             f"--device cuda: found {hw.name}, but torch {hw.torch_version} cannot use it (a CPU-only build?); "
             "install a CUDA build of torch, or plan with --device cpu"
         )
-    setup = setup_for(hw, budget_seconds=budget_seconds, probe_seconds=probe_seconds)
+    if gpus > 1 and (hw.device != "cuda" or gpus > hw.count):
+        found = f"{hw.count} × {hw.name}" if hw.device == "cuda" else "no GPU"
+        raise UserError(f"--gpus {gpus}: this machine has {found}; plan for GPUs it lacks with --what-if")
+    fixed_costs(hw, request)  # before the data: a budget that cannot pay for them fails fast
+
+    from oneday.data.prepare import prepare_data
+
+    prepared = prepare_data(
+        data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, cache_dir=cache_dir,
+        progress=progress,
+    )
+    return plan_for(hardware=hw, data=prepared, throughput=MeasuredThroughput(clock=clock, progress=progress),
+                    request=request)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the person asked for, apart from the hardware, the data and the throughput (`plan_for`)."""
+
+    budget_seconds: float
+    data: str
+    tokenizer: str | None = None
+    text_column: str | None = None
+    seq_len: int | None = None
+    name: str | None = None
+    probe_seconds: float | None = None
+    calibration: str | os.PathLike[str] | None = None
+    command: str = ""
+    gpus: int = 1
+    law: LossLaw = EPOCH_2024
+    """The loss law to choose by: the calibrated one from `calibration` (loaded before any slow work), else the
+    default."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a throughput source (`MeasuredThroughput`, `what_if.AssumedSource`) gives `plan_for`: the peak
+    FLOP/s and its source, the settled choice, the device setup it ran with, sentences for the reasons, the
+    smallest shape's (label, seconds per step) for the too-small-budget check, and the data-parallel efficiency
+    the choice assumed (with its sentence)."""
+
+    peak: float
+    peak_source: str
+    settled: Settled
+    setup: Setup
+    notes: tuple[str, ...]
+    smallest_step: tuple[str, float]
+    dp_efficiency: float = 1.0
+    what_if: dict[str, Any] | None = None
+    """For `Provenance.what_if`: the hardware planned for and what was assumed (None on the real path)."""
+
+
+class ThroughputSource(Protocol):
+    """Where `plan_for` gets the throughput it chooses on: measured here, or assumed for other hardware."""
+
+    def choose(self, hw: Any, *, setup: Setup, prepared: Any, seq: int, request: PlanRequest, floor: float,
+               law: LossLaw, band_law: LossLaw) -> Choice: ...
+
+
+def check_gpus(gpus: int) -> int:
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise UserError(f"--gpus: must be a whole number >= 1, got {gpus!r}")
+    return gpus
+
+
+def fixed_costs(hw: Any, request: PlanRequest) -> tuple[Setup, float]:
+    """The device setup and what any plan on it must spend besides training; `UserError` when the budget cannot
+    pay for that."""
+    budget_seconds = request.budget_seconds
+    setup = setup_for(hw, budget_seconds=budget_seconds, probe_seconds=request.probe_seconds)
     floor = min_reserve_seconds(setup)
     if budget_seconds <= floor:
         raise UserError(
@@ -129,47 +200,76 @@ def make_plan(
             f"({floor - setup.probe_seconds - costs.FINAL_SAVE_FIXED_SECONDS:.0f} s) and the final save "
             f"({costs.FINAL_SAVE_FIXED_SECONDS:.1f} s) on {setup.device}, {floor:.0f} s in all, before any training"
         )
+    return setup, floor
 
-    # -- data -------------------------------------------------------------------------------------------
-    from oneday.data.prepare import prepare_data
 
-    prepared = prepare_data(
-        data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, cache_dir=cache_dir,
-        progress=progress,
-    )
-    seq, seq_reason = sequence_length(seq_len, device=setup.device, budget_seconds=budget_seconds, data=prepared)
-
-    # -- probe: peak FLOP/s and real training steps (counted against the budget) ------------------------
-    import oneday.models.build  # noqa: F401  (transformers loads here: start-up, which the run pays too, not probing)
-
-    probe_started = clock()
-    peak, peak_source = resolve_peak_flops(hw, setup.dtype, seconds=PEAK_MEASURE_SECONDS)
+def ladder_for(prepared: Any, *, seq: int, peak: float, budget_seconds: float, law: LossLaw) -> list[ModelSpec]:
+    """The candidate shapes for this data, sequence length, peak FLOP/s and budget (`policy.candidate_range`)."""
     min_params, max_params = candidate_range(
         vocab=prepared.vocab_size, seq_len=seq, peak_flops=peak, budget_seconds=budget_seconds, law=law,
     )
-    ladder = candidate_shapes(vocab_size=prepared.vocab_size, seq_len=seq, min_params=min_params,
-                              max_params=max_params)
-    setup, thread_note = _cpu_threads(setup, ladder[0])
-    optimum = None
-    if setup.device == "cuda":
-        optimum = expected_optimum(ladder, peak_flops=peak, train_seconds=budget_seconds - floor,
-                                   unique_tokens=float(prepared.train_tokens), law=law)
-    measure_seconds = max(0.5, setup.probe_seconds - (clock() - probe_started))
-    probe = probe_throughput(
-        ladder, device=setup.device, dtype=setup.dtype, compile=setup.compile, seconds=measure_seconds,
-        memory_limit_bytes=setup.memory_limit_bytes, threads=setup.threads, progress=progress,
-        peak_flops=peak, optimum_params=optimum, clock=clock,
-    )
+    return candidate_shapes(vocab_size=prepared.vocab_size, seq_len=seq, min_params=min_params,
+                            max_params=max_params)
 
-    # -- the choice, measured again where it rests on a prediction; reserves depend on the chosen shape --
-    settled = settle(ladder, probe=probe, peak=peak, setup=setup, budget_seconds=budget_seconds,
-                      probe_started=probe_started, prepared=prepared, law=law, band_law=band_law, clock=clock,
-                      progress=progress)
+
+@dataclass(frozen=True)
+class MeasuredThroughput:
+    """The real path: time real training steps on this machine (the probe) and settle on them. On `gpus` GPUs
+    the choice assumes `DATA_PARALLEL_EFFICIENCY`: the probe times one GPU."""
+
+    clock: Callable[[], float]
+    progress: Progress
+
+    def choose(self, hw: Any, *, setup: Setup, prepared: Any, seq: int, request: PlanRequest, floor: float,
+               law: LossLaw, band_law: LossLaw) -> Choice:
+        import oneday.models.build  # noqa: F401  (transformers loads here: start-up, which the run pays too)
+        from oneday.planner.hardware import resolve_peak_flops
+        from oneday.planner.measure import probe_throughput
+
+        clock, budget_seconds = self.clock, request.budget_seconds
+        probe_started = clock()
+        peak, peak_source = resolve_peak_flops(hw, setup.dtype, seconds=PEAK_MEASURE_SECONDS)
+        ladder = ladder_for(prepared, seq=seq, peak=peak * request.gpus, budget_seconds=budget_seconds, law=law)
+        setup, thread_note = _cpu_threads(setup, ladder[0])
+        optimum = None
+        if setup.device == "cuda":
+            optimum = expected_optimum(ladder, peak_flops=peak * request.gpus, train_seconds=budget_seconds - floor,
+                                       unique_tokens=float(prepared.train_tokens), law=law)
+        measure_seconds = max(0.5, setup.probe_seconds - (clock() - probe_started))
+        probe = probe_throughput(
+            ladder, device=setup.device, dtype=setup.dtype, compile=setup.compile, seconds=measure_seconds,
+            memory_limit_bytes=setup.memory_limit_bytes, threads=setup.threads, progress=self.progress,
+            peak_flops=peak, optimum_params=optimum, clock=clock,
+        )
+        efficiency = DATA_PARALLEL_EFFICIENCY if request.gpus > 1 else 1.0
+        settled = settle(ladder, probe=probe, peak=peak, setup=setup, budget_seconds=budget_seconds,
+                         probe_started=probe_started, prepared=prepared, law=law, band_law=band_law, clock=clock,
+                         progress=self.progress, ranks=request.gpus, dp_efficiency=efficiency)
+        smallest = settled.probe.timings[0]
+        return Choice(peak=peak, peak_source=peak_source, settled=settled, setup=setup,
+                      notes=(thread_note,) if thread_note else (), smallest_step=(smallest.label(),
+                                                                                  smallest.step_seconds),
+                      dp_efficiency=efficiency)
+
+
+def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request: PlanRequest) -> Plan:
+    """The plan for `hardware` (a `HardwareProbe`: probed, or built from the datasheet table), `data` (prepared
+    data, or `what_if.AssumedData`) and `throughput` (measured here, or assumed): the same orchestration for the
+    real path and `oneday plan --what-if`."""
+    hw, prepared, budget_seconds = hardware, data, request.budget_seconds
+    calibration = request.calibration
+    law, band_law = request.law, HOFFMANN_2022
+    setup, floor = fixed_costs(hw, request)
+    seq, seq_reason = sequence_length(request.seq_len, device=setup.device, budget_seconds=budget_seconds,
+                                      data=prepared)
+    choice = throughput.choose(hw, setup=setup, prepared=prepared, seq=seq, request=request, floor=floor, law=law,
+                               band_law=band_law)
+    setup, settled, peak = choice.setup, choice.settled, choice.peak
     ladder, probe, decision, reserve, cadence, bl = (settled.ladder, settled.probe, settled.decision,
                                                      settled.reserve, settled.cadence, settled.bl)
     probe_seconds_spent = settled.probe_seconds  # as recorded in the provenance
     chosen = decision.chosen()
-    _check_enough_training(probe, reserve=reserve, budget_seconds=budget_seconds)
+    _check_enough_training(*choice.smallest_step, reserve=reserve, budget_seconds=budget_seconds)
 
     # -- assemble -----------------------------------------------------------------------------------------
     # The probe already spent part of the budget (Cramming counts it too): the run gets the rest, and its
@@ -180,6 +280,7 @@ def make_plan(
         seq_len=seq,
         micro_batch=bl.micro_batch,
         grad_accum=bl.grad_accum,
+        world_size=bl.world_size,
         lr=bl.lr,
         planned_tokens=max(1, int(chosen.tokens)),
         planned_steps=bl.steps(),
@@ -213,14 +314,15 @@ def make_plan(
         epochs=chosen.epochs,
         effective_tokens=chosen.effective_tokens,
         calibrated=calibration is not None,
+        data_parallel_efficiency=choice.dp_efficiency,
     )
     plan_reasons = reasons(
         decision=decision, bl=bl, probe=probe, ladder=ladder, reserve=reserve, cadence=cadence, setup=setup,
         seq_reason=seq_reason, law=law, calibration=calibration, mfu=mfu, budget_seconds=budget_seconds,
-        gpu_count=hw.count if setup.device == "cuda" else 1,
+        gpu_count=hw.count if setup.device == "cuda" else 1, ranks=request.gpus, dp_efficiency=choice.dp_efficiency,
     )
-    if thread_note:
-        plan_reasons.append(thread_note)
+    # a what-if says so first; the real path's notes (CPU threads) follow the device's reasons
+    plan_reasons = [*choice.notes, *plan_reasons] if choice.what_if else [*plan_reasons, *choice.notes]
     if setup.device == "cuda" and chosen.measured and not (
         bl.micro_batch <= chosen.micro_batch <= MICRO_BATCH_SLACK * bl.micro_batch
     ):
@@ -228,21 +330,24 @@ def make_plan(
             f"{chosen.label()} was timed at micro-batch {chosen.micro_batch}, not at the plan's {bl.micro_batch} "
             "(the probe's time was up): its speed at that micro-batch is assumed the same."
         )
+    assumed = getattr(prepared, "assumed", False)
+    data_name = f"{human_count(prepared.train_tokens)}-tokens" if assumed else request.data
     plan = Plan(
-        name=name.strip() if name else default_plan_name(
-            data, budget_seconds=budget_seconds, params_total=chosen.spec.params_total()
+        name=request.name.strip() if request.name else default_plan_name(
+            data_name, budget_seconds=budget_seconds, params_total=chosen.spec.params_total()
         ),
-        hardware=_hardware_info(hw, setup, peak=peak, peak_source=peak_source),
-        data=_data_info(prepared, data=data, tokenizer=tokenizer, text_column=text_column),
+        hardware=_hardware_info(hw, setup, peak=peak, peak_source=choice.peak_source),
+        data=_data_info(prepared, data=request.data, tokenizer=request.tokenizer, text_column=request.text_column),
         model=chosen.spec,
         train=train,
         prediction=prediction,
         provenance=Provenance(
             oneday_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            command=command,
+            command=request.command,
             probe_seconds=round(probe_seconds_spent, 3),
             calibration=str(Path(calibration).expanduser().resolve()) if calibration is not None else None,
+            what_if=choice.what_if,
         ),
         candidates=tuple(_candidate(r) for r in decision.results),
         reasons=tuple(plan_reasons),
@@ -250,6 +355,12 @@ def make_plan(
     log.info("plan %s: %s, %s tokens, predicted loss %.3f", plan.name, chosen.label(), human_count(chosen.tokens),
              chosen.predicted_loss)
     return plan
+
+
+def check_request(request: PlanRequest, *, device: str) -> None:
+    """The request's own errors, before any slow work."""
+    _check_request(budget_seconds=request.budget_seconds, seq_len=request.seq_len, device=device,
+                   probe_seconds=request.probe_seconds, name=request.name)
 
 
 def _check_request(*, budget_seconds: float, seq_len: int | None, device: str, probe_seconds: float | None,
@@ -312,7 +423,13 @@ def _hardware_info(hw: Any, setup: Setup, *, peak: float, peak_source: str) -> H
 
 
 def _data_info(prepared: Any, *, data: str, tokenizer: str | None, text_column: str | None) -> DataInfo:
-    """The plan's record of its prepared data, and how it was asked for (so it can be prepared again)."""
+    """The plan's record of its prepared data, and how it was asked for (so it can be prepared again); for data
+    that was only assumed (`what_if.AssumedData`) the counts, and no place."""
+    if getattr(prepared, "assumed", False):
+        return DataInfo(source=prepared.source, key=prepared.key, path="", tokenizer="",
+                        vocab_size=int(prepared.vocab_size), train_tokens=int(prepared.train_tokens),
+                        val_tokens=int(prepared.val_tokens), bytes_per_token=float(prepared.bytes_per_token()),
+                        assumed=True)
     return DataInfo(
         source=prepared.source,
         key=prepared.key,
@@ -328,14 +445,14 @@ def _data_info(prepared: Any, *, data: str, tokenizer: str | None, text_column: 
     )
 
 
-def _check_enough_training(probe: Any, *, reserve: Reserve, budget_seconds: float) -> None:
-    smallest = probe.timings[0]
-    need = MIN_TRAIN_STEPS * smallest.step_seconds
+def _check_enough_training(label: str, step_seconds: float, *, reserve: Reserve, budget_seconds: float) -> None:
+    """`UserError` when the training time is shorter than `MIN_TRAIN_STEPS` steps of the smallest shape."""
+    need = MIN_TRAIN_STEPS * step_seconds
     if reserve.train_seconds() < need:
         raise UserError(
             f"budget too small: {budget_seconds:.0f} s leave {reserve.train_seconds():.1f} s for training after "
             f"{reserve.reserved_seconds():.0f} s of probing, start-up, evaluation, checkpoints and the final save; "
-            f"the smallest model ({smallest.label()}) needs {smallest.step_seconds:.2f} s a step, "
+            f"the smallest model ({label}) needs {step_seconds:.2f} s a step, "
             f"{need:.0f} s for {MIN_TRAIN_STEPS} steps"
         )
 
@@ -373,4 +490,5 @@ def _candidate(r: CandidateResult) -> Candidate:
     )
 
 
-__all__ = ["default_plan_name", "make_plan"]
+__all__ = ["Choice", "MeasuredThroughput", "PlanRequest", "ThroughputSource", "check_gpus", "check_request",
+           "default_plan_name", "fixed_costs", "ladder_for", "make_plan", "plan_for"]

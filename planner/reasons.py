@@ -16,6 +16,11 @@ from oneday.planner.decide import BatchLR, Decision
 from oneday.planner.laws import LossLaw
 from oneday.planner.policy import COMPILE_MIN_SECONDS, Setup
 
+DATA_PARALLEL_SOURCE = (
+    "an assumption, not measured: DDP overlaps the gradient all-reduce with the backward pass within a node, "
+    "Li et al. 2020, PyTorch Distributed"
+)
+
 
 def reasons(
     *,
@@ -32,20 +37,23 @@ def reasons(
     mfu: float,
     budget_seconds: float,
     gpu_count: int,
+    ranks: int = 1,
+    dp_efficiency: float = 1.0,
 ) -> list[str]:
     lines = list(decision.reasons)
     lines += bl.notes
     if decision.throughput_note:
         lines.append(decision.throughput_note)
-    labels = ", ".join(t.label() for t in probe.timings)
-    line = (
-        f"Measured {len(probe.timings)} of {len(ladder)} candidate shapes ({labels}) with real training steps "
-        f"in {reserve.probe_seconds:.1f} s with the peak FLOP/s ({reserve.probe_seconds / budget_seconds:.1%} "
-        "of the budget); the probe counts against the budget (Cramming)."
-    )
-    if probe.skipped:
-        line += f" Not measured: {'; '.join(probe.skipped)}."
-    lines.append(line)
+    if probe.timings:  # none when the throughput is assumed (`oneday plan --what-if`)
+        labels = ", ".join(t.label() for t in probe.timings)
+        line = (
+            f"Measured {len(probe.timings)} of {len(ladder)} candidate shapes ({labels}) with real training steps "
+            f"in {reserve.probe_seconds:.1f} s with the peak FLOP/s ({reserve.probe_seconds / budget_seconds:.1%} "
+            "of the budget); the probe counts against the budget (Cramming)."
+        )
+        if probe.skipped:
+            line += f" Not measured: {'; '.join(probe.skipped)}."
+        lines.append(line)
     startup = "start-up and compile" if setup.compile else "start-up"
     lines.append(
         f"Reserved {reserve.reserved_seconds():.0f} s of the {clock_text(budget_seconds)} budget: probe "
@@ -70,11 +78,17 @@ def reasons(
             else f"no torch.compile (the budget is under {COMPILE_MIN_SECONDS / 60:.0f} min; compiling costs ~1 min)"
         )
         lines.append(f"CUDA: {setup.dtype} {'autocast, ' if setup.dtype == 'bf16' else ''}TF32 matmuls, {compiled}.")
-    if gpu_count > 1:
+    if ranks > 1:
         lines.append(
-            f"{gpu_count} GPUs found; this plan is for one (tokens/s measured on one). Under torchrun with DDP "
-            f"the run would see up to {gpu_count}x the tokens: make the plan with CUDA_VISIBLE_DEVICES set to "
-            "the GPUs you will use once multi-GPU planning exists."
+            f"Planned for {ranks} GPUs, data parallel: {ranks} × one GPU's tokens/s × {dp_efficiency:.0%} "
+            f"({DATA_PARALLEL_SOURCE}); micro-batch {bl.micro_batch} × grad_accum {bl.grad_accum} per GPU, "
+            f"{bl.global_batch_tokens():,} tokens per step in all. Run it with "
+            f"`torchrun --nproc-per-node {ranks} -m oneday run plan.json`."
+        )
+    if gpu_count > ranks:
+        lines.append(
+            f"{gpu_count} GPUs found; this plan is for {ranks}. Plan with --gpus {gpu_count} to train on all of "
+            "them (data parallel under torchrun)."
         )
     lines.append(seq_reason)
     if calibration is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from oneday.models.spec import ModelSpec
@@ -19,7 +19,7 @@ from oneday.planner.decide import BatchLR, Decision, batch_and_lr, choose
 from oneday.planner.ladder import next_rung, shape_key
 from oneday.planner.laws import LossLaw
 from oneday.planner.policy import COMPILE_FALLBACK_SECONDS, Setup
-from oneday.planner.throughput import ThroughputModel, fit_throughput
+from oneday.planner.throughput import ThroughputModel, data_parallel, fit_throughput
 from oneday.progress import Progress
 
 if TYPE_CHECKING:
@@ -49,13 +49,14 @@ class Settled:
 
 def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setup: Setup, budget_seconds: float,
             probe_started: float, prepared: Any, law: LossLaw, band_law: LossLaw, clock: Callable[[], float],
-            progress: Progress) -> Settled:
+            progress: Progress, ranks: int = 1, dp_efficiency: float = 1.0) -> Settled:
     """Choose on what the probe measured, then measure what the choice rests on and choose again, until
     nothing is left to measure (`_next_measurement`) or the time is up: when the choice is an end of the
     ladder, one rung beyond it (at most `MAX_LADDER_EXTENSIONS`: the optimum may lie outside the range); then
     the chosen shape at its planned micro-batch when that was not measured (at most `MAX_PLAN_CHECKS`). These
     measurements count as probing, and run while their predicted cost fits in the probe's time plus
-    `EXTRA_PROBE_SHARE` of it."""
+    `EXTRA_PROBE_SHARE` of it. On `ranks` GPUs the choice rests on `ranks` × the measured throughput ×
+    `dp_efficiency` (`throughput.data_parallel`), and the batch is split across them (`split_batch`)."""
     from oneday.planner.measure import measure_more
 
     deadline = probe_started + (1.0 + EXTRA_PROBE_SHARE) * setup.probe_seconds
@@ -65,14 +66,21 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
     ran = {shape_key(t.spec): t.measurement.micro_batch for t in probe.timings}
     extensions = checks = 0
     while True:
-        throughput = fit_throughput(probe.measurements, peak_flops=peak)
+        one_gpu = fit_throughput(probe.measurements, peak_flops=peak)
         spent = round(clock() - probe_started, 3)
+
+        def cadence_for(spec: ModelSpec, probe: ThroughputProbe = probe, one_gpu: ThroughputModel = one_gpu) -> Cadence:
+            return _cadence_for(spec, probe=probe, throughput=one_gpu, setup=setup, budget_seconds=budget_seconds,
+                                val_tokens=prepared.val_tokens)
+
         decision, reserve, cadence = choose_with_reserves(
-            ladder, probe=probe, throughput=throughput, setup=setup, budget_seconds=budget_seconds,
-            probe_seconds=spent, prepared=prepared, law=law, band_law=band_law)
+            ladder, start=probe.timings[len(probe.timings) // 2].spec, cadence_for=cadence_for,
+            throughput=data_parallel(one_gpu, ranks=ranks, efficiency=dp_efficiency), setup=setup,
+            budget_seconds=budget_seconds, probe_seconds=spent, prepared=prepared, law=law, band_law=band_law)
         chosen = decision.chosen()
         cap = max(1, chosen.micro_batch, ran.get(shape_key(chosen.spec), 0))
-        bl = batch_and_lr(spec=chosen.spec, tokens=chosen.tokens, max_micro_batch=cap)
+        bl = split_batch(batch_and_lr(spec=chosen.spec, tokens=chosen.tokens, max_micro_batch=cap), ranks=ranks,
+                         max_micro_batch=cap)
         wanted = _next_measurement(decision, bl, ladder=ladder, setup=setup, tried=tried, micro_cap=cap,
                                    extend=extensions < MAX_LADDER_EXTENSIONS, check=checks < MAX_PLAN_CHECKS)
         if wanted is None:
@@ -125,15 +133,14 @@ def _next_measurement(decision: Decision, bl: BatchLR, *, ladder: list[ModelSpec
     return chosen.spec, micro, False
 
 
-def choose_with_reserves(ladder: list[ModelSpec], *, probe: Any, throughput: ThroughputModel, setup: Setup,
-                          budget_seconds: float, probe_seconds: float, prepared: Any, law: LossLaw,
-                          band_law: LossLaw) -> tuple[Decision, Reserve, Cadence]:
+def choose_with_reserves(ladder: list[ModelSpec], *, start: ModelSpec, cadence_for: Callable[[ModelSpec], Cadence],
+                          throughput: Any, setup: Setup, budget_seconds: float, probe_seconds: float, prepared: Any,
+                          law: LossLaw, band_law: LossLaw) -> tuple[Decision, Reserve, Cadence]:
     """`decide.choose` with the reserves of the shape it chooses: they depend on it (checkpoint size, eval
-    speed), so reserves and choice are iterated to a fixed point (at most 4 rounds) from a middle shape."""
-    ref = probe.timings[len(probe.timings) // 2].spec
+    speed: `cadence_for`), so reserves and choice are iterated to a fixed point (at most 4 rounds) from `start`."""
+    ref = start
     for _ in range(4):
-        cadence = _cadence_for(ref, probe=probe, throughput=throughput, setup=setup, budget_seconds=budget_seconds,
-                               val_tokens=prepared.val_tokens)
+        cadence = cadence_for(ref)
         reserve = reserve_for(cadence, budget_seconds=budget_seconds, probe_seconds=probe_seconds)
         decision = choose(
             candidates=ladder, throughput=throughput, train_seconds=reserve.train_seconds(),
@@ -144,6 +151,19 @@ def choose_with_reserves(ladder: list[ModelSpec], *, probe: Any, throughput: Thr
             break
         ref = decision.chosen().spec
     return decision, reserve, cadence
+
+
+def split_batch(bl: BatchLR, *, ranks: int, max_micro_batch: int) -> BatchLR:
+    """`bl`'s global batch of S sequences on `ranks` data-parallel GPUs: per rank grad_accum = ceil(S /
+    (max_micro_batch · ranks)) and micro_batch = ceil(S / (grad_accum · ranks)), so micro_batch · grad_accum ·
+    ranks is S rounded up to what the ranks hold (the LR and schedule stay those of the global batch). On one
+    GPU `bl` itself. `BatchLR.world_size` records the ranks."""
+    if ranks == 1:
+        return bl
+    sequences = bl.micro_batch * bl.grad_accum
+    accum = -(-sequences // (max_micro_batch * ranks))
+    micro = -(-sequences // (accum * ranks))
+    return replace(bl, micro_batch=micro, grad_accum=accum, world_size=ranks)
 
 
 def _cadence_for(
@@ -179,4 +199,4 @@ def _cadence_for(
 
 
 __all__ = ["CHECK_HEADROOM", "EXTRA_PROBE_SHARE", "MAX_LADDER_EXTENSIONS", "MAX_PLAN_CHECKS", "MICRO_BATCH_SLACK",
-           "Settled", "choose_with_reserves", "settle"]
+           "Settled", "choose_with_reserves", "settle", "split_batch"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from oneday.models.spec import ModelSpec
 from oneday.planner.ladder import shape_key
@@ -69,6 +70,10 @@ class ThroughputModel:
     """FLOPs/token of the smallest measured shape: below it the saturating curve (when a rise was seen)."""
     mfu_bottom: float = 0.0
     """The power law's (clamped) MFU at `flops_bottom`."""
+
+    def micro_batch_cap(self) -> int:
+        """The largest micro-batch an unmeasured shape may be planned at: the largest that was measured."""
+        return max(m.micro_batch for m in self.measurements)
 
     def measurement_for(self, spec: ModelSpec) -> Measurement | None:
         """The fastest measurement of this shape, if it was measured."""
@@ -205,4 +210,145 @@ def fit_throughput(measurements: Sequence[Measurement], *, peak_flops: float) ->
                            mfu_ceiling=ceiling, flops_bottom=bottom, mfu_bottom=mfu_bottom)
 
 
-__all__ = ["MFU_CEILING", "Measurement", "ThroughputModel", "fit_throughput", "saturating_ceiling"]
+# --------------------------------------------------------------------------------------------------
+# Hardware that is not in the machine (`oneday plan --what-if`), and several GPUs
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MfuClass:
+    """MFU against size for one class of GPU, assumed rather than measured: m(F) = m_max·F / (F + F_half),
+    F = FLOPs/token, the same saturating form `saturating_ceiling` fits on measurements (a step is its FLOPs
+    at the rate large matmuls reach plus work that does not grow with them). `flops_half` is set so that the
+    reference shape of `source` runs at the MFU it reports; `source` says where both numbers come from."""
+
+    name: str
+    mfu_max: float
+    flops_half: float
+    source: str
+
+    def mfu(self, flops_per_token: float) -> float:
+        return self.mfu_max * flops_per_token / (flops_per_token + self.flops_half)
+
+
+# GPT-2 124M (12×768, vocabulary 50304, 1024 tokens) costs F ≈ 8.6e8 FLOPs/token, GPT-2 1.5B (48×1600) ≈ 1.03e10.
+MFU_CLASSES: dict[str, MfuClass] = {
+    "hopper": MfuClass(
+        "hopper", 0.50, 6.8e8,
+        "llm.c trains GPT-2 1.5B on 8×H100 at ~50% MFU (Karpathy, llm.c discussion #677: 24 h, $672); for the "
+        "124M model an H100 node cuts llm.c's A100 time (#481) by 2-3× (Karpathy), ~28% of the H100's higher "
+        "peak; oneday's PyTorch step is assumed to reach llm.c's MFU at large sizes: m(1.5B) = 47%, m(124M) = 28%",
+    ),
+    "blackwell": MfuClass(
+        "blackwell", 0.50, 6.8e8,
+        "no published small-model training MFU on a B200 yet: assumed as Hopper (llm.c #677: ~50% on H100)",
+    ),
+    "ampere": MfuClass(
+        "ampere", 0.55, 3.2e8,
+        "GPT-2 124M: nanoGPT ~30% on A100 (README: 4 days on 8×A100 for 600k steps of 491,520 tokens, "
+        "nanoGPT #182), llm.c up to ~60% (discussion #481: 10B tokens in 90 min on 8×A100 80GB); assumed 40% "
+        "at 124M (PyTorch with torch.compile and SDPA), saturating at 55%",
+    ),
+    "ampere-small": MfuClass(
+        "ampere-small", 0.55, 3.2e8,
+        "no published figure: assumed as the A100 (GPT-2 124M at 40%, nanoGPT #182 and llm.c #481)",
+    ),
+    "ada": MfuClass(
+        "ada", 0.45, 6.8e8,
+        "no published figure: assumed below Hopper (GDDR6 gives these GPUs less memory bandwidth per FLOP)",
+    ),
+    "geforce": MfuClass(
+        "geforce", 0.55, 1.9e8,
+        "nanoGPT #182: GPT-2 124M at '29% MFU' against an A100's 312 TFLOP/s on one RTX 4090, i.e. ~90 TFLOP/s, "
+        "55% of the 4090's 165 (bf16, fp32 accumulate); assumed 45% at 124M (one user's report), saturating at 55%",
+    ),
+    "l4": MfuClass(
+        "l4", 0.35, 6.8e8,
+        "no published figure: the L4 is held to 72 W and runs below its datasheet clocks under load; "
+        "assumed 35% at most",
+    ),
+}
+
+DATA_PARALLEL_EFFICIENCY = 0.9
+"""Per-GPU throughput under data parallelism as a share of one GPU's, assumed when the GPUs are not measured
+together: within one node DDP overlaps the gradient all-reduce with the backward pass (Li et al. 2020, PyTorch
+Distributed, VLDB) and reports near-linear scaling; llm.c's 124M reproduction ran at about the same MFU on 8
+GPUs as on one (discussion #481). 90% leaves room for the all-reduce that does not overlap."""
+
+
+@dataclass(frozen=True)
+class AssumedThroughput:
+    """The `ThroughputModel` interface for a GPU that is not here: every shape predicted by its `MfuClass`,
+    none measured. `max_micro_batch` caps the micro-batch of every shape (memory decides below it)."""
+
+    mfu_class: MfuClass
+    peak_flops: float
+    max_micro_batch: int
+    note: str
+    measurements: tuple[Measurement, ...] = ()
+
+    def micro_batch_cap(self) -> int:
+        return self.max_micro_batch
+
+    def measurement_for(self, spec: ModelSpec) -> Measurement | None:
+        return None
+
+    def predicted_mfu(self, spec: ModelSpec) -> float:
+        return self.mfu_class.mfu(spec.flops_per_token())
+
+    def mfu(self, spec: ModelSpec) -> float:
+        return self.predicted_mfu(spec)
+
+    def tokens_per_s(self, spec: ModelSpec) -> float:
+        return self.predicted_mfu(spec) * self.peak_flops / spec.flops_per_token()
+
+
+def assumed_throughput(mfu_class: MfuClass, *, peak_flops: float, max_micro_batch: int) -> AssumedThroughput:
+    """`AssumedThroughput` with the sentence that says what it assumes and why."""
+    note = (
+        f"Throughput assumed, not measured: MFU = {mfu_class.mfu_max:.0%}·F/(F + {mfu_class.flops_half:.2g}) "
+        f"for F FLOPs/token ({mfu_class.name} class; {mfu_class.source}). Measure it on the machine with "
+        "`oneday plan` and plan again with --throughput plan.json."
+    )
+    return AssumedThroughput(mfu_class=mfu_class, peak_flops=peak_flops, max_micro_batch=max_micro_batch, note=note)
+
+
+@dataclass(frozen=True)
+class DataParallelThroughput:
+    """`inner` (one GPU's throughput) on `ranks` data-parallel GPUs at `efficiency` each: tokens/s =
+    ranks × efficiency × one GPU's, MFU (against the aggregate peak) = efficiency × one GPU's. Micro-batches and
+    memory stay per GPU."""
+
+    inner: ThroughputModel | AssumedThroughput
+    ranks: int
+    efficiency: float
+
+    @property
+    def measurements(self) -> tuple[Measurement, ...]:
+        return tuple(self.inner.measurements)
+
+    @property
+    def note(self) -> str:
+        return self.inner.note
+
+    def micro_batch_cap(self) -> int:
+        return self.inner.micro_batch_cap()
+
+    def measurement_for(self, spec: ModelSpec) -> Measurement | None:
+        return self.inner.measurement_for(spec)
+
+    def mfu(self, spec: ModelSpec) -> float:
+        return self.efficiency * self.inner.mfu(spec)
+
+    def tokens_per_s(self, spec: ModelSpec) -> float:
+        return self.ranks * self.efficiency * self.inner.tokens_per_s(spec)
+
+
+def data_parallel(throughput: Any, *, ranks: int, efficiency: float) -> Any:
+    """`throughput` on `ranks` GPUs (`DataParallelThroughput`); itself on one."""
+    if ranks < 1 or not 0 < efficiency <= 1:
+        raise ValueError(f"ranks must be >= 1 and efficiency in (0, 1], got {ranks}, {efficiency}")
+    return throughput if ranks == 1 else DataParallelThroughput(throughput, ranks=ranks, efficiency=efficiency)
+
+
+__all__ = ["DATA_PARALLEL_EFFICIENCY", "MFU_CEILING", "MFU_CLASSES", "AssumedThroughput", "DataParallelThroughput",
+           "Measurement", "MfuClass", "ThroughputModel", "assumed_throughput", "data_parallel", "fit_throughput",
+           "saturating_ceiling"]

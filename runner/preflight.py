@@ -11,7 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from oneday.devices import host_memory
+from oneday.devices import host_memory, match_gpu
 from oneday.errors import UserError
 from oneday.formats import human_bytes
 from oneday.plan import Plan, TrainSpec
@@ -34,6 +34,31 @@ def check_memory(plan: Plan, spec: TrainSpec, *, device_memory_bytes: int) -> No
         )
 
 
+def check_hardware(plan: Plan, *, device: str, name: str, count: int, force: bool) -> None:
+    """Refuse a what-if plan (`oneday plan --what-if`) on hardware other than the one it was made for: its sizes
+    rest on that hardware's datasheet and assumed throughput. The GPU is compared by its entry in the datasheet
+    table (`devices.match_gpu`; the name itself when the table lacks it), then the count. `force` runs it
+    anyway. A plan whose data was only assumed (--data-tokens) has nothing to train on and is always refused."""
+    if plan.data.assumed:
+        raise UserError(
+            "plan data: the tokens were assumed (oneday plan --data-tokens), nothing was prepared; make the plan "
+            "with --data"
+        )
+    if plan.provenance.what_if is None or force:
+        return
+    planned = plan.hardware
+
+    def gpu(text: str) -> str:
+        entry = match_gpu(text)
+        return entry.key if entry is not None else text
+
+    if device != planned.device or gpu(name) != gpu(planned.name) or count != planned.count:
+        raise UserError(
+            f"this is a what-if plan for {planned.count} × {planned.name}; this machine has {count} × {name}: "
+            "make a plan here with `oneday plan`, or pass --force to run it anyway"
+        )
+
+
 def device_memory_bytes(device: str, device_name: str) -> int:
     """Total memory of the torch device `device_name` (`cuda:1`), or of the host for the CPU; 0 if unknown."""
     if device == "cuda":
@@ -41,6 +66,15 @@ def device_memory_bytes(device: str, device_name: str) -> int:
 
         return int(torch.cuda.get_device_properties(torch.device(device_name)).total_memory)
     return host_memory()[0]
+
+
+def this_hardware(device: str) -> tuple[str, int]:
+    """(name, count) of what the run trains on: the CUDA GPUs torch sees, or this CPU."""
+    if device == "cuda":
+        import torch
+
+        return str(torch.cuda.get_device_name(0)), int(torch.cuda.device_count())
+    return "CPU", 1
 
 
 def check_disk(root: Path, *, params: int, keep: int) -> None:
@@ -63,4 +97,4 @@ def check_disk(root: Path, *, params: int, keep: int) -> None:
                     human_bytes(free), keep, human_bytes(one))
 
 
-__all__ = ["check_disk", "check_memory", "device_memory_bytes"]
+__all__ = ["check_disk", "check_hardware", "check_memory", "device_memory_bytes", "this_hardware"]

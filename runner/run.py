@@ -104,6 +104,10 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
     notes: list[str] = []
 
     # -- device and threads; then what must hold before anything is created -----------------------------
+    if plan.provenance.what_if is not None or plan.data.assumed:  # before the device: the clearer refusal
+        here = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        name, count = preflight.this_hardware(here)
+        preflight.check_hardware(plan, device=here, name=name, count=count, force=force)
     dev, spec, device_notes = _resolve_device(plan, device, plan.train)
     notes += device_notes
     if dev == "cpu":

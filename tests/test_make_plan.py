@@ -432,3 +432,33 @@ def test_probe_share_grows_with_the_budget() -> None:
     shares = [probe_share(b, floor=cpu) for b in budgets]
     assert shares == sorted(shares)  # never less time for a longer budget ...
     assert all(s <= max(cpu, 0.02 * b) for s, b in zip(shares, budgets, strict=True))  # ... nor a larger share
+
+
+def test_simulated_two_gpus_plan_for_the_aggregate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12, section 5: `--gpus 2` on a machine with two (simulated) H200s plans for their aggregate: 2 × the
+    measured throughput × the assumed data-parallel efficiency, per-rank micro-batches and the global batch."""
+    from dataclasses import replace
+
+    from oneday.planner import hardware
+    from oneday.planner.throughput import DATA_PARALLEL_EFFICIENCY
+    from tests.simulated_device import SimulatedGpu
+
+    gpu = SimulatedGpu()
+    _simulate(monkeypatch, gpu, name="NVIDIA H200", free_bytes=gpu.free_memory_bytes)
+    two = replace(hardware.probe_hardware("cuda"), count=2)
+    monkeypatch.setattr(hardware, "probe_hardware", lambda device="auto": two)
+    plan = make_plan(hours=1, data="simulated", device="cuda", gpus=2, clock=gpu.clock)
+    t, chosen = plan.train, next(c for c in plan.candidates if c.chosen)
+    assert t.world_size == 2 and plan.hardware.count == 2
+    assert plan.prediction.data_parallel_efficiency == DATA_PARALLEL_EFFICIENCY
+    assert chosen.measured and t.micro_batch <= chosen.micro_batch
+    # the chosen shape's tokens/s: two GPUs at the efficiency, each at what the probe measured on one
+    measured_one = chosen.micro_batch * t.seq_len / gpu.step_seconds(plan.model, chosen.micro_batch)
+    assert chosen.tokens_per_s == pytest.approx(2 * DATA_PARALLEL_EFFICIENCY * measured_one, rel=1e-6)
+    assert chosen.mfu == pytest.approx(chosen.tokens_per_s * plan.model.flops_per_token()
+                                       / (2 * plan.hardware.peak_flops), rel=1e-6)
+    assert plan.prediction.tokens_per_s == pytest.approx(chosen.tokens_per_s)
+    assert any("Planned for 2 GPUs" in r for r in plan.reasons)
+    assert t.tokens_per_step() == t.micro_batch * t.grad_accum * 2 * t.seq_len
+    with pytest.raises(UserError, match="--gpus 3: this machine has 2 × NVIDIA H200"):
+        make_plan(hours=1, data="simulated", device="cuda", gpus=3, clock=gpu.clock)

@@ -109,6 +109,24 @@ def plan(
         Path | None,
         typer.Option("--explain", help="Show the table, summary and reasons of a saved plan; measure nothing."),
     ] = None,
+    what_if: Annotated[
+        str | None,
+        typer.Option("--what-if", help="Plan for GPUs this machine lacks, from the datasheet table: h200, h100, "
+                     "a100-80gb, rtx4090, l4, ...; h100x8 for eight. Nothing is probed."),
+    ] = None,
+    data_tokens: Annotated[
+        str | None,
+        typer.Option("--data-tokens", help="With --what-if: a corpus not yet downloaded, this many training "
+                     "tokens (10B, 100M); the vocabulary is --vocab-size."),
+    ] = None,
+    throughput: Annotated[
+        Path | None,
+        typer.Option("--throughput", help="With --what-if: use the throughput measured on the real machine "
+                     "(its plan.json, or a throughput JSON) instead of the assumed one."),
+    ] = None,
+    gpus: Annotated[
+        int, typer.Option("--gpus", help="Plan for this many GPUs, data parallel (run under torchrun).")
+    ] = 1,
 ) -> None:
     """Measure this machine and write plan.json: model, batch, LR, schedule and tokens for the budget."""
     from oneday.plan import load_plan, save_plan
@@ -133,7 +151,16 @@ def plan(
     if not value > 0:
         raise UserError(f"{flag}: the budget must be more than 0, got {value:g}")
     budget_hours = value if hours is not None else value / 60.0
-    if data is None:
+    if gpus < 1:
+        raise UserError(f"--gpus: must be at least 1, got {gpus}")
+    if what_if is None:
+        extra = [flag for flag, value in (("--data-tokens", data_tokens), ("--throughput", throughput))
+                 if value is not None]
+        if extra:
+            raise UserError(f"{' and '.join(extra)}: only with --what-if (plan for hardware this machine lacks)")
+    elif device != "auto":
+        raise UserError("--what-if plans for the GPU it names; it takes no --device")
+    if data is None and not (what_if is not None and data_tokens is not None):
         raise UserError("--data is required: a file, folder, glob, builtin:pydoc or a hub dataset")
 
     from oneday.paths import check_output_path
@@ -148,13 +175,25 @@ def plan(
         vocab_size=vocab_size if vocab_size != 8192 else None, text_column=text_column,
         device=device if device != "auto" else None, seq_len=seq_len, out=out, name=name,
         probe_seconds=probe_seconds, cache_dir=cache_dir, calibration=calibration, json=json_out,
+        what_if=what_if, data_tokens=data_tokens, throughput=throughput, gpus=gpus if gpus != 1 else None,
     )
-    made = make_plan(
-        hours=budget_hours, data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column,
-        device=device, seq_len=seq_len, name=name, probe_seconds=probe_seconds, cache_dir=cache_dir,
-        calibration=str(calibration) if calibration is not None else None, command=command,
-        progress=RichProgress(),
-    )
+    if what_if is not None:
+        from oneday.planner.what_if import parse_token_count, what_if_plan
+
+        made = what_if_plan(
+            what_if=what_if, hours=budget_hours, data=data,
+            data_tokens=parse_token_count(data_tokens) if data_tokens is not None else None, tokenizer=tokenizer,
+            vocab_size=vocab_size, text_column=text_column, seq_len=seq_len, name=name, probe_seconds=probe_seconds,
+            cache_dir=cache_dir, calibration=str(calibration) if calibration is not None else None,
+            throughput=throughput, gpus=gpus, command=command, progress=RichProgress(),
+        )
+    else:
+        made = make_plan(
+            hours=budget_hours, data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column,
+            device=device, seq_len=seq_len, name=name, probe_seconds=probe_seconds, cache_dir=cache_dir,
+            calibration=str(calibration) if calibration is not None else None, command=command, gpus=gpus,
+            progress=RichProgress(),
+        )
     saved_to = save_plan(made, out)
     if json_out:
         typer.echo(made.to_json(), nl=False)

@@ -172,7 +172,8 @@ def run(
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Move aside a run folder that holds another plan's run (or this plan's "
-                           "finished one) and start fresh; or train in a non-empty folder beside its files.")
+                           "finished one) and start fresh; or train in a non-empty folder beside its files; "
+                           "or run a what-if plan on other hardware.")
     ] = False,
 ) -> None:
     """Train the planned model until the budget runs out; rerun the same command to resume."""
