@@ -125,6 +125,9 @@ class TrainSpec:
     seq_len: int
     micro_batch: int
     grad_accum: int
+    # data-parallel ranks the plan is sized for; micro_batch and grad_accum are per rank (keyword-only: a
+    # defaulted field may not precede the required ones below in a positional dataclass)
+    world_size: int = dataclasses.field(default=1, kw_only=True)
     lr: float
     planned_tokens: int
     planned_steps: int
@@ -159,7 +162,8 @@ class TrainSpec:
             f"{p}.train_seconds",
             f"must be in (0, budget_seconds={self.budget_seconds}], got {self.train_seconds}",
         )
-        for name in ("seq_len", "micro_batch", "grad_accum", "planned_steps", "eval_tokens", "keep_checkpoints"):
+        for name in ("seq_len", "micro_batch", "grad_accum", "world_size", "planned_steps", "eval_tokens",
+                     "keep_checkpoints"):
             value = getattr(self, name)
             _require(value >= 1, f"{p}.{name}", f"must be >= 1, got {value}")
         _require(self.planned_tokens >= 1, f"{p}.planned_tokens", f"must be >= 1, got {self.planned_tokens}")
@@ -198,8 +202,8 @@ class TrainSpec:
         return self.budget_seconds - self.train_seconds
 
     def tokens_per_step(self) -> int:
-        """Global batch in tokens: micro_batch · grad_accum · seq_len."""
-        return self.micro_batch * self.grad_accum * self.seq_len
+        """Global batch in tokens: micro_batch · grad_accum · world_size · seq_len (all ranks)."""
+        return self.micro_batch * self.grad_accum * self.world_size * self.seq_len
 
 
 @dataclass(frozen=True)
