@@ -40,7 +40,7 @@ from oneday.errors import UserError
 from oneday.plan import TrainSpec
 from oneday.runner import costs
 from oneday.runner.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng, unwrap
-from oneday.runner.distributed import DistInfo
+from oneday.runner.distributed import DistInfo, fit_to_world
 from oneday.runner.faults import PoisonedLoss, nan_steps_from_env
 from oneday.runner.pacing import Pacer, TrainingClock
 from oneday.runner.records import EvalRecord, Event, LoopResult, NullObserver, Observer, StepRecord
@@ -81,8 +81,9 @@ def train(
     """Train `model` until `deadline` (on `clock`) or `spec.max_steps`; see the module docstring."""
     session_start = clock()
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    if spec.world_size != world:  # the runner fits the plan to the ranks first (`distributed.fit_to_world`)
-        raise ValueError(f"spec.world_size is {spec.world_size}, but {world} rank(s) train")
+    spec, refit = fit_to_world(spec, world)  # the spec's global batch on these ranks (run.py has done it already)
+    if refit:
+        logger.info("%s", refit)
     main = rank == 0
     observer = observer if observer is not None and main else NullObserver()
     events: list[Event] = []
