@@ -40,7 +40,7 @@ from oneday.errors import UserError
 from oneday.plan import TrainSpec
 from oneday.runner import costs
 from oneday.runner.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng, unwrap
-from oneday.runner.distributed import DistInfo
+from oneday.runner.distributed import DistInfo, fit_to_world
 from oneday.runner.faults import PoisonedLoss, nan_steps_from_env
 from oneday.runner.pacing import Pacer, TrainingClock
 from oneday.runner.records import EvalRecord, Event, LoopResult, NullObserver, Observer, StepRecord
@@ -81,6 +81,9 @@ def train(
     """Train `model` until `deadline` (on `clock`) or `spec.max_steps`; see the module docstring."""
     session_start = clock()
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    spec, refit = fit_to_world(spec, world)  # the spec's global batch on these ranks (run.py has done it already)
+    if refit:
+        logger.info("%s", refit)
     main = rank == 0
     observer = observer if observer is not None and main else NullObserver()
     events: list[Event] = []
@@ -119,12 +122,10 @@ def train(
         state.wall_elapsed = wall_before + clock() - session_start
         return checkpoints.save(model=raw, optimizer=optimizer, state=state.to_dict(rng=capture_rng()))
 
-    # --- the step: the loss in the module, compiled, wrapped for DDP ------------------------------------
+    # --- the step: the loss in the module, wrapped for DDP, compiled -------------------------------------
     loss = LMLoss(raw)
     poisoned = nan_steps_from_env()
     net: nn.Module = PoisonedLoss(loss, poisoned, first_step=state.step, grad_accum=A) if poisoned else loss
-    if spec.compile:
-        net = torch.compile(net)
     group = None
     if dist is not None:
         # broadcast_buffers off: the only buffers (RoPE frequencies) are constants; no collective per forward.
@@ -133,6 +134,8 @@ def train(
                                                   gradient_as_bucket_view=True)
         # Decisions travel as CPU tensors on a gloo group, so agreeing on them never waits for the GPU.
         group = torch_dist.new_group(backend="gloo") if dist.backend == "nccl" else None
+    if spec.compile:  # compile DDP, not DDP the compiled module: the graph splits at DDP's buckets, so each
+        net = torch.compile(net)  # bucket's all-reduce overlaps the rest of the compiled backward
     train_step = TrainStep(net, params=raw.parameters(), optimizer=optimizer, grad_accum=A,
                            grad_clip=spec.grad_clip, precision=precision, ddp=dist is not None)
 

@@ -91,7 +91,13 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
     import torch
 
     from oneday.data.plan_data import load_plan_data
-    from oneday.runner.distributed import init_distributed
+    from oneday.runner.distributed import (
+        check_shared_run_dir,
+        fit_to_world,
+        in_turns,
+        init_distributed,
+        long_wait_group,
+    )
 
     if process_start is None:
         process_start = clock()
@@ -110,6 +116,12 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
         preflight.check_hardware(plan, device=here, name=name, count=count, force=force)
     dev, spec, device_notes = _resolve_device(plan, device, plan.train)
     notes += device_notes
+    spec, world_note = fit_to_world(spec, dist.world_size if dist is not None else 1)  # the plan's global batch
+    if world_note is not None:
+        notes.append(world_note)
+        if rank0:
+            log.warning("%s", world_note)
+    group = long_wait_group() if dist is not None else None  # start-up waits: hours, not NCCL's 10 minutes
     if dev == "cpu":
         spec = replace(spec, threads=int(threads or spec.threads or plan.hardware.threads))
         torch.set_num_threads(spec.threads or 1)
@@ -122,13 +134,13 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
         check_run_dir(paths, digest=digest, force=force)
         preflight.check_disk(paths.root, params=plan.model.params_total(), keep=spec.keep_checkpoints)
 
-    # -- data: rank 0 prepares a missing cache entry; the other ranks wait for it, then read it ------------
-    data, prep_seconds = load_plan_data(plan.data, progress=progress, clock=clock) if rank0 else (None, 0.0)
-    if dist is not None:
-        torch.distributed.barrier()
-        if not rank0:
-            data, prep_seconds = load_plan_data(plan.data, clock=clock)
-    assert data is not None
+    # -- data: rank 0 prepares a missing cache entry, then each node's first rank (a node that does not share
+    #    rank 0's cache prepares its own), then the rest read it; the others wait on the long gloo group --------
+    if dist is None:
+        data, prep_seconds = load_plan_data(plan.data, progress=progress, clock=clock)
+    else:
+        data, prep_seconds = in_turns(
+            dist, group, lambda: load_plan_data(plan.data, progress=progress if rank0 else None, clock=clock))
 
     # -- the run folder, locked for this session -----------------------------------------------------------
     lock = RunLock(paths.lock) if rank0 else None
@@ -139,8 +151,8 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
             note = prepare_run_dir(paths, plan, force=force, digest=digest, lock=lock)
             if note:
                 notes.append(note)
-        if dist is not None:
-            torch.distributed.barrier()
+        if dist is not None:  # every rank must see this folder and its checkpoints: they resume from them
+            check_shared_run_dir(dist, group, root=paths.root, checkpoints=paths.checkpoints)
         session = Session(
             plan=plan, spec=spec, paths=paths, ledger=RunLedger(paths.state, digest), digest=digest, device=dev,
             device_name=device_name, dist=dist, tracking_uri=resolve_tracking_uri(tracking_uri),

@@ -63,8 +63,9 @@ def autocast(device: str | torch.device, precision: str) -> Autocast:
 
 class TrainStep:
     """One optimizer step over `grad_accum` micro-batches (module docstring). `net` is `LMLoss`, possibly
-    compiled and/or wrapped in DDP (`ddp=True`: gradients all-reduced on the last micro-step, the bad-step
-    flag agreed across ranks); `params` are the raw module's parameters (for clipping)."""
+    wrapped in DDP (`ddp=True`: gradients all-reduced on the last micro-step only, the others under
+    `no_sync`; the bad-step flag agreed across ranks) and then compiled (a compiled DDP module passes
+    `no_sync` through); `params` are the raw module's parameters (for clipping)."""
 
     def __init__(self, net: nn.Module, *, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer,
                  grad_accum: int, grad_clip: float, precision: Autocast = nullcontext, ddp: bool = False) -> None:

@@ -494,7 +494,7 @@ def test_sigkill_then_rerun_resumes_within_budget(prepared, tmp_path):
 def test_torchrun_two_ranks_rank0_writes(prepared, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    plan = quick(prepared, steps=6)
+    plan = quick(prepared, steps=6, grad_accum=2)  # made for one process: on 2 ranks, grad_accum 1 each
     path = save_plan(plan, tmp_path / "plan.json")
     run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -506,7 +506,8 @@ def test_torchrun_two_ranks_rank0_writes(prepared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("planned vs achieved") == 1  # one report, from rank 0
     summary = load_summary(run_dir)
-    assert summary.steps == 6 and summary.tokens == 6 * 2 * plan.train.tokens_per_step()
+    assert summary.steps == 6 and summary.tokens == 6 * plan.train.tokens_per_step()  # the plan's global batch
+    assert any("grad_accum per rank 2 -> 1" in note for note in summary.notes)
     assert len(json.loads((run_dir / "run.json").read_text())["sessions"]) == 1
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("oneday/pydoc")
