@@ -36,6 +36,7 @@ from oneday.planner.laws import (
     effective_params,
     effective_tokens,
     epochs,
+    supported_params,
 )
 from oneday.planner.throughput import Measurement, ThroughputModel
 
@@ -332,7 +333,7 @@ def _data_reasons(
     worth = f"repeated, they are worth {human_count(c.effective_tokens)} fresh tokens ({share:.0%})"
     if c.effective_params < c.params():
         worth += (
-            f", and the data supports about {human_count(law.data_optimal_params(unique_tokens))} parameters, "
+            f", and the data supports about {human_count(supported_params(unique_tokens, law=law))} parameters, "
             f"so the model's {human_count(c.params())} are worth {human_count(c.effective_params)}"
         )
     cost = f"this costs {c.repetition_cost():+.3f} predicted loss against fresh data (Muennighoff et al. 2023)"

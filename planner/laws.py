@@ -19,6 +19,7 @@ from oneday.errors import UserError
 __all__ = [
     "EPOCH_2024",
     "HOFFMANN_2022",
+    "MUENNIGHOFF_MIN_UNIQUE_TOKENS",
     "MUENNIGHOFF_R_STAR",
     "MUENNIGHOFF_R_STAR_PARAMS",
     "NEGLIGIBLE_REPETITION_EPOCHS",
@@ -32,6 +33,7 @@ __all__ = [
     "epochs",
     "fit_law_eab",
     "lr_horizon_correction",
+    "supported_params",
 ]
 
 
@@ -281,23 +283,44 @@ def effective_tokens(total_tokens: float, unique_tokens: float, r_star: float = 
     return unique_tokens + unique_tokens * r_star * (1.0 - math.exp(-repeats / r_star))
 
 
+MUENNIGHOFF_MIN_UNIQUE_TOKENS = 1e8
+"""The smallest unique-data budget behind Muennighoff et al. 2023's eq. 5 fit (100M unique tokens, their
+figure 3; the fit spans 100M to 9B+ unique tokens and 10M to 9B parameters). Below it the excess-parameter
+decay was never observed, and the law's U_N extrapolates to models no fit has seen (U_N = 30k parameters at
+1M tokens): on the built-in corpus it priced a 2×64 model at a loss of 34, ten times what it reaches."""
+
+
+def supported_params(unique_tokens: float, *, law: LossLaw) -> float:
+    """U_N, the parameters the unique data supports, bounded to the range Muennighoff et al. 2023 fitted:
+    `law.data_optimal_params`(max(U_D, `MUENNIGHOFF_MIN_UNIQUE_TOKENS`)).
+
+    The bound only ever raises U_N, so it only ever removes discount: below 100M unique tokens a model no
+    larger than the 100M-token U_N (≈3.3M parameters under the default law) is worth what it is, and
+    larger ones decay from there. Unbounded, U_N shrinks with the data as D^(1+β/α)·… towards nothing, and
+    the discount then predicts losses far above ln V for models that train fine. From 100M unique tokens
+    up it is the paper's U_N unchanged."""
+    _positive("unique_tokens", unique_tokens)
+    return law.data_optimal_params(max(unique_tokens, MUENNIGHOFF_MIN_UNIQUE_TOKENS))
+
+
 def effective_params(
     params: float, unique_tokens: float, *, law: LossLaw, r_star: float = MUENNIGHOFF_R_STAR_PARAMS
 ) -> float:
     """What `params` parameters are worth when the data has only `unique_tokens` unique tokens.
 
-    N' = U_N + U_N·R*_N·(1 − e^(−R_N/R*_N)), U_N = min(N, `law.data_optimal_params`(U_D)),
+    N' = U_N + U_N·R*_N·(1 − e^(−R_N/R*_N)), U_N = min(N, `supported_params`(U_D)),
     R_N = N/U_N − 1 (Muennighoff et al. 2023, eq. 5, R*_N = 5.309): parameters beyond those the unique
     data supports are "excess" and decay in value like repeated tokens, faster. N' never exceeds
     U_N·(1 + R*_N). U_D here is the corpus's unique tokens, so N' = N exactly whenever N ≤ U_N: on a corpus
     large enough for the model the plain law holds, whatever the tokens trained. (The paper's U_D is the
     unique tokens a run sees, the same thing once a run repeats data; below one epoch its reading would
     discount every shape larger than compute-optimal even on unlimited data, which the plain law already
-    prices through A/N^α.)
+    prices through A/N^α.) U_N is bounded to the fit's range (`supported_params`): below 100M unique tokens
+    the paper has no evidence, and the unbounded U_N predicts absurd losses for tiny corpora.
     """
     _positive("params", params)
     _positive("r_star", r_star)
-    unique_params = law.data_optimal_params(unique_tokens)
+    unique_params = supported_params(unique_tokens, law=law)
     if params <= unique_params:
         return float(params)
     excess = params / unique_params - 1.0

@@ -396,6 +396,44 @@ def test_between_4_and_16_epochs_a_milder_note(h200) -> None:
     assert any(r.startswith(f"{few.chosen().epochs:.2f} epochs over the data") for r in few.reasons)
 
 
+def test_a_simulated_h200_day_on_100m_tokens_chooses_near_the_law_minimum() -> None:
+    # Issue 12 §3: on 100M unique tokens an H200 day chose 1.10B parameters for 45.7 epochs. Measurements from
+    # the simulated H200 (tests/simulated_device.py; its MFU curve, not the planner's model) now lead to a choice
+    # within the tie tolerance of the data-constrained law's minimum, far below the largest shape.
+    from tests.simulated_device import SimulatedGpu
+
+    gpu = SimulatedGpu()
+    shapes = candidate_shapes(vocab_size=50257, seq_len=1024, min_params=7e6, max_params=1.7e9)
+    measured = [
+        Measurement(spec=s, micro_batch=16, tokens_per_s=16 * 1024 / gpu.step_seconds(s, 16),
+                    peak_memory_bytes=gpu.memory(s, 16), seconds_measured=20.0)
+        for s in shapes[::2]
+    ]
+    tm = fit_throughput(measured, peak_flops=gpu.peak_flops)
+    d = choose(candidates=shapes, throughput=tm, train_seconds=H200_DAY_TRAIN_SECONDS, unique_tokens=1e8,
+               memory_limit_bytes=gpu.free_memory_bytes, activation_bytes=2)
+    best = min(d.results, key=lambda r: r.predicted_loss)
+    c = d.chosen()
+    assert 9e7 <= best.params() <= 7e8  # the law's minimum lies in its flat region
+    assert c.predicted_loss <= 1.005 * best.predicted_loss
+    assert 5e7 <= c.params() <= 7e8 and c.params() < max(r.params() for r in d.results) / 2
+    assert math.isfinite(c.predicted_loss)
+    # without the parameter-side discount (the plain law at D') the planner would take the largest shape
+    plain = min(d.results, key=lambda r: EPOCH_2024.loss(r.params(), r.effective_tokens))
+    assert plain.params() == max(r.params() for r in d.results if r.fits_memory)
+
+
+def test_a_tiny_corpus_keeps_small_models_undiscounted(cands) -> None:
+    # The built-in corpus (~1M unique tokens): unbounded, U_N was ~30k parameters and a 2×64 model predicted a
+    # loss of 34. U_N is now bounded to the law's fitted range, so models below it are worth what they are.
+    tiny = candidate_shapes(vocab_size=8192, seq_len=256, min_params=1e5, max_params=3e6)
+    tm = fit_throughput([_measure(s, micro_batch=4) for s in tiny], peak_flops=PEAK)
+    d = choose(candidates=tiny, throughput=tm, train_seconds=180.0, unique_tokens=1e6)
+    for r in d.results:
+        assert r.effective_params == r.params()
+        assert r.predicted_loss == EPOCH_2024.loss(r.params(), r.effective_tokens)
+
+
 # --- batch and LR ---------------------------------------------------------------------------------------
 def test_batch_and_lr_reproduces_deepseek_at_a_reference_compute() -> None:
     spec = ModelSpec(n_layer=12, d_model=768, n_head=12, d_ff=2048, vocab_size=50304, seq_len=1024)

@@ -11,6 +11,7 @@ from oneday.errors import UserError
 from oneday.planner.laws import (
     EPOCH_2024,
     HOFFMANN_2022,
+    MUENNIGHOFF_MIN_UNIQUE_TOKENS,
     MUENNIGHOFF_R_STAR,
     MUENNIGHOFF_R_STAR_PARAMS,
     NEGLIGIBLE_REPETITION_EPOCHS,
@@ -24,6 +25,7 @@ from oneday.planner.laws import (
     epochs,
     fit_law_eab,
     lr_horizon_correction,
+    supported_params,
 )
 
 
@@ -206,3 +208,18 @@ def test_calibrated_replaces_eab_only() -> None:
     assert (law.alpha, law.beta) == (EPOCH_2024.alpha, EPOCH_2024.beta)
     assert law.E == 2.5 and law.source == "my runs" and law.name.endswith("calibrated")
     assert math.isclose(law.loss(1.0, 1.0), 302.5)
+
+
+def test_supported_params_is_bounded_to_the_fitted_range() -> None:
+    # from 100M unique tokens up: the paper's U_N; below: the 100M-token U_N, never the extrapolation to nothing
+    for u in (1e8, 1e9, 1e11):
+        assert supported_params(u, law=EPOCH_2024) == EPOCH_2024.data_optimal_params(u)
+    floor = EPOCH_2024.data_optimal_params(MUENNIGHOFF_MIN_UNIQUE_TOKENS)
+    for u in (1e3, 1e6, 5e7):
+        assert supported_params(u, law=EPOCH_2024) == floor
+    # a 2×64-sized model on a 1M-token corpus is worth what it is; the unbounded U_N (~30k) would discount it
+    assert EPOCH_2024.data_optimal_params(1e6) < 1e5
+    assert effective_params(4e5, 1e6, law=EPOCH_2024) == 4e5
+    assert data_constrained_loss(EPOCH_2024, params=4e5, tokens=3e7, unique_tokens=1e6) == EPOCH_2024.loss(
+        4e5, effective_tokens(3e7, 1e6)
+    )
