@@ -216,12 +216,20 @@ class Prediction:
     epochs: float = 0.0
     effective_tokens: float = 0.0
     calibrated: bool = False
+    basis: str = "law"
+    """What `loss` is: "law" (a published law's prediction), "calibrated" (a law fitted on this data; the band
+    is the fit's uncertainty) or "bound" (the published law predicted more than the unigram entropy of the
+    data, where it does not hold: `loss` is then that upper bound, not a prediction; `law_loss` keeps the law's)."""
+    law_loss: float = 0.0
+    """The law's own figure before any bound (equal to `loss` unless `basis` is "bound")."""
 
     def __post_init__(self) -> None:
         _require(self.tokens_per_s > 0, "prediction.tokens_per_s", f"must be > 0, got {self.tokens_per_s}")
         _require(0 <= self.mfu <= 1.5, "prediction.mfu", f"must be in [0, 1.5], got {self.mfu}")
         _require(self.loss > 0, "prediction.loss", f"must be > 0, got {self.loss}")
         _require(len(self.loss_band) == 2, "prediction.loss_band", "must hold two numbers")
+        _require(self.basis in ("law", "calibrated", "bound"), "prediction.basis",
+                 f"must be law, calibrated or bound, got {self.basis!r}")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ __all__ = [
     "fit_law_eab",
     "lr_horizon_correction",
     "supported_params",
+    "unigram_entropy",
 ]
 
 
@@ -332,3 +333,18 @@ def data_constrained_loss(law: LossLaw, *, params: float, tokens: float, unique_
     `effective_tokens` for D, under `law`'s E, A, B, α, β. Equals `law.loss(N, D)` when the data neither
     repeats nor is too small for the model."""
     return law.loss(effective_params(params, unique_tokens, law=law), effective_tokens(tokens, unique_tokens))
+
+
+# --------------------------------------------------------------------------------------------------
+# What any model trained on this data should beat
+# --------------------------------------------------------------------------------------------------
+def unigram_entropy(counts: Sequence[int]) -> float:
+    """H = −Σ p_i·ln p_i (nats per token) of the token frequencies `counts` (Shannon 1948).
+
+    The cross-entropy of the best context-free predictor, the token frequencies themselves: a language model
+    learns them within its first few hundred steps, so its validation loss should end below H (and H ≤ ln V,
+    the uniform guess). A published law that predicts more than H on this data is outside its range."""
+    total = float(sum(counts))
+    if not total > 0:
+        raise ValueError("unigram_entropy needs at least one counted token")
+    return -sum(c / total * math.log(c / total) for c in counts if c > 0)

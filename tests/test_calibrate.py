@@ -50,3 +50,97 @@ def test_calibration_needs_two_sizes(prepared, tmp_path):
     result = CliRunner().invoke(app, ["tune", str(plan_path), "--calibrate"])
     assert result.exit_code == 2
     assert "two model sizes" in " ".join(result.stderr.split())
+
+
+# --- the fit and its band (pure) ---------------------------------------------------------------------------
+TRUE = dict(E=2.3, A=60.0, B=900.0)
+
+
+def _truth():
+    from oneday.planner.laws import EPOCH_2024
+
+    return EPOCH_2024.calibrated(**TRUE, source="synthetic")
+
+
+def _grid():
+    # what calibration runs give: three widths, two horizons each (a factor 4 apart), small N and D
+    return [(n, d) for n in (2e5, 8e5, 3.2e6) for d in (n * 5, n * 20)]
+
+
+def test_fit_recovers_known_e_a_b():
+    from oneday.planner.calibration import fit_law
+
+    truth = _truth()
+    fit = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()])
+    assert fit.free == ("E", "A", "B")
+    assert (fit.law.E, fit.law.A, fit.law.B) == pytest.approx((2.3, 60.0, 900.0), rel=1e-6)
+    assert fit.sigma == pytest.approx(0.0, abs=1e-9)
+    # few points: E held (at the data's bound), A and B from the runs
+    held = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()[:3]], fixed_e=2.3)
+    assert held.free == ("A", "B") and held.law.E == 2.3
+    assert (held.law.A, held.law.B) == pytest.approx((60.0, 900.0), rel=1e-6)
+
+
+def test_e_never_passes_the_unigram_entropy():
+    from oneday.planner.calibration import fit_law
+
+    truth = _truth()
+    fit = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()], max_e=2.0)
+    assert fit.law.E == 2.0 and fit.free == ("A", "B")
+    three = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()[:3]], max_e=1.5)
+    assert three.law.E == 1.5  # too few points for a free E: held at min(published E, the bound)
+
+
+def test_the_band_covers_new_runs():
+    # 200 synthetic calibrations with noisy runs (σ = 0.03 nats, a run's seed-to-seed spread at this scale);
+    # the band at the plan's (larger) N, D must hold a new noisy run about 95% of the time
+    import random
+
+    from oneday.planner.calibration import fit_law
+
+    truth = _truth()
+    rng = random.Random(17)
+    n_plan, d_plan = 6e6, 2.4e8
+    covered = 0
+    widths = []
+    for _ in range(200):
+        fit = fit_law([(n, d, truth.loss(n, d) + rng.gauss(0, 0.03)) for n, d in _grid()])
+        low, high = fit.loss_band(n_plan, d_plan)
+        widths.append(high - low)
+        covered += low <= truth.loss(n_plan, d_plan) + rng.gauss(0, 0.03) <= high
+    assert covered >= 0.88 * 200
+    assert sorted(widths)[100] < 1.5  # and says something: the median band is narrower than 1.5 nats
+
+
+def test_no_degree_of_freedom_no_band():
+    from oneday.planner.calibration import fit_law
+
+    truth = _truth()
+    fit = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()[:3]])
+    assert fit.degrees_of_freedom() == 1  # E held: A, B from three points
+    exact = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()[:2]], fixed_e=2.3)
+    assert exact.loss_band(1e6, 1e8) == (-math.inf, math.inf)
+    assert not exact.decisive(1e6, 1e8, tolerance=0.1)
+
+
+def test_an_uncalibrated_law_above_the_unigram_entropy_is_a_bound_not_a_prediction():
+    from oneday.planner.calibration import presented_loss
+    from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022
+
+    # the 3-minute built-in plan: the law says 31.5 (19.5 under the band law), ln V = 8.81, H ≈ 6.4
+    shown = presented_loss(law_loss=31.48, band_loss=19.46, laws=(EPOCH_2024, HOFFMANN_2022), vocab_size=6720,
+                           unigram_entropy=6.4)
+    assert shown.basis == "bound" and shown.loss == 6.4 and shown.ceiling == 6.4
+    assert shown.band == (HOFFMANN_2022.E, 6.4)
+    assert shown.band[0] <= 3.86 <= shown.band[1]  # what 2×64 reached on it
+    # no token counts: ln V is the ceiling
+    assert presented_loss(law_loss=31.48, band_loss=19.46, laws=(EPOCH_2024,), vocab_size=6720,
+                          unigram_entropy=None).loss == pytest.approx(math.log(6720))
+    # within range: the law's figure, the band from E to the higher law
+    inside = presented_loss(law_loss=3.1, band_loss=3.3, laws=(EPOCH_2024, HOFFMANN_2022), vocab_size=50304,
+                            unigram_entropy=7.5)
+    assert inside.basis == "law" and inside.loss == 3.1 and inside.band == (HOFFMANN_2022.E, 3.3)
+    # calibrated: the fit's band, cut at the ceiling
+    fitted = presented_loss(law_loss=4.0, band_loss=9.0, laws=(EPOCH_2024,), vocab_size=6720, unigram_entropy=6.4,
+                            fit_band=(3.7, 7.0))
+    assert fitted.basis == "calibrated" and fitted.band == (3.7, 6.4) and fitted.loss == 4.0

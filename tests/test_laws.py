@@ -223,3 +223,13 @@ def test_supported_params_is_bounded_to_the_fitted_range() -> None:
     assert data_constrained_loss(EPOCH_2024, params=4e5, tokens=3e7, unique_tokens=1e6) == EPOCH_2024.loss(
         4e5, effective_tokens(3e7, 1e6)
     )
+
+
+def test_unigram_entropy() -> None:
+    from oneday.planner.laws import unigram_entropy
+
+    assert unigram_entropy([5, 5, 5, 5]) == pytest.approx(math.log(4))
+    assert unigram_entropy([7, 0, 0]) == 0.0
+    assert unigram_entropy([1, 3]) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    with pytest.raises(ValueError):
+        unigram_entropy([0, 0])
