@@ -73,12 +73,14 @@ def test_fit_recovers_known_e_a_b():
     truth = _truth()
     fit = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()])
     assert fit.free == ("E", "A", "B")
-    assert (fit.law.E, fit.law.A, fit.law.B) == pytest.approx((2.3, 60.0, 900.0), rel=1e-6)
+    fitted = (fit.law.E, fit.law.A, fit.law.B)
+    assert fitted == pytest.approx((2.3, 60.0, 900.0), rel=1e-6)
     assert fit.sigma == pytest.approx(0.0, abs=1e-9)
     # few points: E held (at the data's bound), A and B from the runs
     held = fit_law([(n, d, truth.loss(n, d)) for n, d in _grid()[:3]], fixed_e=2.3)
     assert held.free == ("A", "B") and held.law.E == 2.3
-    assert (held.law.A, held.law.B) == pytest.approx((60.0, 900.0), rel=1e-6)
+    fitted_ab = (held.law.A, held.law.B)
+    assert fitted_ab == pytest.approx((60.0, 900.0), rel=1e-6)
 
 
 def test_e_never_passes_the_unigram_entropy():
