@@ -7,13 +7,15 @@ Calibration file (`calibration=`), written by the tuner's calibration study (doc
      "points": [[n, d, loss], ...], "created": "2026-11-28T12:00:00Z"}
 
 E, A, B (≥ 0), alpha, beta (> 0) and source are required; name, format_version (1), points and created
-are optional; any other key is refused (a typo would otherwise be ignored). The law replaces the default
+are optional (data: the fingerprint of the prepared data a cached calibration belongs to); any other key is
+refused (a typo would otherwise be ignored). The law replaces the default
 (Epoch AI 2024) in `choose`; the Hoffmann 2022 fit stays the band; `prediction.calibrated` is true.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -23,8 +25,10 @@ from pathlib import Path
 from oneday.errors import UserError
 from oneday.planner.laws import EPOCH_2024, LossLaw, fit_law_eab
 
+log = logging.getLogger(__name__)
+
 _CALIBRATION_REQUIRED = ("E", "A", "B", "alpha", "beta", "source")
-_CALIBRATION_OPTIONAL = ("name", "format_version", "points", "created")
+_CALIBRATION_OPTIONAL = ("name", "format_version", "points", "created", "data")
 
 
 def load_calibration(path: str | os.PathLike[str]) -> LossLaw:
@@ -74,6 +78,17 @@ def load_calibration(path: str | os.PathLike[str]) -> LossLaw:
     return LossLaw(name=name, source=source, **values)
 
 
+
+
+def calibration_points(path: str | os.PathLike[str]) -> tuple[tuple[float, float, float], ...]:
+    """The (n, d, loss) points a calibration file was fitted on (empty when it has none); the file is
+    checked by `load_calibration` first."""
+    load_calibration(path)
+    raw = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    try:
+        return tuple((float(n), float(d), float(loss)) for n, d, loss in raw.get("points") or ())
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: points: expected a list of [n, d, loss] numbers") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,4 +288,74 @@ def presented_loss(
     return Presented(loss=law_loss, band=(floor, high), basis="law", ceiling=ceiling)
 
 
-__all__ = ["LawFit", "Presented", "fit_law", "load_calibration", "presented_loss"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibrations are kept with the data they were fitted on
+# --------------------------------------------------------------------------------------------------
+CACHE_FILE = "calibration.json"
+"""A calibration's copy in the prepared data's cache entry (`<cache>/data/<key>/calibration.json`)."""
+
+
+@dataclass(frozen=True)
+class CachedCalibration:
+    law: LossLaw
+    points: tuple[tuple[float, float, float], ...]
+    path: Path
+
+
+def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict[str, object]:
+    """What identifies the prepared data (its meta.json): the cache key (which hashes the corpus, the tokenizer
+    and the settings) and the checksum of the training tokens."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8"))
+    return {"key": meta.get("key"), "train_checksum": (meta.get("xxh3_64") or {}).get("train.bin"),
+            "vocab_size": meta.get("vocab_size")}
+
+
+def save_cached_calibration(data_dir: str | os.PathLike[str], payload: dict[str, object]) -> Path | None:
+    """Keep a calibration file's `payload` with the data it was fitted on, for later plans on the same data;
+    None (and a warning) when the cache entry cannot be written: the calibration file itself is what counts."""
+    from oneday.paths import write_atomic
+
+    path = Path(data_dir) / CACHE_FILE
+    try:
+        record = {**payload, "data": data_fingerprint(data_dir)}
+        write_atomic(path, json.dumps(record, indent=2) + "\n")
+    except (OSError, ValueError, UserError) as exc:
+        log.warning("calibration: not kept with the data (%s: %s)", path, exc)
+        return None
+    return path
+
+
+def cached_calibration(data_dir: str | os.PathLike[str]) -> CachedCalibration | None:
+    """The calibration kept with this prepared data, or None: none kept, or kept for other data (the token
+    files changed since: stale, ignored with a note), or unreadable (ignored with a note)."""
+    path = Path(data_dir) / CACHE_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("data") != data_fingerprint(data_dir):
+            log.info("calibration: %s was fitted on other data (the data changed); not used", path)
+            return None
+        law = load_calibration(path)
+        points = tuple((float(n), float(d), float(loss)) for n, d, loss in raw.get("points") or ())
+    except (OSError, ValueError, TypeError, UserError) as exc:
+        log.warning("calibration: %s cannot be used (%s)", path, exc)
+        return None
+    return CachedCalibration(law=law, points=points, path=path)
+
+
+__all__ = [
+    "CACHE_FILE",
+    "CachedCalibration",
+    "LawFit",
+    "Presented",
+    "cached_calibration",
+    "calibration_points",
+    "data_fingerprint",
+    "fit_law",
+    "load_calibration",
+    "presented_loss",
+    "save_cached_calibration",
+]

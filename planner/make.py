@@ -50,10 +50,17 @@ from oneday.plan import (
     plan_name_problem,
 )
 from oneday.planner.budget import KEEP_CHECKPOINTS, Reserve
-from oneday.planner.calibration import load_calibration
+from oneday.planner.calibration import (
+    LawFit,
+    cached_calibration,
+    calibration_points,
+    fit_law,
+    load_calibration,
+    presented_loss,
+)
 from oneday.planner.decide import CandidateResult
 from oneday.planner.ladder import candidate_shapes
-from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022
+from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw, unigram_entropy
 from oneday.planner.policy import (
     Setup,
     candidate_range,
@@ -138,6 +145,9 @@ def make_plan(
         progress=progress,
     )
     seq, seq_reason = sequence_length(seq_len, device=setup.device, budget_seconds=budget_seconds, data=prepared)
+    # what any trained model should beat, and a calibration kept with this data (planner/calibration.py)
+    entropy = _unigram_entropy(prepared)
+    law, fit, reused = _calibrated_law(law, calibration=calibration, data_dir=prepared.directory, entropy=entropy)
 
     # -- probe: peak FLOP/s and real training steps (counted against the budget) ------------------------
     import oneday.models.build  # noqa: F401  (transformers loads here: start-up, which the run pays too, not probing)
@@ -202,22 +212,29 @@ def make_plan(
         seed=0,
     )
     mfu = chosen.mfu
+    shown = presented_loss(
+        law_loss=chosen.predicted_loss, band_loss=chosen.band_loss, laws=(law, band_law),
+        vocab_size=prepared.vocab_size, unigram_entropy=entropy,
+        fit_band=fit.loss_band(chosen.effective_params, chosen.effective_tokens) if fit is not None else None,
+    )
     prediction = Prediction(
         tokens_per_s=chosen.tokens_per_s,
         mfu=min(mfu, 1.5),
         tokens=max(1, int(chosen.tokens)),
-        loss=chosen.predicted_loss,
-        loss_band=decision.loss_band(),
+        loss=shown.loss,
+        loss_band=shown.band,
         law=law.name,
         band_law=band_law.name,
         epochs=chosen.epochs,
         effective_tokens=chosen.effective_tokens,
-        calibrated=calibration is not None,
+        calibrated=calibration is not None or reused is not None,
+        basis=shown.basis,
+        law_loss=chosen.predicted_loss,
     )
     plan_reasons = reasons(
         decision=decision, bl=bl, probe=probe, ladder=ladder, reserve=reserve, cadence=cadence, setup=setup,
-        seq_reason=seq_reason, law=law, calibration=calibration, mfu=mfu, budget_seconds=budget_seconds,
-        gpu_count=hw.count if setup.device == "cuda" else 1,
+        seq_reason=seq_reason, law=law, calibration=calibration or reused, mfu=mfu, budget_seconds=budget_seconds,
+        gpu_count=hw.count if setup.device == "cuda" else 1, shown=shown, fit=fit,
     )
     if thread_note:
         plan_reasons.append(thread_note)
@@ -247,9 +264,52 @@ def make_plan(
         candidates=tuple(_candidate(r) for r in decision.results),
         reasons=tuple(plan_reasons),
     )
-    log.info("plan %s: %s, %s tokens, predicted loss %.3f", plan.name, chosen.label(), human_count(chosen.tokens),
-             chosen.predicted_loss)
+    log.info("plan %s: %s, %s tokens, predicted loss %.3f (%s)", plan.name, chosen.label(),
+             human_count(chosen.tokens), shown.loss, shown.basis)
     return plan
+
+
+UNIGRAM_SAMPLE_TOKENS = 2**25
+"""Tokens counted for the unigram entropy: all of a corpus up to 32M, else 32 evenly spaced slices of 1M."""
+
+
+def _unigram_entropy(prepared: Any) -> float | None:
+    """The training tokens' unigram entropy (`laws.unigram_entropy`), from their counts (numpy bincount over the
+    memory-mapped file: ~0.1 s per 10M tokens); None when the file cannot be read."""
+    import numpy as np
+
+    try:
+        tokens = prepared.train_array()
+        if len(tokens) > UNIGRAM_SAMPLE_TOKENS:
+            width = UNIGRAM_SAMPLE_TOKENS // 32
+            starts = np.linspace(0, len(tokens) - width, 32).astype(np.int64)
+            counts = sum(np.bincount(tokens[s:s + width], minlength=prepared.vocab_size) for s in starts)
+        else:
+            counts = np.bincount(tokens, minlength=prepared.vocab_size)
+        return unigram_entropy(counts.tolist())
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: a data object without token files
+        log.warning("data: token counts unavailable (%s); the loss is bounded by ln V only", exc)
+        return None
+
+
+def _calibrated_law(law: LossLaw, *, calibration: Any, data_dir: Path, entropy: float | None
+                    ) -> tuple[LossLaw, LawFit | None, str | None]:
+    """(law, fit, reused): a calibration file's points (or those kept with this data, when no file is given)
+    refitted with E bounded by the unigram entropy (`calibration.fit_law`), so the plan can show the fit's
+    band; the file's own law when it holds too few points. `reused` names a calibration found with the data."""
+    points: tuple[tuple[float, float, float], ...] = ()
+    reused = None
+    if calibration is not None:
+        points = calibration_points(calibration)
+    else:
+        cached = cached_calibration(data_dir)
+        if cached is None:
+            return law, None, None
+        law, points, reused = cached.law, cached.points, str(cached.path)
+    if len(points) < 3:
+        return law, None, reused
+    fit = fit_law(points, base=law, max_e=entropy)
+    return replace(fit.law, name=law.name, source=f"{law.source}; {fit.law.source}"), fit, reused
 
 
 def _check_request(*, budget_seconds: float, seq_len: int | None, device: str, probe_seconds: float | None,

@@ -39,6 +39,7 @@ from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
 from oneday.paths import check_output_path, write_atomic
 from oneday.plan import Plan, load_plan
+from oneday.planner.calibration import save_cached_calibration
 from oneday.planner.laws import EPOCH_2024, LossLaw, fit_law_eab, lr_horizon_correction
 from oneday.studies.proxy import (
     ProxySpec,
@@ -218,6 +219,8 @@ def calibrate_plan(
         "points": [[n, d, loss] for n, d, loss in points], "created": created,
     }
     write_atomic(out_path, json.dumps(payload, indent=2) + "\n")
+    # kept with the data too: a later `oneday plan` on the same data and tokenizer finds it (planner/calibration.py)
+    save_cached_calibration(plan.data.path, payload)
     law = replace(law, source=source)
     result = CalibrationResult(
         law=law, runs=tuple(runs), out=out_path, seconds=clock() - started, budget_seconds=budget,

@@ -40,6 +40,8 @@ def test_calibration_writes_what_the_planner_reads(prepared, tmp_path):
     assert raw["format_version"] == 1 and len(raw["points"]) == len(runs)
     assert result.rmse() < 0.2
     assert math.isfinite(result.predicted_plan_loss)
+    kept = json.loads((prepared.directory / "calibration.json").read_text())  # kept with the data for later plans
+    assert kept["points"] == raw["points"] and kept["data"]["key"] == prepared.key
 
 
 def test_calibration_needs_two_sizes(prepared, tmp_path):
@@ -146,3 +148,77 @@ def test_an_uncalibrated_law_above_the_unigram_entropy_is_a_bound_not_a_predicti
     fitted = presented_loss(law_loss=4.0, band_loss=9.0, laws=(EPOCH_2024,), vocab_size=6720, unigram_entropy=6.4,
                             fit_band=(3.7, 7.0))
     assert fitted.basis == "calibrated" and fitted.band == (3.7, 6.4) and fitted.loss == 4.0
+
+
+# --- calibrations kept with the data; what a plan presents ------------------------------------------------
+def _plan(cache, **kw):
+    from oneday.planner.make import make_plan
+
+    return make_plan(**{**dict(hours=1 / 60, data="builtin:pydoc", vocab_size=512, device="cpu", probe_seconds=2.0,
+                               cache_dir=cache, command="test"), **kw})
+
+
+def _payload(law, points):
+    return {"format_version": 1, "name": "pydoc-fit", "E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha,
+            "beta": law.beta, "source": "synthetic runs", "points": [list(p) for p in points]}
+
+
+def test_a_kept_calibration_is_offered_and_dropped_when_the_data_changes(tmp_path):
+    import shutil
+
+    from oneday.planner.calibration import cached_calibration, save_cached_calibration
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    meta = {"key": "k1", "vocab_size": 512, "xxh3_64": {"train.bin": "aaaa", "val.bin": "bbbb"}}
+    (entry / "meta.json").write_text(json.dumps(meta))
+    truth = _truth()
+    points = [(n, d, truth.loss(n, d)) for n, d in _grid()]
+    assert cached_calibration(entry) is None  # nothing kept yet
+    assert save_cached_calibration(entry, _payload(truth, points)) == entry / "calibration.json"
+    kept = cached_calibration(entry)
+    assert kept is not None and kept.law.E == truth.E and kept.points == tuple(points)
+    # the token files were prepared again with other bytes: the fit belongs to other data
+    (entry / "meta.json").write_text(json.dumps({**meta, "xxh3_64": {"train.bin": "cccc", "val.bin": "bbbb"}}))
+    assert cached_calibration(entry) is None
+    # another corpus or tokenizer is another key: its entry has no calibration, even a copied one
+    other = tmp_path / "other"
+    shutil.copytree(entry, other)
+    (other / "meta.json").write_text(json.dumps({**meta, "key": "k2"}))
+    assert cached_calibration(other) is None
+    # a read-only cache is a warning, not a failure
+    ro = tmp_path / "missing" / "entry"
+    assert save_cached_calibration(ro, _payload(truth, points)) is None
+
+
+def test_a_plan_reuses_the_calibration_kept_with_its_data(tmp_path):
+    from oneday.data.prepare import prepare_data
+    from oneday.planner.calibration import save_cached_calibration
+
+    cache = tmp_path / "cache"
+    prepared = prepare_data("builtin:pydoc", vocab_size=512, cache_dir=cache)
+    law = _truth().calibrated(E=2.0, A=20.0, B=150.0, source="synthetic")  # below the unigram entropy at this scale
+    points = [(n, d, law.loss(n, d) + 0.01 * (-1) ** i) for i, (n, d) in enumerate(_grid())]
+    save_cached_calibration(prepared.directory, _payload(law, points))
+    plan = _plan(cache)
+    p = plan.prediction
+    assert p.calibrated and p.basis == "calibrated" and p.law == "pydoc-fit"
+    low, high = p.loss_band
+    assert low < p.loss < high and high - low < 2.0  # the fit's band, not the published laws' spread
+    assert any(r.startswith("Loss law calibrated on this data (6 runs") for r in plan.reasons)
+    assert any(r.startswith("Calibrated band") for r in plan.reasons)
+
+
+def test_the_tiny_builtin_plan_presents_no_figure_above_ln_v(tmp_path):
+    from oneday.planner.explain import summary_lines
+
+    plan = _plan(tmp_path / "cache")
+    p = plan.prediction
+    ln_v = math.log(plan.data.vocab_size)
+    assert p.law_loss > ln_v  # the published law at this scale: far above a uniform guess
+    assert p.basis == "bound" and p.loss <= ln_v and not p.calibrated
+    low, high = p.loss_band
+    assert 0 < low < high == p.loss <= ln_v
+    text = " ".join(f"{k} {v}" for k, v in summary_lines(plan))
+    assert f"below {p.loss:.3f}" in text and "not calibrated" in text
+    assert any(r.startswith("Uncalibrated: the published law predicts") for r in plan.reasons)
