@@ -222,3 +222,14 @@ def test_the_tiny_builtin_plan_presents_no_figure_above_ln_v(tmp_path):
     text = " ".join(f"{k} {v}" for k, v in summary_lines(plan))
     assert f"below {p.loss:.3f}" in text and "not calibrated" in text
     assert any(r.startswith("Uncalibrated: the published law predicts") for r in plan.reasons)
+
+
+def test_the_planned_vs_achieved_table_shows_a_bound_as_a_bound(tmp_path):
+    from oneday.runner.summary import load_summary
+    from tests.test_tracking import _summary
+
+    bound = _summary(predicted_loss=6.405, predicted_loss_band=(1.69, 6.405), predicted_basis="bound")
+    assert bound.predicted_loss_text() == "< 6.405 (1.690–6.405)"
+    assert _summary().predicted_loss_text() == "5.000 (4.800–5.300)"
+    (tmp_path / "summary.json").write_text(bound.to_json())
+    assert load_summary(tmp_path).predicted_basis == "bound"
