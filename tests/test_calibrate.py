@@ -233,3 +233,23 @@ def test_the_planned_vs_achieved_table_shows_a_bound_as_a_bound(tmp_path):
     assert _summary().predicted_loss_text() == "5.000 (4.800–5.300)"
     (tmp_path / "summary.json").write_text(bound.to_json())
     assert load_summary(tmp_path).predicted_basis == "bound"
+
+
+def test_calibration_runs_are_the_plans_recipe_at_smaller_sizes(prepared):
+    from oneday.planner.decide import batch_and_lr
+    from oneday.studies.calibrate import recipe_runs
+
+    plan = tiny_plan(prepared, d_model=64, n_head=4, budget_seconds=3600.0)
+    runs = recipe_runs(plan, [16, 32])
+    assert [r.model.d_model for r in runs] == [16, 16, 32, 32]
+    for r in runs:
+        # the run's own parametrization (not a μP proxy), and the planner's batch and LR rule for its N and D
+        assert r.model.parametrization == plan.model.parametrization
+        assert (r.model.n_layer, r.model.head_dim, r.model.seq_len) == (
+            plan.model.n_layer, plan.model.head_dim, plan.model.seq_len)
+        assert r.recipe == batch_and_lr(spec=r.model, tokens=float(r.tokens), max_micro_batch=plan.train.micro_batch)
+        train = r.params().apply(plan.train)
+        assert (train.lr, train.beta2, train.warmup_fraction) == (r.recipe.lr, r.recipe.beta2,
+                                                                  r.recipe.warmup_fraction)
+        assert train.cooldown_shape == plan.train.cooldown_shape
+    assert runs[1].tokens >= 3.9 * runs[0].tokens
