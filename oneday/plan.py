@@ -262,6 +262,9 @@ class Provenance:
     # Filled by `oneday tune`: study name, storage, trials, best value, corrections applied.
     tuning: dict[str, Any] | None = None
     calibration: str | None = None
+    calibration_seconds: float = 0.0
+    """Seconds `oneday plan` spent calibrating on its own (its first probe and the calibration runs), part of
+    the budget."""
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ class Plan:
 
     def budget_seconds(self) -> float:
         """The budget the user asked for: the run's budget plus the planner's probe time."""
-        return self.train.budget_seconds + self.provenance.probe_seconds
+        return self.train.budget_seconds + self.provenance.probe_seconds + self.provenance.calibration_seconds
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))

@@ -103,6 +103,7 @@ def make_plan(
     command: str = "",
     clock: Callable[[], float] = time.monotonic,
     progress: Progress | None = None,
+    auto_calibrate: bool = True,
 ) -> Plan:
     """Measure this machine and decide what to train in `hours` of wall-clock on `data` (module docstring).
 
@@ -266,7 +267,51 @@ def make_plan(
     )
     log.info("plan %s: %s, %s tokens, predicted loss %.3f (%s)", plan.name, chosen.label(),
              human_count(chosen.tokens), shown.loss, shown.basis)
+    if auto_calibrate and calibration is None and reused is None and budget_seconds >= AUTO_CALIBRATION_MIN_SECONDS:
+        again = dict(data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, device=device,
+                     seq_len=seq_len, name=name or plan.name, probe_seconds=probe_seconds, cache_dir=cache_dir,
+                     command=command, clock=clock, progress=progress)
+        return _self_calibrated(plan, budget_seconds=budget_seconds, again=again, clock=clock)
     return plan
+
+
+AUTO_CALIBRATION_MIN_SECONDS = 3600.0
+"""`oneday plan` calibrates on its own from a 1 h budget, where `AUTO_CALIBRATION_SHARE` buys enough runs."""
+AUTO_CALIBRATION_SHARE = 0.05
+"""What calibrating on its own may cost, the first probe included, as a share of the budget."""
+AUTO_CALIBRATION_MIN_RUN_SECONDS = 60.0
+
+
+def _self_calibrated(first: Plan, *, budget_seconds: float, again: dict[str, Any], clock: Callable[[], float]
+                     ) -> Plan:
+    """Calibrate on `first` (the plan's recipe at smaller sizes, `studies.calibrate`) within `AUTO_CALIBRATION_SHARE`
+    of the budget less the probe already spent, keep the fit with the data, and plan again with the rest of the
+    budget: the second plan finds the kept fit. `first`, with a reason, when the share buys too little."""
+    import tempfile
+
+    from oneday.plan import save_plan
+    from oneday.studies.calibrate import calibrate_plan
+
+    spent = first.provenance.probe_seconds
+    allowed = AUTO_CALIBRATION_SHARE * budget_seconds - spent
+    if allowed < AUTO_CALIBRATION_MIN_RUN_SECONDS:
+        note = (f"Not calibrated: {AUTO_CALIBRATION_SHARE:.0%} of the budget less the probe leaves {allowed:.0f} s "
+                "for calibration runs; `oneday tune plan.json --calibrate` fits the law to this data.")
+        return replace(first, reasons=(*first.reasons, note))
+    with tempfile.TemporaryDirectory(prefix="oneday-calibrate-") as tmp:
+        path = save_plan(first, Path(tmp) / "plan.json")
+        try:
+            result = calibrate_plan(path, hours=allowed / 3600.0, out=Path(tmp) / "calibration.json", clock=clock,
+                                    track=False)
+        except UserError as exc:
+            return replace(first, reasons=(*first.reasons, f"Not calibrated: {exc}."))
+    spent += result.seconds
+    plan = make_plan(hours=(budget_seconds - spent) / 3600.0, calibration=None, auto_calibrate=False, **again)
+    note = (f"Calibrated on its own: {len(result.runs)} runs of this plan's recipe at smaller sizes in "
+            f"{result.seconds:.0f} s, {spent:.0f} s with the first probe ({spent / budget_seconds:.1%} of the "
+            "budget, counted against it); later plans on this data reuse the fit.")
+    return replace(plan, provenance=replace(plan.provenance, calibration_seconds=round(spent, 3)),
+                   reasons=(*plan.reasons, note))
 
 
 UNIGRAM_SAMPLE_TOKENS = 2**25

@@ -160,8 +160,10 @@ def calibrate_plan(
     tracking_uri: str | None = None,
     on_run: Callable[[CalibrationRun], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    track: bool = True,
 ) -> CalibrationResult:
-    """Run the calibration (module docstring) and write the calibration file (default `<plan>.calibration.json`)."""
+    """Run the calibration (module docstring) and write the calibration file (default `<plan>.calibration.json`);
+    `track` False logs nothing to MLflow (`oneday plan` calibrating on its own writes only where it was told)."""
 
     started = clock()
     if hours is not None and not (hours > 0 and math.isfinite(hours)):
@@ -203,7 +205,7 @@ def calibrate_plan(
     cap = capped_loss(plan.model.vocab_size)
     plan_point = (float(plan.model.params_scaling()), float(plan.train.planned_tokens))
     runs: list[CalibrationRun] = []
-    tracker_run = _start_tracking(plan, tracking_uri=tracking_uri)
+    tracker_run = _start_tracking(plan, tracking_uri=tracking_uri) if track else None
     entropy = _data_entropy(plan)
     fit: LawFit | None = None
     for i, spec in enumerate(recipe_runs(plan, widths)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -253,3 +254,52 @@ def test_calibration_runs_are_the_plans_recipe_at_smaller_sizes(prepared):
                                                                   r.recipe.warmup_fraction)
         assert train.cooldown_shape == plan.train.cooldown_shape
     assert runs[1].tokens >= 3.9 * runs[0].tokens
+
+
+# --- `oneday plan` calibrating on its own ------------------------------------------------------------------
+def _simulated_cpu_plan(monkeypatch, hours: float, calls: list):
+    from types import SimpleNamespace
+
+    import oneday.planner.make as make
+    import oneday.studies.calibrate as calibrate
+    from oneday.planner.calibration import CachedCalibration
+    from tests.simulated_device import SimulatedCpu
+    from tests.test_make_plan import _simulate
+
+    cpu = SimulatedCpu(tokens_per_s=lambda spec: 3e9 / spec.flops_per_token())
+    _simulate(monkeypatch, cpu, name="cpu", train_tokens=10**9)
+    monkeypatch.setattr(make, "AUTO_CALIBRATION_MIN_SECONDS", 3600.0)
+    law = _truth().calibrated(E=2.0, A=20.0, B=150.0, source="synthetic")
+    points = tuple((n, d, law.loss(n, d) + 0.01 * (-1) ** i) for i, (n, d) in enumerate(_grid()))
+    kept: list = []
+
+    def fake_calibrate(path, *, hours, out, clock, track):  # the runs, simulated: 100 s on the clock
+        calls.append((hours, track))
+        cpu.clock.advance(100.0)
+        kept.append(CachedCalibration(law=law, points=points, path=Path("/nonexistent/calibration.json")))
+        return SimpleNamespace(runs=(0,) * 6, seconds=100.0)
+
+    monkeypatch.setattr(calibrate, "calibrate_plan", fake_calibrate)
+    monkeypatch.setattr(make, "cached_calibration", lambda directory: kept[-1] if kept else None)
+    return make.make_plan(hours=hours, data="simulated", vocab_size=8192, device="cpu", clock=cpu.clock)
+
+
+def test_a_long_plan_calibrates_on_its_own_within_5_percent(monkeypatch):
+    calls: list = []
+    plan = _simulated_cpu_plan(monkeypatch, 2.0, calls)  # at 1 h the CPU's probe (136 s) leaves too little of 5%
+    assert len(calls) == 1 and calls[0][1] is False  # once, and nothing logged to an MLflow store nobody named
+    spent = plan.provenance.calibration_seconds
+    assert calls[0][0] * 3600 <= 0.05 * 7200 and 100.0 < spent <= 0.05 * 7200
+    assert plan.budget_seconds() == pytest.approx(7200.0, abs=1.0)  # the calibration counted against the budget
+    p = plan.prediction
+    assert p.calibrated and p.basis == "calibrated" and p.loss_band[0] < p.loss < p.loss_band[1]
+    assert any(r.startswith("Calibrated on its own: 6 runs") for r in plan.reasons)
+    assert plan.name.startswith("simulated-2h-")
+
+
+def test_a_short_plan_does_not_calibrate(monkeypatch):
+    calls: list = []
+    plan = _simulated_cpu_plan(monkeypatch, 0.5, calls)
+    assert calls == [] and plan.provenance.calibration_seconds == 0.0 and not plan.prediction.calibrated
+    hour = _simulated_cpu_plan(monkeypatch, 1.0, calls)  # long enough, but 5% less the probe buys too little
+    assert calls == [] and any(r.startswith("Not calibrated: 5% of the budget") for r in hour.reasons)
