@@ -263,6 +263,13 @@ def choose(
         f"{c.tokens_per_param():.3g} tokens per parameter; predicted loss {c.predicted_loss:.3f} "
         f"({law.name}), {c.band_loss:.3f} under {band_law.name}.",
     ]
+    uniform = math.log(c.spec.vocab_size)
+    if c.predicted_loss > uniform:  # the law's figure ranks the shapes; as a loss it is outside the law's range
+        reasons[0] = reasons[0].replace(
+            f"predicted loss {c.predicted_loss:.3f} ({law.name}), {c.band_loss:.3f} under {band_law.name}.",
+            f"the law's loss {c.predicted_loss:.3f} ({law.name}; {c.band_loss:.3f} under {band_law.name}) ranks the "
+            f"shapes, but is above ln(vocab) = {uniform:.2f}: not a prediction at this scale (see below).",
+        )
     if chosen_i != best_i:
         b = rows[best_i]
         reasons.append(

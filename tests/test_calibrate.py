@@ -223,6 +223,7 @@ def test_the_tiny_builtin_plan_presents_no_figure_above_ln_v(tmp_path):
     text = " ".join(f"{k} {v}" for k, v in summary_lines(plan))
     assert f"below {p.loss:.3f}" in text and "not calibrated" in text
     assert any(r.startswith("Uncalibrated: the published law predicts") for r in plan.reasons)
+    assert "not a prediction at this scale" in plan.reasons[0] and "predicted loss" not in plan.reasons[0]
 
 
 def test_the_planned_vs_achieved_table_shows_a_bound_as_a_bound(tmp_path):
