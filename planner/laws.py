@@ -287,7 +287,7 @@ def effective_tokens(total_tokens: float, unique_tokens: float, r_star: float = 
 MUENNIGHOFF_MIN_UNIQUE_TOKENS = 1e8
 """The smallest unique-data budget behind Muennighoff et al. 2023's eq. 5 fit (100M unique tokens, their
 figure 3; the fit spans 100M to 9B+ unique tokens and 10M to 9B parameters). Below it the excess-parameter
-decay was never observed, and the law's U_N extrapolates to models no fit has seen (U_N = 30k parameters at
+decay was never observed, and the law's U_N extrapolates to models no fit has seen (U_N = 26k parameters at
 1M tokens): on the built-in corpus it priced a 2×64 model at a loss of 34, ten times what it reaches."""
 
 

@@ -424,7 +424,7 @@ def test_a_simulated_h200_day_on_100m_tokens_chooses_near_the_law_minimum() -> N
 
 
 def test_a_tiny_corpus_keeps_small_models_undiscounted(cands) -> None:
-    # The built-in corpus (~1M unique tokens): unbounded, U_N was ~30k parameters and a 2×64 model predicted a
+    # The built-in corpus (~1M unique tokens): unbounded, U_N was ~26k parameters and a 2×64 model predicted a
     # loss of 34. U_N is now bounded to the law's fitted range, so models below it are worth what they are.
     tiny = candidate_shapes(vocab_size=8192, seq_len=256, min_params=1e5, max_params=3e6)
     tm = fit_throughput([_measure(s, micro_batch=4) for s in tiny], peak_flops=PEAK)

@@ -217,7 +217,7 @@ def test_supported_params_is_bounded_to_the_fitted_range() -> None:
     floor = EPOCH_2024.data_optimal_params(MUENNIGHOFF_MIN_UNIQUE_TOKENS)
     for u in (1e3, 1e6, 5e7):
         assert supported_params(u, law=EPOCH_2024) == floor
-    # a 2×64-sized model on a 1M-token corpus is worth what it is; the unbounded U_N (~30k) would discount it
+    # a 2×64-sized model on a 1M-token corpus is worth what it is; the unbounded U_N (~26k) would discount it
     assert EPOCH_2024.data_optimal_params(1e6) < 1e5
     assert effective_params(4e5, 1e6, law=EPOCH_2024) == 4e5
     assert data_constrained_loss(EPOCH_2024, params=4e5, tokens=3e7, unique_tokens=1e6) == EPOCH_2024.loss(
