@@ -225,6 +225,12 @@ class Prediction:
     data_parallel_efficiency: float = 1.0
     """Per-GPU throughput on `hardware.count` GPUs as a share of one GPU's (assumed unless measured; see the
     reasons); `tokens_per_s` is the aggregate."""
+    basis: str = "law"
+    """What `loss` is: "law" (a published law's prediction), "calibrated" (a law fitted on this data; the band
+    is the fit's uncertainty) or "bound" (the published law predicted more than the unigram entropy of the
+    data, where it does not hold: `loss` is then that upper bound, not a prediction; `law_loss` keeps the law's)."""
+    law_loss: float = 0.0
+    """The law's own figure before any bound (equal to `loss` unless `basis` is "bound")."""
 
     def __post_init__(self) -> None:
         _require(self.tokens_per_s > 0, "prediction.tokens_per_s", f"must be > 0, got {self.tokens_per_s}")
@@ -233,6 +239,8 @@ class Prediction:
         _require(len(self.loss_band) == 2, "prediction.loss_band", "must hold two numbers")
         efficiency = self.data_parallel_efficiency
         _require(0 < efficiency <= 1, "prediction.data_parallel_efficiency", f"must be in (0, 1], got {efficiency}")
+        _require(self.basis in ("law", "calibrated", "bound"), "prediction.basis",
+                 f"must be law, calibrated or bound, got {self.basis!r}")
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,9 @@ class Provenance:
     calibration: str | None = None
     # Filled by `oneday plan --what-if`: the hardware planned for (not probed) and what was assumed about it.
     what_if: dict[str, Any] | None = None
+    calibration_seconds: float = 0.0
+    """Seconds `oneday plan` spent calibrating on its own (its first probe and the calibration runs), part of
+    the budget."""
 
 
 @dataclass(frozen=True)
@@ -304,7 +315,7 @@ class Plan:
 
     def budget_seconds(self) -> float:
         """The budget the user asked for: the run's budget plus the planner's probe time."""
-        return self.train.budget_seconds + self.provenance.probe_seconds
+        return self.train.budget_seconds + self.provenance.probe_seconds + self.provenance.calibration_seconds
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))

@@ -10,8 +10,8 @@ The method ("hours, not FLOPs"; docs/design.md, Planning rules):
 1. `ladder.candidate_shapes` enumerates a ladder of sensible shapes between two sizes;
 2. `throughput.fit_throughput` models tokens/s across sizes from the measured ones;
 3. `choose` turns seconds into tokens per candidate, D(N) = tok/s(N) × seconds, discounts repeated
-   data (Muennighoff et al. 2023), predicts the loss L(N, D') with the default law and the band law,
-   and picks the minimum — among near-ties the faster shape;
+   data and the parameters the data cannot feed (Muennighoff et al. 2023), predicts the loss L(N', D')
+   with the default law and the band law, and picks the minimum — among near-ties the faster shape;
 4. `batch_and_lr` sets the batch, LR, β₂, warmup and cooldown for the chosen shape.
 """
 
@@ -27,11 +27,16 @@ from oneday.models.spec import ModelSpec
 from oneday.planner.laws import (
     EPOCH_2024,
     HOFFMANN_2022,
+    NEGLIGIBLE_REPETITION_EPOCHS,
+    VANISHING_RETURN_EPOCHS,
     LossLaw,
+    data_constrained_loss,
     deepseek_batch_tokens,
     deepseek_lr,
+    effective_params,
     effective_tokens,
     epochs,
+    supported_params,
 )
 from oneday.planner.throughput import Measurement, ThroughputModel
 
@@ -111,12 +116,15 @@ class CandidateResult:
     tokens: float
     epochs: float
     effective_tokens: float
+    effective_params: float
+    """What N is worth on this data under the default law (`laws.effective_params`): N unless the model is
+    larger than the unique tokens support."""
     predicted_loss: float
-    """Loss under the default law at the effective (repetition-discounted) tokens."""
+    """Loss under the default law at the effective parameters and tokens (`laws.data_constrained_loss`)."""
     band_loss: float
     """The same under the band (second-opinion) law."""
     fresh_loss: float
-    """Loss under the default law if all `tokens` were fresh data."""
+    """Loss under the default law if all `tokens` were fresh data (and the data no limit on N)."""
     chosen: bool = False
 
     def params(self) -> int:
@@ -127,7 +135,7 @@ class CandidateResult:
         return self.tokens / self.params()
 
     def repetition_cost(self) -> float:
-        """Predicted loss lost to repeating data: loss(N, D_eff) − loss(N, D)."""
+        """Predicted loss lost to the data's size: loss(N', D') − loss(N, D) (repeated tokens, excess parameters)."""
         return self.predicted_loss - self.fresh_loss
 
     def label(self) -> str:
@@ -167,21 +175,25 @@ def choose(
     law: LossLaw = EPOCH_2024,
     band_law: LossLaw = HOFFMANN_2022,
     tie_tolerance: float = 0.005,
-    max_good_epochs: float = 4.0,
+    max_good_epochs: float = NEGLIGIBLE_REPETITION_EPOCHS,
 ) -> Decision:
     """Pick the shape that minimizes predicted loss in `train_seconds` (docs/design.md, Planning rules).
 
-    For each candidate: D = tok/s × train_seconds; D' = Muennighoff effective tokens given the unique
-    tokens; loss = law.loss(N, D') and band = band_law.loss(N, D'). Candidates that do not fit in
-    `memory_limit_bytes` are skipped: measured ones fit by definition (their micro-batch ran); for the
-    others the largest micro-batch (≤ the largest measured) whose `estimate_memory_bytes` (activations
-    at `activation_bytes` per value, corrected by the measured/estimated ratio) stays within
-    `SAFE_MEMORY_FRACTION` of the limit (`safe_micro_batch`: what the estimate leaves out).
+    For each candidate: D = tok/s × train_seconds; D' and N' = Muennighoff et al. 2023's effective tokens
+    and parameters given the unique tokens (eq. 5; N' = N unless the model is larger than the data
+    supports); loss = law.loss(N', D') and band = band_law.loss(N', D'), each law with its own N'
+    (`laws.data_constrained_loss`). Candidates that do not fit in `memory_limit_bytes` are skipped:
+    measured ones fit by definition (their micro-batch ran); for the others the largest micro-batch (≤ the
+    largest measured) whose `estimate_memory_bytes` (activations at `activation_bytes` per value, corrected
+    by the measured/estimated ratio) stays within `SAFE_MEMORY_FRACTION` of the limit (`safe_micro_batch`:
+    what the estimate leaves out).
 
     The isoFLOP valley is flat (Hoffmann et al. 2022, fig. 3), so among near-ties — within
     `tie_tolerance` (relative, 0.5%) of the best loss — the fastest shape (highest tok/s, the smaller
     one) wins: the same predicted loss sooner, and cheaper to tune. Reasons say why, and say when the
-    data runs short (more than `max_good_epochs` epochs) and what that costs: loss(N, D') − loss(N, D).
+    data runs short (more than `max_good_epochs` epochs) and what that costs: loss(N', D') − loss(N, D);
+    past `laws.VANISHING_RETURN_EPOCHS` a warning leads, with what more unique data would buy
+    (`_data_reasons`).
     """
     if not train_seconds > 0:
         raise UserError(f"training seconds must be positive, got {train_seconds:.3g}")
@@ -210,6 +222,7 @@ def choose(
         n = spec.params_scaling()
         tokens = tps * train_seconds
         d_eff = effective_tokens(tokens, unique_tokens)
+        n_eff = effective_params(n, unique_tokens, law=law)
         rows.append(
             CandidateResult(
                 spec=spec,
@@ -222,8 +235,9 @@ def choose(
                 tokens=tokens,
                 epochs=epochs(tokens, unique_tokens),
                 effective_tokens=d_eff,
-                predicted_loss=law.loss(n, d_eff),
-                band_loss=band_law.loss(n, d_eff),
+                effective_params=n_eff,
+                predicted_loss=law.loss(n_eff, d_eff),
+                band_loss=data_constrained_loss(band_law, params=n, tokens=tokens, unique_tokens=unique_tokens),
                 fresh_loss=law.loss(n, tokens),
             )
         )
@@ -249,6 +263,13 @@ def choose(
         f"{c.tokens_per_param():.3g} tokens per parameter; predicted loss {c.predicted_loss:.3f} "
         f"({law.name}), {c.band_loss:.3f} under {band_law.name}.",
     ]
+    uniform = math.log(c.spec.vocab_size)
+    if c.predicted_loss > uniform:  # the law's figure ranks the shapes; as a loss it is outside the law's range
+        reasons[0] = reasons[0].replace(
+            f"predicted loss {c.predicted_loss:.3f} ({law.name}), {c.band_loss:.3f} under {band_law.name}.",
+            f"the law's loss {c.predicted_loss:.3f} ({law.name}; {c.band_loss:.3f} under {band_law.name}) ranks the "
+            f"shapes, but is above ln(vocab) = {uniform:.2f}: not a prediction at this scale (see below).",
+        )
     if chosen_i != best_i:
         b = rows[best_i]
         reasons.append(
@@ -280,19 +301,11 @@ def choose(
             "smaller shapes (down to the smallest valid one) while the probe's time lasts; more --probe-seconds "
             "lets it measure further."
         )
-    if c.epochs > max_good_epochs:
-        reasons.append(
-            f"The data is too small for this budget: {human_count(c.tokens)} tokens are {c.epochs:.1f} epochs of "
-            f"the {human_count(unique_tokens)} unique tokens (more than {max_good_epochs:g}); repeated, they are "
-            f"worth {human_count(c.effective_tokens)} fresh tokens ({c.effective_tokens / c.tokens:.0%}), which "
-            f"costs {c.repetition_cost():+.3f} predicted loss against {human_count(c.tokens)} fresh tokens "
-            "(Muennighoff et al. 2023). More data would help."
-        )
-    elif c.epochs > 1.0:
-        reasons.append(
-            f"{c.epochs:.2f} epochs over the data: repetition costs {c.repetition_cost():+.3f} predicted loss "
-            "(up to ~4 epochs are worth almost as much as fresh data, Muennighoff et al. 2023)."
-        )
+    warning, notes = _data_reasons(
+        rows, chosen_i, unique_tokens=unique_tokens, law=law, max_good_epochs=max_good_epochs
+    )
+    reasons[1:1] = warning
+    reasons += notes
     return Decision(
         results=tuple(rows),
         chosen_index=chosen_i,
@@ -307,6 +320,58 @@ def choose(
 
 def _with_chosen(r: CandidateResult) -> CandidateResult:
     return replace(r, chosen=True)
+
+
+MORE_DATA_FACTOR = 4.0
+"""`_data_reasons` says what this many times the unique tokens would buy in the same time."""
+
+
+def _data_reasons(
+    rows: Sequence[CandidateResult], chosen_i: int, *, unique_tokens: float, law: LossLaw, max_good_epochs: float
+) -> tuple[list[str], list[str]]:
+    """(warning, notes) about the data's size for the chosen row: past `VANISHING_RETURN_EPOCHS` a warning
+    (to lead the reasons) with what `MORE_DATA_FACTOR`× the unique tokens would buy — the best predicted loss
+    over the same rows, each training the same tokens, under `laws.data_constrained_loss`; past
+    `max_good_epochs` a note with what repetition costs; past one epoch a short note."""
+    c = rows[chosen_i]
+    if c.epochs <= 1.0:
+        return [], []
+    share = c.effective_tokens / c.tokens
+    worth = f"repeated, they are worth {human_count(c.effective_tokens)} fresh tokens ({share:.0%})"
+    if c.effective_params < c.params():
+        worth += (
+            f", and the data supports about {human_count(supported_params(unique_tokens, law=law))} parameters, "
+            f"so the model's {human_count(c.params())} are worth {human_count(c.effective_params)}"
+        )
+    cost = f"this costs {c.repetition_cost():+.3f} predicted loss against fresh data (Muennighoff et al. 2023)"
+    if c.epochs <= max_good_epochs:
+        return [], [
+            f"{c.epochs:.2f} epochs over the data: repetition costs {c.repetition_cost():+.3f} predicted loss "
+            f"(up to ~{max_good_epochs:g} epochs are worth almost as much as fresh data, Muennighoff et al. 2023)."
+        ]
+    more = MORE_DATA_FACTOR * unique_tokens
+    losses_more = {
+        i: data_constrained_loss(law, params=r.params(), tokens=r.tokens, unique_tokens=more)
+        for i, r in enumerate(rows)
+        if r.fits_memory
+    }
+    best_more_i = min(losses_more, key=losses_more.__getitem__)
+    best_more, loss_more = rows[best_more_i], losses_more[best_more_i]
+    if c.epochs <= VANISHING_RETURN_EPOCHS:
+        return [], [
+            f"The data is too small for this budget: {human_count(c.tokens)} tokens are {c.epochs:.1f} epochs of "
+            f"the {human_count(unique_tokens)} unique tokens (more than {max_good_epochs:g}); {worth}; {cost}. "
+            f"More data would help: {MORE_DATA_FACTOR:g}× the unique tokens would predict {loss_more:.3f} "
+            f"({loss_more - c.predicted_loss:+.3f}) in the same time."
+        ]
+    return [
+        f"WARNING: the data is far too small for this budget: {human_count(c.tokens)} tokens are "
+        f"{c.epochs:.1f} epochs of the {human_count(unique_tokens)} unique tokens, past the ~"
+        f"{VANISHING_RETURN_EPOCHS:g} epochs where more passes stop paying; {worth}; {cost}. "
+        f"{MORE_DATA_FACTOR:g}× the unique tokens ({human_count(more)}) would predict {loss_more:.3f} "
+        f"({loss_more - c.predicted_loss:+.3f}) in the same time, with {best_more.label()} "
+        f"(N = {human_count(best_more.params())}). Add data before adding hours."
+    ], []
 
 
 # --------------------------------------------------------------------------------------------------

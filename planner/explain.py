@@ -87,11 +87,18 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
         f"of {human_count(d.train_tokens)} unique tokens",
     ))
     lo, hi = p.loss_band
-    lines.append((
-        "predicted loss",
-        f"{p.loss:.3f} (band {lo:.3f}–{hi:.3f}; {p.law}, band {p.band_law}"
-        f"{', calibrated' if p.calibrated else ', not calibrated to this data'})",
-    ))
+    if p.basis == "bound":  # the law's own figure is above what the data allows: no point prediction
+        lines.append((
+            "predicted loss",
+            f"below {p.loss:.3f}, band {lo:.3f}–{hi:.3f} (not calibrated: {p.law} says {p.law_loss:.3f}, above the "
+            "data's unigram entropy, where it does not hold)",
+        ))
+    else:
+        lines.append((
+            "predicted loss",
+            f"{p.loss:.3f} (band {lo:.3f}–{hi:.3f}; {p.law}, band {p.band_law}"
+            f"{', calibrated' if p.calibrated else ', not calibrated to this data'})",
+        ))
     probe = plan.provenance.probe_seconds
     evals = max(1, math.ceil(t.budget_seconds / t.eval_every_seconds))
     checkpoints = int(t.budget_seconds // t.checkpoint_every_seconds)

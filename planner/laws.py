@@ -1,5 +1,6 @@
 """Scaling rules the planner applies: loss as a function of N and D, compute-optimal sizes, batch and
-learning rate, learning-rate horizon correction, and the value of repeated data.
+learning rate, learning-rate horizon correction, and the value of repeated data and of parameters the data
+cannot feed.
 
 Pure Python: no torch, no clock, no I/O; every function is a formula with its source.
 
@@ -18,14 +19,22 @@ from oneday.errors import UserError
 __all__ = [
     "EPOCH_2024",
     "HOFFMANN_2022",
+    "MUENNIGHOFF_MIN_UNIQUE_TOKENS",
     "MUENNIGHOFF_R_STAR",
+    "MUENNIGHOFF_R_STAR_PARAMS",
+    "NEGLIGIBLE_REPETITION_EPOCHS",
+    "VANISHING_RETURN_EPOCHS",
     "LossLaw",
+    "data_constrained_loss",
     "deepseek_batch_tokens",
     "deepseek_lr",
+    "effective_params",
     "effective_tokens",
     "epochs",
     "fit_law_eab",
     "lr_horizon_correction",
+    "supported_params",
+    "unigram_entropy",
 ]
 
 
@@ -70,6 +79,18 @@ class LossLaw:
         g = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
         n_opt = g * (c_flops / 6.0) ** (b / (a + b))
         return n_opt, (c_flops / 6.0) / n_opt
+
+    def data_optimal_params(self, tokens: float) -> float:
+        """N whose compute-optimal token count is `tokens`: `compute_optimal` solved for N given D_opt.
+
+        From N_opt = G·(C/6)^(β/(α+β)) and D_opt = G⁻¹·(C/6)^(α/(α+β)): N = G·(D·G)^(β/α). Muennighoff et
+        al. 2023 (Scaling data-constrained language models, eq. 5; `D_to_N` in their code) take this as U_N,
+        the parameters the unique data supports: D/30 at 100M tokens, D/24 at 10B under the default law.
+        """
+        _positive("tokens", tokens)
+        a, b = self.alpha, self.beta
+        g = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
+        return g * (tokens * g) ** (b / a)
 
     def calibrated(self, *, E: float, A: float, B: float, source: str, name: str | None = None) -> LossLaw:
         """This law with E, A, B replaced (α, β kept): the result of a calibration fit (docs/design.md, Calibration)."""
@@ -223,7 +244,21 @@ def lr_horizon_correction(d_from: float, d_to: float) -> float:
 # Repeated data
 # --------------------------------------------------------------------------------------------------
 MUENNIGHOFF_R_STAR = 15.39
-"""R*_D of Muennighoff et al. 2023 (Scaling data-constrained language models, eq. 5 fit)."""
+"""R*_D of Muennighoff et al. 2023 (Scaling data-constrained language models, eq. 5 fit: 15.387)."""
+
+MUENNIGHOFF_R_STAR_PARAMS = 5.309
+"""R*_N of Muennighoff et al. 2023 (same fit): excess parameters lose value three times faster than
+repeated tokens."""
+
+NEGLIGIBLE_REPETITION_EPOCHS = 4.0
+"""Up to 4 epochs, repeated data is worth almost as much as fresh data (Muennighoff et al. 2023, abstract: "up to
+4 epochs of repeated data yields negligible changes to loss"; `effective_tokens` gives 93% at 4 epochs)."""
+
+VANISHING_RETURN_EPOCHS = 16.0
+"""Past ~16 epochs the returns from repeating vanish (Muennighoff et al. 2023: "the value of adding compute
+eventually decays to zero"; their eq. 5 fit puts the decay constant at R*_D ≈ 15.4 repetitions, i.e. 16 epochs):
+one more pass is worth e^(−R/R*_D) of fresh data, 37% at 16 epochs, 8% at 40, so more compute buys little and
+more unique data is what helps."""
 
 
 def epochs(total_tokens: float, unique_tokens: float) -> float:
@@ -247,3 +282,69 @@ def effective_tokens(total_tokens: float, unique_tokens: float, r_star: float = 
         return float(total_tokens)
     repeats = ep - 1.0
     return unique_tokens + unique_tokens * r_star * (1.0 - math.exp(-repeats / r_star))
+
+
+MUENNIGHOFF_MIN_UNIQUE_TOKENS = 1e8
+"""The smallest unique-data budget behind Muennighoff et al. 2023's eq. 5 fit (100M unique tokens, their
+figure 3; the fit spans 100M to 9B+ unique tokens and 10M to 9B parameters). Below it the excess-parameter
+decay was never observed, and the law's U_N extrapolates to models no fit has seen (U_N = 26k parameters at
+1M tokens): on the built-in corpus it priced a 2×64 model at a loss of 34, ten times what it reaches."""
+
+
+def supported_params(unique_tokens: float, *, law: LossLaw) -> float:
+    """U_N, the parameters the unique data supports, bounded to the range Muennighoff et al. 2023 fitted:
+    `law.data_optimal_params`(max(U_D, `MUENNIGHOFF_MIN_UNIQUE_TOKENS`)).
+
+    The bound only ever raises U_N, so it only ever removes discount: below 100M unique tokens a model no
+    larger than the 100M-token U_N (≈3.3M parameters under the default law) is worth what it is, and
+    larger ones decay from there. Unbounded, U_N shrinks with the data as D^(1+β/α)·… towards nothing, and
+    the discount then predicts losses far above ln V for models that train fine. From 100M unique tokens
+    up it is the paper's U_N unchanged."""
+    _positive("unique_tokens", unique_tokens)
+    return law.data_optimal_params(max(unique_tokens, MUENNIGHOFF_MIN_UNIQUE_TOKENS))
+
+
+def effective_params(
+    params: float, unique_tokens: float, *, law: LossLaw, r_star: float = MUENNIGHOFF_R_STAR_PARAMS
+) -> float:
+    """What `params` parameters are worth when the data has only `unique_tokens` unique tokens.
+
+    N' = U_N + U_N·R*_N·(1 − e^(−R_N/R*_N)), U_N = min(N, `supported_params`(U_D)),
+    R_N = N/U_N − 1 (Muennighoff et al. 2023, eq. 5, R*_N = 5.309): parameters beyond those the unique
+    data supports are "excess" and decay in value like repeated tokens, faster. N' never exceeds
+    U_N·(1 + R*_N). U_D here is the corpus's unique tokens, so N' = N exactly whenever N ≤ U_N: on a corpus
+    large enough for the model the plain law holds, whatever the tokens trained. (The paper's U_D is the
+    unique tokens a run sees, the same thing once a run repeats data; below one epoch its reading would
+    discount every shape larger than compute-optimal even on unlimited data, which the plain law already
+    prices through A/N^α.) U_N is bounded to the fit's range (`supported_params`): below 100M unique tokens
+    the paper has no evidence, and the unbounded U_N predicts absurd losses for tiny corpora.
+    """
+    _positive("params", params)
+    _positive("r_star", r_star)
+    unique_params = supported_params(unique_tokens, law=law)
+    if params <= unique_params:
+        return float(params)
+    excess = params / unique_params - 1.0
+    return unique_params + unique_params * r_star * (1.0 - math.exp(-excess / r_star))
+
+
+def data_constrained_loss(law: LossLaw, *, params: float, tokens: float, unique_tokens: float) -> float:
+    """L(N', D') with both of Muennighoff et al. 2023's discounts (eq. 5): `effective_params` for N and
+    `effective_tokens` for D, under `law`'s E, A, B, α, β. Equals `law.loss(N, D)` when the data neither
+    repeats nor is too small for the model."""
+    return law.loss(effective_params(params, unique_tokens, law=law), effective_tokens(tokens, unique_tokens))
+
+
+# --------------------------------------------------------------------------------------------------
+# What any model trained on this data should beat
+# --------------------------------------------------------------------------------------------------
+def unigram_entropy(counts: Sequence[int]) -> float:
+    """H = −Σ p_i·ln p_i (nats per token) of the token frequencies `counts` (Shannon 1948).
+
+    The cross-entropy of the best context-free predictor, the token frequencies themselves: a language model
+    learns them within its first few hundred steps, so its validation loss should end below H (and H ≤ ln V,
+    the uniform guess). A published law that predicts more than H on this data is outside its range."""
+    total = float(sum(counts))
+    if not total > 0:
+        raise ValueError("unigram_entropy needs at least one counted token")
+    return -sum(c / total * math.log(c / total) for c in counts if c > 0)

@@ -50,10 +50,17 @@ from oneday.plan import (
     plan_name_problem,
 )
 from oneday.planner.budget import KEEP_CHECKPOINTS, Reserve
-from oneday.planner.calibration import load_calibration
+from oneday.planner.calibration import (
+    LawFit,
+    cached_calibration,
+    calibration_points,
+    fit_law,
+    load_calibration,
+    presented_loss,
+)
 from oneday.planner.decide import CandidateResult
 from oneday.planner.ladder import candidate_shapes
-from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw
+from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw, unigram_entropy
 from oneday.planner.policy import (
     Setup,
     candidate_range,
@@ -98,6 +105,7 @@ def make_plan(
     gpus: int = 1,
     clock: Callable[[], float] = time.monotonic,
     progress: Progress | None = None,
+    auto_calibrate: bool = True,
 ) -> Plan:
     """Measure this machine and decide what to train in `hours` of wall-clock on `data` (module docstring).
 
@@ -133,8 +141,15 @@ def make_plan(
         data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, cache_dir=cache_dir,
         progress=progress,
     )
-    return plan_for(hardware=hw, data=prepared, throughput=MeasuredThroughput(clock=clock, progress=progress),
+    plan = plan_for(hardware=hw, data=prepared, throughput=MeasuredThroughput(clock=clock, progress=progress),
                     request=request)
+    if (auto_calibrate and calibration is None and not plan.prediction.calibrated
+            and request.budget_seconds >= AUTO_CALIBRATION_MIN_SECONDS):
+        again = dict(data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, device=device,
+                     seq_len=seq_len, name=name or plan.name, probe_seconds=probe_seconds, cache_dir=cache_dir,
+                     command=command, gpus=gpus, clock=clock, progress=progress)
+        return _self_calibrated(plan, budget_seconds=request.budget_seconds, again=again, clock=clock)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -262,6 +277,10 @@ def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request:
     setup, floor = fixed_costs(hw, request)
     seq, seq_reason = sequence_length(request.seq_len, device=setup.device, budget_seconds=budget_seconds,
                                       data=prepared)
+    # what any trained model should beat, and a calibration kept with this data (planner/calibration.py)
+    entropy = _unigram_entropy(prepared)
+    law, fit, reused = _calibrated_law(law, calibration=calibration, data_dir=getattr(prepared, "directory", None),
+                                       entropy=entropy)
     choice = throughput.choose(hw, setup=setup, prepared=prepared, seq=seq, request=request, floor=floor, law=law,
                                band_law=band_law)
     setup, settled, peak = choice.setup, choice.settled, choice.peak
@@ -303,23 +322,31 @@ def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request:
         seed=0,
     )
     mfu = chosen.mfu
+    shown = presented_loss(
+        law_loss=chosen.predicted_loss, band_loss=chosen.band_loss, laws=(law, band_law),
+        vocab_size=prepared.vocab_size, unigram_entropy=entropy,
+        fit_band=fit.loss_band(chosen.effective_params, chosen.effective_tokens) if fit is not None else None,
+    )
     prediction = Prediction(
         tokens_per_s=chosen.tokens_per_s,
         mfu=min(mfu, 1.5),
         tokens=max(1, int(chosen.tokens)),
-        loss=chosen.predicted_loss,
-        loss_band=decision.loss_band(),
+        loss=shown.loss,
+        loss_band=shown.band,
         law=law.name,
         band_law=band_law.name,
         epochs=chosen.epochs,
         effective_tokens=chosen.effective_tokens,
-        calibrated=calibration is not None,
+        calibrated=calibration is not None or reused is not None,
         data_parallel_efficiency=choice.dp_efficiency,
+        basis=shown.basis,
+        law_loss=chosen.predicted_loss,
     )
     plan_reasons = reasons(
         decision=decision, bl=bl, probe=probe, ladder=ladder, reserve=reserve, cadence=cadence, setup=setup,
-        seq_reason=seq_reason, law=law, calibration=calibration, mfu=mfu, budget_seconds=budget_seconds,
+        seq_reason=seq_reason, law=law, calibration=calibration or reused, mfu=mfu, budget_seconds=budget_seconds,
         gpu_count=hw.count if setup.device == "cuda" else 1, ranks=request.gpus, dp_efficiency=choice.dp_efficiency,
+        shown=shown, fit=fit,
     )
     # a what-if says so first; the real path's notes (CPU threads) follow the device's reasons
     plan_reasons = [*choice.notes, *plan_reasons] if choice.what_if else [*plan_reasons, *choice.notes]
@@ -352,9 +379,91 @@ def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request:
         candidates=tuple(_candidate(r) for r in decision.results),
         reasons=tuple(plan_reasons),
     )
-    log.info("plan %s: %s, %s tokens, predicted loss %.3f", plan.name, chosen.label(), human_count(chosen.tokens),
-             chosen.predicted_loss)
+    log.info("plan %s: %s, %s tokens, predicted loss %.3f (%s)", plan.name, chosen.label(),
+             human_count(chosen.tokens), shown.loss, shown.basis)
     return plan
+
+
+AUTO_CALIBRATION_MIN_SECONDS = 3600.0
+"""`oneday plan` calibrates on its own from a 1 h budget, where `AUTO_CALIBRATION_SHARE` buys enough runs."""
+AUTO_CALIBRATION_SHARE = 0.05
+"""What calibrating on its own may cost, the first probe included, as a share of the budget."""
+AUTO_CALIBRATION_MIN_RUN_SECONDS = 60.0
+
+
+def _self_calibrated(first: Plan, *, budget_seconds: float, again: dict[str, Any], clock: Callable[[], float]
+                     ) -> Plan:
+    """Calibrate on `first` (the plan's recipe at smaller sizes, `studies.calibrate`) within `AUTO_CALIBRATION_SHARE`
+    of the budget less the probe already spent, keep the fit with the data, and plan again with the rest of the
+    budget: the second plan finds the kept fit. `first`, with a reason, when the share buys too little."""
+    import tempfile
+
+    from oneday.plan import save_plan
+    from oneday.studies.calibrate import calibrate_plan
+
+    spent = first.provenance.probe_seconds
+    allowed = AUTO_CALIBRATION_SHARE * budget_seconds - spent
+    if allowed < AUTO_CALIBRATION_MIN_RUN_SECONDS:
+        note = (f"Not calibrated: {AUTO_CALIBRATION_SHARE:.0%} of the budget less the probe leaves {allowed:.0f} s "
+                "for calibration runs; `oneday tune plan.json --calibrate` fits the law to this data.")
+        return replace(first, reasons=(*first.reasons, note))
+    with tempfile.TemporaryDirectory(prefix="oneday-calibrate-") as tmp:
+        path = save_plan(first, Path(tmp) / "plan.json")
+        try:
+            result = calibrate_plan(path, hours=allowed / 3600.0, out=Path(tmp) / "calibration.json", clock=clock,
+                                    track=False)
+        except UserError as exc:
+            return replace(first, reasons=(*first.reasons, f"Not calibrated: {exc}."))
+    spent += result.seconds
+    plan = make_plan(hours=(budget_seconds - spent) / 3600.0, calibration=None, auto_calibrate=False, **again)
+    note = (f"Calibrated on its own: {len(result.runs)} runs of this plan's recipe at smaller sizes in "
+            f"{result.seconds:.0f} s, {spent:.0f} s with the first probe ({spent / budget_seconds:.1%} of the "
+            "budget, counted against it); later plans on this data reuse the fit.")
+    return replace(plan, provenance=replace(plan.provenance, calibration_seconds=round(spent, 3)),
+                   reasons=(*plan.reasons, note))
+
+
+UNIGRAM_SAMPLE_TOKENS = 2**25
+"""Tokens counted for the unigram entropy: all of a corpus up to 32M, else 32 evenly spaced slices of 1M."""
+
+
+def _unigram_entropy(prepared: Any) -> float | None:
+    """The training tokens' unigram entropy (`laws.unigram_entropy`), from their counts (numpy bincount over the
+    memory-mapped file: ~0.1 s per 10M tokens); None when the file cannot be read."""
+    import numpy as np
+
+    try:
+        tokens = prepared.train_array()
+        if len(tokens) > UNIGRAM_SAMPLE_TOKENS:
+            width = UNIGRAM_SAMPLE_TOKENS // 32
+            starts = np.linspace(0, len(tokens) - width, 32).astype(np.int64)
+            counts = sum(np.bincount(tokens[s:s + width], minlength=prepared.vocab_size) for s in starts)
+        else:
+            counts = np.bincount(tokens, minlength=prepared.vocab_size)
+        return unigram_entropy(counts.tolist())
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: a data object without token files
+        log.warning("data: token counts unavailable (%s); the loss is bounded by ln V only", exc)
+        return None
+
+
+def _calibrated_law(law: LossLaw, *, calibration: Any, data_dir: Path | None, entropy: float | None
+                    ) -> tuple[LossLaw, LawFit | None, str | None]:
+    """(law, fit, reused): a calibration file's points (or those kept with this data, when no file is given)
+    refitted with E bounded by the unigram entropy (`calibration.fit_law`), so the plan can show the fit's
+    band; the file's own law when it holds too few points. `reused` names a calibration found with the data."""
+    points: tuple[tuple[float, float, float], ...] = ()
+    reused = None
+    if calibration is not None:
+        points = calibration_points(calibration)
+    else:
+        cached = cached_calibration(data_dir) if data_dir is not None else None
+        if cached is None:
+            return law, None, None
+        law, points, reused = cached.law, cached.points, str(cached.path)
+    if len(points) < 3:
+        return law, None, reused
+    fit = fit_law(points, base=law, max_e=entropy)
+    return replace(fit.law, name=law.name, source=f"{law.source}; {fit.law.source}"), fit, reused
 
 
 def check_request(request: PlanRequest, *, device: str) -> None:

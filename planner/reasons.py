@@ -12,6 +12,7 @@ from typing import Any
 from oneday.formats import clock_text
 from oneday.models.spec import ModelSpec
 from oneday.planner.budget import Cadence, Reserve
+from oneday.planner.calibration import LawFit, Presented
 from oneday.planner.decide import BatchLR, Decision
 from oneday.planner.laws import LossLaw
 from oneday.planner.policy import COMPILE_MIN_SECONDS, Setup
@@ -39,6 +40,8 @@ def reasons(
     gpu_count: int,
     ranks: int = 1,
     dp_efficiency: float = 1.0,
+    shown: Presented | None = None,
+    fit: LawFit | None = None,
 ) -> list[str]:
     lines = list(decision.reasons)
     lines += bl.notes
@@ -91,27 +94,50 @@ def reasons(
             "them (data parallel under torchrun)."
         )
     lines.append(seq_reason)
-    if calibration is not None:
-        lines.append(f"Loss law calibrated on this kind of data: {law.name} ({law.source}).")
-    else:
-        lines.append(
-            "Predicted losses use published fits (Epoch AI 2024; band: Hoffmann et al. 2022) whose absolute "
-            "values belong to their data and tokenizer: the choice of size transfers, the loss needs calibration."
-        )
-    chosen = decision.chosen()
-    uniform = math.log(chosen.spec.vocab_size)
-    if chosen.predicted_loss > uniform:
-        lines.append(
-            f"The predicted loss ({chosen.predicted_loss:.2f}) is above ln(vocab) = {uniform:.2f}, the loss of a "
-            "uniform guess: the published laws are fitted on far larger models and data and do not hold at this "
-            "scale. Trust the choice of size less, and calibrate the law on short runs: "
-            "`oneday tune plan.json --calibrate`."
-        )
+    lines += _prediction_lines(decision, law=law, calibration=calibration, shown=shown, fit=fit)
     if mfu > 1.0:
         lines.append(
             f"The measured MFU ({mfu:.0%}) is above 100%: the CPU's peak was measured with a matmul while "
             "other work slowed it; MFU figures on this machine are relative, not absolute."
         )
+    return lines
+
+
+def _prediction_lines(decision: Decision, *, law: LossLaw, calibration: Any, shown: Presented | None,
+                      fit: LawFit | None) -> list[str]:
+    """What the predicted loss rests on, and how far to trust it (`calibration.presented_loss`)."""
+    chosen = decision.chosen()
+    lines = []
+    if calibration is not None:
+        what = f"{len(fit.points)} runs, fitted {', '.join(fit.free)}" if fit else "a file"
+        lines.append(f"Loss law calibrated on this data ({what}): {law.name} ({law.source}).")
+    else:
+        lines.append(
+            "Predicted losses use published fits (Epoch AI 2024; band: Hoffmann et al. 2022) whose absolute "
+            "values belong to their data and tokenizer: the choice of size transfers, the loss needs calibration."
+        )
+    uniform = math.log(chosen.spec.vocab_size)
+    if shown is None:
+        if chosen.predicted_loss > uniform:
+            lines.append(f"The predicted loss ({chosen.predicted_loss:.2f}) is above ln(vocab) = {uniform:.2f}.")
+        return lines
+    low, high = shown.band
+    bound = "the data's unigram entropy" if shown.ceiling < uniform else "ln(vocab)"
+    if shown.basis == "bound":
+        lines.append(
+            f"Uncalibrated: the published law predicts {chosen.predicted_loss:.2f}, above {bound} "
+            f"({shown.ceiling:.2f}; ln(vocab) = {uniform:.2f}), which predicting token frequencies alone reaches: "
+            "the laws are fitted on far larger models and data and do not hold at this scale, so the plan gives no "
+            f"point prediction, only a band: {low:.2f}–{high:.2f} (the published irreducible loss to {bound}). "
+            "Trust the choice of size less; calibrate on short runs (`oneday tune plan.json --calibrate`)."
+        )
+    elif shown.basis == "law":
+        lines.append(
+            f"Uncalibrated band {low:.2f}–{high:.2f}: from the published irreducible loss to the higher of the "
+            f"two laws (at most {bound}, {shown.ceiling:.2f}); published laws overestimate small runs."
+        )
+    else:
+        lines.append(f"Calibrated band {low:.3f}–{high:.3f}: the fit's 95% prediction interval at this N and D.")
     return lines
 
 

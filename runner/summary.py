@@ -71,6 +71,15 @@ class RunSummary:
     created: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
     summary_version: int = SUMMARY_VERSION
+    predicted_basis: str = "law"
+    """`Prediction.basis`: "bound" means `predicted_loss` is an upper bound (the unigram entropy), not a
+    prediction; the band is what the plan stands behind."""
+
+    def predicted_loss_text(self) -> str:
+        """The planned val loss as the table shows it: the figure (or "< bound") and its band."""
+        low, high = sorted(self.predicted_loss_band)
+        figure = f"< {self.predicted_loss:.3f}" if self.predicted_basis == "bound" else f"{self.predicted_loss:.3f}"
+        return f"{figure} ({low:.3f}–{high:.3f})"
 
     # -- derived ----------------------------------------------------------------------------------------
     def loss_gap(self) -> float | None:

@@ -39,7 +39,9 @@ from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
 from oneday.paths import check_output_path, write_atomic
 from oneday.plan import Plan, load_plan
-from oneday.planner.laws import EPOCH_2024, LossLaw, fit_law_eab, lr_horizon_correction
+from oneday.planner.calibration import LawFit, fit_law, save_cached_calibration
+from oneday.planner.decide import BatchLR, batch_and_lr
+from oneday.planner.laws import EPOCH_2024, LossLaw, unigram_entropy
 from oneday.studies.proxy import (
     ProxySpec,
     TrialParams,
@@ -97,7 +99,10 @@ def _base_width(plan: Plan) -> int:
 
 
 def _model(plan: Plan, width: int) -> ModelSpec:
-    return replace(proxy_model(plan.model, width), mup_base_width=_base_width(plan))
+    """The plan's model at `width`: same depth, head size, vocabulary, sequence length, d_ff proportion and
+    parametrization (a μP plan keeps its base width, so its width multiplier scales as the run's would)."""
+    narrow = proxy_model(plan.model, width)
+    return replace(narrow, parametrization=plan.model.parametrization, mup_base_width=_base_width(plan))
 
 
 def _sizes(plan: Plan, widest: int) -> list[int]:
@@ -112,21 +117,38 @@ def _sizes(plan: Plan, widest: int) -> list[int]:
     return sorted(widths)
 
 
-def _steps(plan: Plan, model: ModelSpec, fraction: float) -> int:
-    tokens = fraction * tokens_per_param(plan) * model.params_scaling()
-    return max(min_trial_steps(plan), round(tokens / plan.train.tokens_per_step()))
+@dataclass(frozen=True)
+class RecipeRun:
+    """One calibration run: the plan's model at a smaller width, trained on `tokens` with the batch, LR, β₂,
+    warmup and cooldown the planner gives that size and horizon (`planner.decide.batch_and_lr`)."""
+
+    model: ModelSpec
+    tokens: int
+    recipe: BatchLR
+
+    def steps(self) -> int:
+        return max(1, round(self.tokens / self.recipe.global_batch_tokens()))
+
+    def params(self) -> TrialParams:
+        r = self.recipe
+        return TrialParams(lr=r.lr, warmup_fraction=r.warmup_fraction, cooldown_fraction=r.cooldown_fraction,
+                           beta2=r.beta2, weight_decay=r.weight_decay)
 
 
-def _runs_for(plan: Plan, widths: list[int]) -> list[tuple[ModelSpec, int]]:
-    """(model, steps) of every run: each width at each horizon; the horizons of one width stay
-    `HORIZON_FRACTIONS` apart even where the minimum step count lifts the short one."""
+def recipe_runs(plan: Plan, widths: list[int]) -> list[RecipeRun]:
+    """Every run of a calibration at `widths`, narrowest first: each width at each of `HORIZON_FRACTIONS` of the
+    plan's tokens per parameter (at least `min_trial_steps` sequences' worth), a factor 4 apart, each with the
+    planner's own batch and LR rule for that size and horizon: the runs are the plan's recipe at smaller scale,
+    so the law fitted on them predicts the run that will happen (docs/design.md, Calibration)."""
     runs = []
     ratio = HORIZON_FRACTIONS[-1] / HORIZON_FRACTIONS[0]
     for w in widths:
         model = _model(plan, w)
-        short = _steps(plan, model, HORIZON_FRACTIONS[0])
-        runs.append((model, short))
-        runs.append((model, max(round(ratio * short), _steps(plan, model, HORIZON_FRACTIONS[-1]))))
+        floor = min_trial_steps(plan) * model.seq_len
+        short = max(floor, round(HORIZON_FRACTIONS[0] * tokens_per_param(plan) * model.params_scaling()))
+        for tokens in (short, max(round(ratio * short), round(tokens_per_param(plan) * model.params_scaling()))):
+            recipe = batch_and_lr(spec=model, tokens=float(tokens), max_micro_batch=plan.train.micro_batch)
+            runs.append(RecipeRun(model=model, tokens=int(tokens), recipe=recipe))
     return runs
 
 
@@ -138,8 +160,10 @@ def calibrate_plan(
     tracking_uri: str | None = None,
     on_run: Callable[[CalibrationRun], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    track: bool = True,
 ) -> CalibrationResult:
-    """Run the calibration (module docstring) and write the calibration file (default `<plan>.calibration.json`)."""
+    """Run the calibration (module docstring) and write the calibration file (default `<plan>.calibration.json`);
+    `track` False logs nothing to MLflow (`oneday plan` calibrating on its own writes only where it was told)."""
 
     started = clock()
     if hours is not None and not (hours > 0 and math.isfinite(hours)):
@@ -161,12 +185,11 @@ def calibrate_plan(
     timing = measure_step(narrow, plan, data, eval_tokens=min(plan.train.eval_tokens, 8 * plan.model.seq_len),
                           threads=plan.train.threads, clock=clock)
 
+    per_token = timing.step_seconds / plan.train.tokens_per_step()  # of the narrowest width
+
     def cost(widths: list[int]) -> float:
-        total = 0.0
-        for model, steps in _runs_for(plan, widths):
-            total += timing.overhead_seconds + steps * timing.step_seconds * (
-                model.flops_per_token() / narrow.flops_per_token())
-        return total
+        return sum(timing.overhead_seconds + r.tokens * per_token * r.model.flops_per_token() / narrow.flops_per_token()
+                   for r in recipe_runs(plan, widths))
 
     fitting = [w for w in candidates if cost(_sizes(plan, w)) <= budget]
     if not fitting:
@@ -180,23 +203,26 @@ def calibrate_plan(
 
     # -- the runs ----------------------------------------------------------------------------------------------
     cap = capped_loss(plan.model.vocab_size)
+    plan_point = (float(plan.model.params_scaling()), float(plan.train.planned_tokens))
     runs: list[CalibrationRun] = []
-    tracker_run = _start_tracking(plan, tracking_uri=tracking_uri)
-    for model, steps in _runs_for(plan, widths):
+    tracker_run = _start_tracking(plan, tracking_uri=tracking_uri) if track else None
+    entropy = _data_entropy(plan)
+    fit: LawFit | None = None
+    for i, spec in enumerate(recipe_runs(plan, widths)):
+        model, steps = spec.model, spec.steps()
+        batch_tokens = spec.recipe.global_batch_tokens()
         proxy = ProxySpec(
-            model=model, micro_batch=plan.train.micro_batch, grad_accum=plan.train.grad_accum, steps=steps,
-            eval_tokens=min(plan.train.eval_tokens, max(8 * model.seq_len, steps * plan.train.tokens_per_step() // 10)),
-            step_seconds=timing.step_seconds * model.flops_per_token() / narrow.flops_per_token(),
+            model=model, micro_batch=spec.recipe.micro_batch, grad_accum=spec.recipe.grad_accum, steps=steps,
+            eval_tokens=min(plan.train.eval_tokens, max(8 * model.seq_len, steps * batch_tokens // 10)),
+            step_seconds=per_token * batch_tokens * model.flops_per_token() / narrow.flops_per_token(),
             overhead_seconds=timing.overhead_seconds, target_d_model=plan.model.d_model,
             target_params=plan.model.params_scaling(), target_tokens=plan.train.planned_tokens,
         )
-        lr = min(0.5, plan.train.lr * lr_horizon_correction(float(plan.train.planned_tokens), float(proxy.tokens())))
-        params = TrialParams(lr=lr, warmup_fraction=plan.train.warmup_fraction,
-                             cooldown_fraction=plan.train.cooldown_fraction)
+        params = spec.params()
         outcome = short_run(model, proxy.train_spec(plan.train, params), data, cap=cap,
                             peak_flops=plan.hardware.peak_flops, clock=clock)
         run = CalibrationRun(d_model=model.d_model, params=model.params_scaling(), tokens=proxy.tokens(), steps=steps,
-                             lr=lr, loss=None if outcome.diverged else outcome.value(cap),
+                             lr=params.lr, loss=None if outcome.diverged else outcome.value(cap),
                              seconds=outcome.wall_seconds)
         if run.loss is None:
             log.warning("calibration run %d wide, %d tokens diverged (%s); left out of the fit", model.d_model,
@@ -204,20 +230,32 @@ def calibrate_plan(
         runs.append(run)
         if on_run is not None:
             on_run(run)
+        points = [p for r in runs if (p := r.point()) is not None]
+        if i % 2 == 1 and len(points) >= 4:  # a width done: is the plan's prediction pinned down already?
+            fit = fit_law(points, max_e=entropy)
+            if fit.decisive(*plan_point, tolerance=DECISIVE_NATS):
+                low, high = fit.loss_band(*plan_point)
+                log.info("calibration: the band at the plan is %.3f–%.3f after %d runs; stopping early",
+                         low, high, len(runs))
+                break
     points = [p for r in runs if (p := r.point()) is not None]
     if len(points) < 3:
         raise UserError(f"calibration: only {len(points)} of {len(runs)} runs finished without diverging; "
                         "need 3 to fit E, A, B (lower train.lr in the plan)")
-    law = fit_law_eab(points)
+    fit = fit_law(points, max_e=entropy)
+    law = fit.law
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     source = (f"fitted on {len(points)} runs of {plan.data.source} (vocab {plan.data.vocab_size}), widths "
-              f"{widths}, by oneday tune --calibrate, {created[:10]}")
+              f"{sorted({r.d_model for r in runs})}, the plan's recipe (its batch and LR rules) at each size and "
+              f"horizon; {law.source}; by oneday tune --calibrate, {created[:10]}")
     payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "name": law.name, "E": law.E, "A": law.A, "B": law.B,
         "alpha": law.alpha, "beta": law.beta, "source": source,
         "points": [[n, d, loss] for n, d, loss in points], "created": created,
     }
     write_atomic(out_path, json.dumps(payload, indent=2) + "\n")
+    # kept with the data too: a later `oneday plan` on the same data and tokenizer finds it (planner/calibration.py)
+    save_cached_calibration(plan.data.path, payload)
     law = replace(law, source=source)
     result = CalibrationResult(
         law=law, runs=tuple(runs), out=out_path, seconds=clock() - started, budget_seconds=budget,
@@ -226,6 +264,24 @@ def calibrate_plan(
     )
     _finish_tracking(tracker_run, result)
     return result
+
+
+DECISIVE_NATS = 0.1
+"""Calibration stops once the fit's 95% band at the plan's N and D is within ±0.1 nats (`LawFit.decisive`)."""
+
+
+def _data_entropy(plan: Plan) -> float | None:
+    """The unigram entropy of the plan's training tokens (`laws.unigram_entropy`): E cannot exceed it."""
+    import numpy as np
+
+    from oneday.data.prepare import load_prepared
+
+    try:
+        prepared = load_prepared(plan.data.path)
+        return unigram_entropy(np.bincount(prepared.train_array(), minlength=prepared.vocab_size).tolist())
+    except (OSError, ValueError, UserError) as exc:
+        log.warning("calibration: no token counts (%s); E is not bounded by the data", exc)
+        return None
 
 
 def _start_tracking(plan: Plan, *, tracking_uri: str | None) -> tuple[Any, str | None] | None:

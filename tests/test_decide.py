@@ -9,11 +9,21 @@ from dataclasses import replace
 import pytest
 
 from oneday.errors import UserError
+from oneday.formats import human_count
 from oneday.models.spec import ModelSpec
 from oneday.planner.budget import reserve_seconds
 from oneday.planner.decide import batch_and_lr, choose, estimate_memory_bytes
 from oneday.planner.ladder import candidate_shapes, pad_vocab, shape_key
-from oneday.planner.laws import EPOCH_2024, deepseek_batch_tokens, deepseek_lr, effective_tokens
+from oneday.planner.laws import (
+    EPOCH_2024,
+    HOFFMANN_2022,
+    VANISHING_RETURN_EPOCHS,
+    data_constrained_loss,
+    deepseek_batch_tokens,
+    deepseek_lr,
+    effective_params,
+    effective_tokens,
+)
 from oneday.planner.throughput import Measurement, ThroughputModel, fit_throughput
 
 PEAK = 989.4e12  # H100 SXM bf16
@@ -217,8 +227,10 @@ def test_data_too_small_reason_with_cost(cands) -> None:
     assert f"{c.epochs:.1f} epochs" in reason
     assert c.repetition_cost() > 0
     assert f"{c.repetition_cost():+.3f}" in reason
+    # both of Muennighoff et al.'s discounts: repeated tokens and the parameters 500M tokens cannot feed
+    assert c.effective_params == effective_params(c.params(), 5e8, law=EPOCH_2024) < c.params()
     assert c.repetition_cost() == pytest.approx(
-        EPOCH_2024.loss(c.params(), c.effective_tokens) - EPOCH_2024.loss(c.params(), c.tokens)
+        EPOCH_2024.loss(c.effective_params, c.effective_tokens) - EPOCH_2024.loss(c.params(), c.tokens)
     )
     plenty = _choose(cands, tm, 24, unique=1e12)
     assert not any("too small" in r for r in plenty.reasons)
@@ -273,6 +285,153 @@ def test_choose_user_errors(cands) -> None:
 def test_shape_key_ignores_parametrization() -> None:
     a = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=64, seq_len=64)
     assert shape_key(a) == shape_key(replace(a, parametrization="mup"))
+
+
+# --- a day on an H200: the data's size (Muennighoff et al. 2023, both discounts) --------------------------
+H200_DAY_TRAIN_SECONDS = 23.3 * HOUR  # a 24 h budget less its reserves
+
+
+def _h200_mfu(spec: ModelSpec) -> float:
+    """An H200-like MFU curve: ~40% of 989 TFLOP/s for large shapes, less for small ones."""
+    return min(0.40, 0.12 * (spec.flops_per_token() / 1e8) ** 0.3)
+
+
+@pytest.fixture(scope="module")
+def h200() -> tuple[list[ModelSpec], ThroughputModel]:
+    shapes = candidate_shapes(vocab_size=50257, seq_len=1024, min_params=7e6, max_params=1.7e9)
+    measured = [
+        Measurement(
+            spec=s,
+            micro_batch=16,
+            tokens_per_s=_h200_mfu(s) * PEAK / s.flops_per_token(),
+            peak_memory_bytes=int(1.1 * s.estimate_train_memory_bytes(micro_batch=16, activation_bytes=2)),
+            seconds_measured=20.0,
+        )
+        for s in shapes[::3]
+    ]
+    return shapes, fit_throughput(measured, peak_flops=PEAK)
+
+
+def _h200_day(h200, unique: float, **kw):
+    shapes, tm = h200
+    return choose(candidates=shapes, throughput=tm, train_seconds=H200_DAY_TRAIN_SECONDS, unique_tokens=unique, **kw)
+
+
+def test_a_day_on_100m_tokens_chooses_the_flat_region_not_the_largest_model(h200) -> None:
+    # Without the parameter-side discount the planner chose the largest shape (1.17B, 36 epochs): a model that
+    # 100M unique tokens cannot feed. With it the law is flat from ~90M to ~700M with its minimum inside.
+    d = _h200_day(h200, 1e8)
+    best = min(d.results, key=lambda r: r.predicted_loss)
+    assert 9e7 <= best.params() <= 7e8
+    flat = [r for r in d.results if 9e7 <= r.params() <= 7e8]
+    assert len(flat) >= 4 and all(r.predicted_loss <= 1.005 * best.predicted_loss for r in flat)
+    c = d.chosen()
+    assert 5e7 <= c.params() <= 7e8 and c.params() < d.results[-1].params() / 4
+    assert c.predicted_loss <= 1.005 * best.predicted_loss  # near the minimum: the faster of the near-ties
+    assert c.effective_params < c.params()  # the data supports ~3M parameters (D/30)
+    assert c.predicted_loss == pytest.approx(
+        data_constrained_loss(EPOCH_2024, params=c.params(), tokens=c.tokens, unique_tokens=1e8), rel=1e-12
+    )
+    strict = _h200_day(h200, 1e8, tie_tolerance=0.0).chosen()
+    assert strict.spec == best.spec
+
+
+def test_a_day_on_10b_tokens_keeps_its_choice(h200) -> None:
+    d = _h200_day(h200, 1e10)
+    # the choice the planner made before the parameter-side discount: law.loss(N, D'), ties to the fastest
+    old = [EPOCH_2024.loss(r.params(), effective_tokens(r.tokens, 1e10)) for r in d.results]
+    ties = [i for i, loss in enumerate(old) if loss <= min(old) * 1.005]
+    old_choice = max(ties, key=lambda i: (d.results[i].tokens_per_s, -d.results[i].params()))
+    assert d.chosen_index == old_choice
+    assert d.chosen().epochs < 1.0
+    assert not any(r.startswith("WARNING") or "too small" in r for r in d.reasons)
+
+
+@pytest.mark.parametrize("hours", [0.5, 8, 24, 96])
+def test_on_a_big_corpus_the_predictions_are_the_plain_law(h200, cands, hours: float) -> None:
+    # nothing repeats and no shape outgrows the data: the parameter-side discount must not move a single figure
+    for shapes, tm in (h200, (cands, _throughput(cands))):
+        d = choose(candidates=shapes, throughput=tm, train_seconds=hours * HOUR, unique_tokens=1e12)
+        for r in d.results:
+            n, d_eff = r.params(), effective_tokens(r.tokens, 1e12)
+            assert r.effective_params == n
+            assert r.predicted_loss == EPOCH_2024.loss(n, d_eff)
+            assert r.band_loss == HOFFMANN_2022.loss(n, d_eff)
+
+
+def test_past_16_epochs_a_loud_warning_says_what_more_data_would_buy(h200) -> None:
+    d = _h200_day(h200, 1e8)
+    c = d.chosen()
+    assert c.epochs > VANISHING_RETURN_EPOCHS
+    warning = d.reasons[1]  # right after "Chose ...": the first thing to read
+    assert warning.startswith("WARNING: the data is far too small")
+    assert f"{c.epochs:.1f} epochs of the 100M unique tokens" in warning
+    assert f"{c.repetition_cost():+.3f}" in warning
+    assert f"are worth {human_count(c.effective_params)}" in warning
+    # what 4x the unique tokens would buy in the same time, with the same law functions over the same rows
+    more = {
+        r.label(): data_constrained_loss(EPOCH_2024, params=r.params(), tokens=r.tokens, unique_tokens=4e8)
+        for r in d.results
+    }
+    best = min(more, key=more.__getitem__)
+    assert more[best] < c.predicted_loss - 0.1
+    gain = more[best] - c.predicted_loss
+    assert f"4× the unique tokens (400M) would predict {more[best]:.3f} ({gain:+.3f})" in warning
+    assert f"with {best} " in warning
+    assert sum(r.startswith("WARNING") for r in d.reasons) == 1
+    assert not any(r.startswith("The data is too small") for r in d.reasons)
+
+
+def test_between_4_and_16_epochs_a_milder_note(h200) -> None:
+    d = _h200_day(h200, 2e9)
+    c = d.chosen()
+    assert 4 < c.epochs <= VANISHING_RETURN_EPOCHS
+    assert not any("WARNING" in r for r in d.reasons)
+    note = next(r for r in d.reasons if r.startswith("The data is too small"))
+    assert f"{c.epochs:.1f} epochs" in note and f"{c.repetition_cost():+.3f}" in note
+    assert "4× the unique tokens would predict" in note
+    few = _h200_day(h200, 5e9)
+    assert 1 < few.chosen().epochs <= 4
+    assert not any("WARNING" in r or "too small" in r for r in few.reasons)
+    assert any(r.startswith(f"{few.chosen().epochs:.2f} epochs over the data") for r in few.reasons)
+
+
+def test_a_simulated_h200_day_on_100m_tokens_chooses_near_the_law_minimum() -> None:
+    # Issue 12 §3: on 100M unique tokens an H200 day chose 1.10B parameters for 45.7 epochs. Measurements from
+    # the simulated H200 (tests/simulated_device.py; its MFU curve, not the planner's model) now lead to a choice
+    # within the tie tolerance of the data-constrained law's minimum, far below the largest shape.
+    from tests.simulated_device import SimulatedGpu
+
+    gpu = SimulatedGpu()
+    shapes = candidate_shapes(vocab_size=50257, seq_len=1024, min_params=7e6, max_params=1.7e9)
+    measured = [
+        Measurement(spec=s, micro_batch=16, tokens_per_s=16 * 1024 / gpu.step_seconds(s, 16),
+                    peak_memory_bytes=gpu.memory(s, 16), seconds_measured=20.0)
+        for s in shapes[::2]
+    ]
+    tm = fit_throughput(measured, peak_flops=gpu.peak_flops)
+    d = choose(candidates=shapes, throughput=tm, train_seconds=H200_DAY_TRAIN_SECONDS, unique_tokens=1e8,
+               memory_limit_bytes=gpu.free_memory_bytes, activation_bytes=2)
+    best = min(d.results, key=lambda r: r.predicted_loss)
+    c = d.chosen()
+    assert 9e7 <= best.params() <= 7e8  # the law's minimum lies in its flat region
+    assert c.predicted_loss <= 1.005 * best.predicted_loss
+    assert 5e7 <= c.params() <= 7e8 and c.params() < max(r.params() for r in d.results) / 2
+    assert math.isfinite(c.predicted_loss)
+    # without the parameter-side discount (the plain law at D') the planner would take the largest shape
+    plain = min(d.results, key=lambda r: EPOCH_2024.loss(r.params(), r.effective_tokens))
+    assert plain.params() == max(r.params() for r in d.results if r.fits_memory)
+
+
+def test_a_tiny_corpus_keeps_small_models_undiscounted(cands) -> None:
+    # The built-in corpus (~1M unique tokens): unbounded, U_N was ~26k parameters and a 2×64 model predicted a
+    # loss of 34. U_N is now bounded to the law's fitted range, so models below it are worth what they are.
+    tiny = candidate_shapes(vocab_size=8192, seq_len=256, min_params=1e5, max_params=3e6)
+    tm = fit_throughput([_measure(s, micro_batch=4) for s in tiny], peak_flops=PEAK)
+    d = choose(candidates=tiny, throughput=tm, train_seconds=180.0, unique_tokens=1e6)
+    for r in d.results:
+        assert r.effective_params == r.params()
+        assert r.predicted_loss == EPOCH_2024.loss(r.params(), r.effective_tokens)
 
 
 # --- batch and LR ---------------------------------------------------------------------------------------

@@ -289,6 +289,7 @@ def _simulate(monkeypatch: pytest.MonkeyPatch, device, *, name: str, free_bytes:
                            bytes_per_token=lambda: 4.0)
     monkeypatch.setattr(prepare, "prepare_data", lambda *a, **k: data)
     monkeypatch.setattr(measure, "measure_one", device.measure_one)
+    monkeypatch.setattr("oneday.planner.make.AUTO_CALIBRATION_MIN_SECONDS", math.inf)  # no data to train on here
 
 
 def _planned_memory(plan: Plan) -> float:

@@ -138,10 +138,9 @@ def summary_table(summary: Any) -> Table:
     table.add_column("")
     table.add_column("planned", justify="right")
     table.add_column("achieved", justify="right")
-    low, high = sorted(summary.predicted_loss_band)
     table.add_row("tokens", f"{summary.predicted_tokens:,}", f"{summary.tokens:,}")
     table.add_row("steps", f"{summary.planned_steps:,}", f"{summary.steps:,}")
-    table.add_row("val loss", f"{summary.predicted_loss:.3f} ({low:.3f}–{high:.3f})",
+    table.add_row("val loss", summary.predicted_loss_text(),
                   number_or(summary.final_val_loss, ".3f"))
     table.add_row("val bits/byte", "", number_or(summary.final_val_bpb, ".3f"))
     table.add_row("tokens/s", f"{summary.predicted_tokens_per_s:,.0f}", f"{summary.mean_tokens_per_s:,.0f}")
