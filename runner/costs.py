@@ -26,6 +26,32 @@ FORWARD_SPEEDUP = 3.0
 """A forward pass without gradients costs about a third of a training step per token (backward ≈ 2× forward)."""
 
 
+BENCHMARK_ITEMS = {"hellaswag": 10_042, "arc_easy": 2_376, "piqa": 1_838, "winogrande": 1_267, "lambada_openai": 5_153}
+"""Items in the split lm_eval scores (HellaSwag, PIQA, WinoGrande: validation; ARC-Easy, LAMBADA: test)."""
+BENCHMARK_TOKENS_PER_ITEM = {"hellaswag": 600, "arc_easy": 240, "piqa": 200, "winogrande": 120,
+                             "lambada_openai": 160}
+"""Tokens forwarded per item: each choice is scored as context + continuation (HellaSwag 4 × ~75 GPT-2 tokens,
+ARC-Easy 4 × ~30, PIQA 2 × ~50, WinoGrande 2 × ~30, LAMBADA 1 × ~80), doubled for smaller vocabularies and
+batch padding. Estimates, not measured here (the data needs the hub)."""
+OTHER_BENCHMARK_ITEMS = 2_000
+OTHER_BENCHMARK_TOKENS_PER_ITEM = 400
+BENCHMARK_FIXED_SECONDS = 40.0
+"""lm_eval's import and task index (15–20 s on a 2-core CPU machine), the tasks' data and the model loaded."""
+MAX_BENCHMARK_SHARE = 0.25
+"""`oneday run --eval` takes the benchmarks' time out of the training time only up to this share of the
+budget; longer benchmarks run after the deadline instead (and the run says so)."""
+
+
+def benchmark_seconds(tasks: tuple[str, ...], *, limit: int | None, forward_tokens_per_s: float) -> float:
+    """lm_eval scoring `tasks` (`limit` items each, all when None) at the no-grad forward speed."""
+    tokens = 0
+    for task in tasks:
+        items = BENCHMARK_ITEMS.get(task, OTHER_BENCHMARK_ITEMS)
+        items = min(items, limit) if limit is not None else items
+        tokens += items * BENCHMARK_TOKENS_PER_ITEM.get(task, OTHER_BENCHMARK_TOKENS_PER_ITEM)
+    return BENCHMARK_FIXED_SECONDS + tokens / forward_tokens_per_s
+
+
 def startup_seconds(device: str) -> float:
     """Process start to the first training step, compile excluded."""
     return STARTUP_SECONDS[device]
@@ -63,6 +89,8 @@ def forward_tokens_per_s(train_tokens_per_s: float) -> float:
 
 __all__ = [
     "DISK_BYTES_PER_S",
+    "MAX_BENCHMARK_SHARE",
+    "benchmark_seconds",
     "checkpoint_bytes",
     "checkpoint_seconds",
     "eval_seconds",

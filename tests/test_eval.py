@@ -193,3 +193,46 @@ def test_the_cli_does_not_import_lm_eval_or_torch():
     code = "import sys, oneday.cli; print(any(m in sys.modules for m in ('lm_eval', 'torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------------
+# `oneday run --eval`: checked before training, time kept at the end of the budget when it fits
+
+def test_run_eval_is_checked_before_any_training(tmp_path):
+    from oneday.evaluate.harness import check_eval_request
+
+    with pytest.raises(UserError, match=r"--eval: unknown task 'hellaswg' \(did you mean hellaswag"):
+        check_eval_request(["hellaswg"])
+    with pytest.raises(UserError, match="--eval-limit: must be >= 1"):
+        check_eval_request(["hellaswag"], limit=0)
+    assert check_eval_request(["hellaswag", "piqa"], limit=5).tasks == ("hellaswag", "piqa")
+    code, line = error_of(["run", str(tmp_path / "missing-plan.json"), "--eval", "hellaswg"])
+    assert code == 2 and "--eval: unknown task 'hellaswg'" in line
+
+
+def test_run_eval_keeps_the_benchmarks_time_when_it_fits_a_quarter_of_the_budget():
+    from dataclasses import replace
+
+    from oneday.evaluate.harness import EvalRequest
+    from oneday.runner import costs
+    from oneday.runner.run import _benchmark_reserve
+
+    plan = make_plan(budget_seconds=3600.0)
+    fast = replace(plan, prediction=replace(plan.prediction, tokens_per_s=1e6))
+    small = EvalRequest(tasks=("piqa", "arc_easy"), limit=100)
+    expected = costs.benchmark_seconds(small.tasks, limit=100, forward_tokens_per_s=3e6)
+    assert _benchmark_reserve(fast, small) == pytest.approx(expected) and expected < 900
+    assert _benchmark_reserve(fast, None) == 0.0
+    slow = replace(plan, prediction=replace(plan.prediction, tokens_per_s=100.0))  # hours of scoring: after
+    assert _benchmark_reserve(slow, EvalRequest(tasks=("hellaswag",))) == 0.0
+
+
+def test_run_eval_failure_after_training_is_a_warning_not_a_failed_run(run_dir, tmp_path, caplog):
+    from oneday.evaluate.harness import EvalRequest
+    from oneday.runner.run import _run_benchmarks
+
+    hub_task = write_task(tmp_path / "hub", name="hub_task2", dataset="oneday-test/not-cached")
+    with caplog.at_level("WARNING"):
+        _run_benchmarks(run_dir, EvalRequest(tasks=(str(hub_task),)), device="cpu", interrupted=False,
+                        within_budget=True, charged=lambda: 10.0, budget_seconds=60.0)
+    assert "--eval: no benchmarks" in caplog.text and "hub_task2" in caplog.text

@@ -6,6 +6,7 @@ lm_eval and torch are imported only when the command runs, so `oneday --help` st
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,13 +21,13 @@ HELP = ("Score a run's final model on standard benchmarks (HellaSwag, ARC-Easy, 
         "the run's MLflow run.")
 
 
-def scores_table(result: Any) -> Table:
-    """One row per task: its headline metric, the chance level, accuracy and stderr, the items scored."""
-    table = Table(title=f"{result.run_dir}: {result.items:,} items in {human_seconds(result.seconds)} on "
-                        f"{result.device}", title_justify="left", box=None, padding=(0, 1), pad_edge=False)
+def scores_table(title: str, scores: Sequence[Any]) -> Table:
+    """One row per task: its headline metric, the chance level, accuracy and stderr, the items scored; green
+    where the model beats chance."""
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1), pad_edge=False)
     for header in ("task", "metric", "score", "± stderr", "chance", "items"):
         table.add_column(header, justify="left" if header in ("task", "metric") else "right", no_wrap=True)
-    for score in result.scores:
+    for score in scores:
         metric = score.primary
         value = score.metrics.get(metric) if metric else None
         stderr = score.metrics.get(f"{metric}_stderr") if metric else None
@@ -62,7 +63,8 @@ def eval_run(
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     result = evaluate_run(run_dir, tasks=task_list, limit=limit, device=device, include_paths=include_path or ())
-    console.print(scores_table(result))
+    console.print(scores_table(f"{result.run_dir}: {result.items:,} items in {human_seconds(result.seconds)} on "
+                               f"{result.device}", result.scores))
     per_1000 = result.seconds_per_1000_items
     if per_1000 is not None:
         console.print(f"{per_1000:.1f} s per 1,000 items scored (loading the data and the model: "

@@ -173,6 +173,43 @@ def resolve_tasks(requested: Sequence[str], *, include_paths: Sequence[Path]) ->
     return list(dict.fromkeys(specs)), builtin_needed
 
 
+@dataclass(frozen=True)
+class EvalRequest:
+    """Benchmarks to run after training (`oneday run --eval`), checked before any training starts."""
+
+    tasks: tuple[str, ...]
+    limit: int | None = None
+
+
+def check_eval_request(tasks: Sequence[str], *, limit: int | None = None) -> EvalRequest:
+    """`UserError` (naming `--eval` / `--eval-limit`) for what would make the benchmarks fail after a whole run:
+    lm_eval not installed, an unknown task or missing task file, a limit below 1. Imports neither lm_eval
+    nor torch."""
+    import importlib.util
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--eval-limit: must be >= 1 (items per task), got {limit}")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--eval needs lm-evaluation-harness: pip install 'oneday[eval]' (or lm_eval)")
+    try:
+        resolve_tasks(tasks, include_paths=())
+    except UserError as exc:
+        raise UserError(str(exc).replace("--tasks", "--eval", 1)) from None
+    return EvalRequest(tasks=tuple(tasks), limit=limit)
+
+
+def read_scores(run_dir: str | Path) -> tuple[TaskScore, ...]:
+    """The scores `eval.json` in `run_dir` holds (every task evaluated so far), or () when there is none."""
+    try:
+        data = json.loads((Path(run_dir) / EVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(data, dict) or data.get("kind") != EVAL_KIND:
+        return ()
+    return tuple(TaskScore(task=task, metrics=dict(entry.get("metrics") or {}), items=int(entry.get("items") or 0),
+                           chance=entry.get("chance")) for task, entry in (data.get("scores") or {}).items())
+
+
 def _import_lm_eval() -> Any:
     try:
         import lm_eval
@@ -369,4 +406,14 @@ def evaluate_run(
     return result
 
 
-__all__ = ["EVAL_FILE", "EvalResult", "TaskScore", "evaluate_run", "final_model_dir", "find_mlflow_run"]
+__all__ = [
+    "EVAL_FILE",
+    "EvalRequest",
+    "EvalResult",
+    "TaskScore",
+    "check_eval_request",
+    "evaluate_run",
+    "final_model_dir",
+    "find_mlflow_run",
+    "read_scores",
+]
