@@ -236,3 +236,24 @@ def test_run_eval_failure_after_training_is_a_warning_not_a_failed_run(run_dir, 
         _run_benchmarks(run_dir, EvalRequest(tasks=(str(hub_task),)), device="cpu", interrupted=False,
                         within_budget=True, charged=lambda: 10.0, budget_seconds=60.0)
     assert "--eval: no benchmarks" in caplog.text and "hub_task2" in caplog.text
+
+
+def test_compare_shows_the_benchmark_scores_beside_val_loss():
+    from rich.console import Console
+
+    from oneday.commands.compare import comparison_table
+    from oneday.compare.readers import RunRecord
+    from oneday.compare.runs import Comparison, row_from_record
+
+    record = RunRecord(run_id="r1", experiment_id="1", name="demo", status="FINISHED", start_time_ms=None,
+                       tags={"oneday.kind": "run"}, params={},
+                       metrics={"val/loss": 4.2, "eval/hellaswag/acc": 0.27, "eval/hellaswag/acc_norm": 0.29,
+                                "eval/hellaswag/acc_stderr": 0.01, "eval/piqa/acc": 0.61})
+    row = row_from_record(record)
+    assert row.benchmarks == {"hellaswag/acc": 0.27, "hellaswag/acc_norm": 0.29, "piqa/acc": 0.61}
+    assert row.benchmark("hellaswag") == ("acc_norm", 0.29) and row.benchmark("arc_easy") is None
+    console = Console(width=200, record=True)
+    console.print(comparison_table(Comparison(tracking_uri="sqlite://", experiment="oneday/test",
+                                              experiment_id="1", rows=(row,), sort="val_loss")))
+    text = console.export_text()
+    assert "hellaswag" in text and "0.290" in text and "0.610" in text

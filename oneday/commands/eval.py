@@ -50,6 +50,9 @@ def eval_run(
     include_path: Annotated[list[Path] | None, typer.Option(
         "--include-path", help="A folder of your own lm_eval task YAML files whose task names --tasks may use "
                                "(repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads for torch (default: torch's choice; on a busy machine fewer can be faster).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else.")
                        ] = False,
 ) -> None:
@@ -59,10 +62,12 @@ def eval_run(
 
     task_list = parse_task_list(tasks)
     if as_json:
-        result = evaluate_run(run_dir, tasks=task_list, limit=limit, device=device, include_paths=include_path or ())
+        result = evaluate_run(run_dir, tasks=task_list, limit=limit, device=device, include_paths=include_path or (),
+                              threads=threads)
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    result = evaluate_run(run_dir, tasks=task_list, limit=limit, device=device, include_paths=include_path or ())
+    result = evaluate_run(run_dir, tasks=task_list, limit=limit, device=device, include_paths=include_path or (),
+                              threads=threads)
     console.print(scores_table(f"{result.run_dir}: {result.items:,} items in {human_seconds(result.seconds)} on "
                                f"{result.device}", result.scores))
     per_1000 = result.seconds_per_1000_items

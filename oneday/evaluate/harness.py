@@ -24,12 +24,12 @@ from typing import Any
 from oneday.errors import UserError, first_line
 from oneday.evaluate import tasks as task_names
 from oneday.paths import write_atomic
+from oneday.tracking import names
 
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 EVAL_KIND = "oneday-eval"
-METRIC_PREFIX = "eval/"
 BATCH_SIZE = {"cpu": 16, "cuda": 64}
 """Sequences a forward pass scores at once: small models on short multiple-choice items fit either easily."""
 BOOTSTRAP_ITERS = 100
@@ -80,7 +80,7 @@ class EvalResult:
 
     def mlflow_metrics(self) -> dict[str, float]:
         """`eval/<task>/<metric>` -> value, finite values only (MLflow refuses NaN in some stores)."""
-        return {f"{METRIC_PREFIX}{score.task}/{name}": value for score in self.scores
+        return {f"{names.METRIC_EVAL_PREFIX}{score.task}/{name}": value for score in self.scores
                 for name, value in score.metrics.items() if math.isfinite(value)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,8 +95,10 @@ class EvalResult:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
 
-def check_options(*, limit: int | None, device: str | None) -> None:
+def check_options(*, limit: int | None, device: str | None, threads: int | None = None) -> None:
     """`UserError` naming the option that is out of range (as `oneday eval` spells it)."""
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {threads}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit: must be >= 1 (items per task), got {limit}")
     if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -218,22 +220,46 @@ def _import_lm_eval() -> Any:
     return lm_eval
 
 
+class _OnceFilter(logging.Filter):
+    """Lets the first record containing `text` through and counts the rest (lm_eval warns once per request
+    when an item is longer than the model's context: thousands of lines for a small model)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        self.count += 1
+        return self.count == 1
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm_eval logs every request batch at INFO and runs `git describe` in the current folder (its stderr says
-    "fatal: not a git repository" outside one, and inside one it records the user's repository, not the
-    model's): keep its logging at WARNING and skip the git call."""
+    """lm_eval logs every request batch at INFO, warns once per request truncated to the model's context, and
+    runs `git describe` in the current folder (its stderr says "fatal: not a git repository" outside one, and
+    inside one it records the user's repository, not the model's): keep its logging at WARNING, say the
+    truncation once with the count, and skip the git call."""
     import lm_eval.evaluator as evaluator
 
     logger = logging.getLogger("lm_eval")
+    model_logger = logging.getLogger("lm_eval.models.huggingface")
+    truncated = _OnceFilter("exceeds model's maximum length")
     level, git_hash = logger.level, evaluator.get_git_commit_hash
     logger.setLevel(max(level, logging.WARNING) if not log.isEnabledFor(logging.DEBUG) else level)
+    model_logger.addFilter(truncated)
     evaluator.get_git_commit_hash = lambda: None
     try:
         yield
     finally:
         logger.setLevel(level)
+        model_logger.removeFilter(truncated)
         evaluator.get_git_commit_hash = git_hash
+        if truncated.count > 1:
+            log.warning("%d requests were longer than the model's context and lost their start (lm_eval truncates "
+                        "from the left); a model trained with a longer seq_len scores them whole", truncated.count)
 
 
 def load_tasks(specs: Sequence[str], *, include_paths: Sequence[Path], builtin_needed: bool) -> tuple[Any, list[Any]]:
@@ -361,16 +387,18 @@ def evaluate_run(
     limit: int | None = None,
     device: str | None = None,
     include_paths: Sequence[str | Path] = (),
+    threads: int | None = None,
     log_mlflow: bool = True,
     model_factory: Callable[[Path, str], Any] | None = None,
 ) -> EvalResult:
     """Score `run_dir/final` on `tasks` (names, task YAML files or folders; default `DEFAULT_TASKS`) with
     lm_eval, `limit` items per task (all when None); write `run_dir/eval.json` and log to the run's MLflow run.
+    `threads`: torch's CPU threads (default: torch's own choice).
 
     `model_factory(final_dir, device)` builds the lm_eval model (default: lm_eval's `HFLM` over the saved model
     and tokenizer); tests pass a double. Every problem with the input raises `UserError` before scoring.
     """
-    check_options(limit=limit, device=device)
+    check_options(limit=limit, device=device, threads=threads)
     final = final_model_dir(run_dir)
     root = final.parent
     earlier = _check_eval_file(root / EVAL_FILE)
@@ -379,6 +407,10 @@ def evaluate_run(
                                           include_paths=includes)
     lm_eval = _import_lm_eval()
     dev = resolve_device(device)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     started = time.monotonic()
     with _quiet_lm_eval():
         manager, task_objects = load_tasks(specs, include_paths=includes, builtin_needed=builtin_needed)
