@@ -208,6 +208,8 @@ def test_run_eval_is_checked_before_any_training(tmp_path):
     assert check_eval_request(["hellaswag", "piqa"], limit=5).tasks == ("hellaswag", "piqa")
     code, line = error_of(["run", str(tmp_path / "missing-plan.json"), "--eval", "hellaswg"])
     assert code == 2 and "--eval: unknown task 'hellaswg'" in line
+    code, line = error_of(["run", str(tmp_path / "missing-plan.json"), "--eval", "default", "--eval-limit", "0"])
+    assert code == 2 and "--eval-limit: must be >= 1" in line
 
 
 def test_run_eval_keeps_the_benchmarks_time_when_it_fits_a_quarter_of_the_budget():
