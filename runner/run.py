@@ -350,8 +350,11 @@ def _benchmark_reserve(plan: Plan, request: EvalRequest | None) -> float:
     share for them, else 0 (they then run after the deadline; said now, before training)."""
     if request is None:
         return 0.0
+    from oneday.evaluate.tasks import is_task_path
+
     seconds = costs.benchmark_seconds(request.tasks, limit=request.limit,
-                                      forward_tokens_per_s=costs.forward_tokens_per_s(plan.prediction.tokens_per_s))
+                                      forward_tokens_per_s=costs.forward_tokens_per_s(plan.prediction.tokens_per_s),
+                                      task_index=not all(is_task_path(task) for task in request.tasks))
     if seconds <= costs.MAX_BENCHMARK_SHARE * plan.train.budget_seconds:
         log.info("--eval %s: ~%.0f s kept at the end of the budget for the benchmarks (training stops that much "
                  "earlier)", ",".join(request.tasks), seconds)

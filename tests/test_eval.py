@@ -222,9 +222,13 @@ def test_run_eval_keeps_the_benchmarks_time_when_it_fits_a_quarter_of_the_budget
     plan = make_plan(budget_seconds=3600.0)
     fast = replace(plan, prediction=replace(plan.prediction, tokens_per_s=1e6))
     small = EvalRequest(tasks=("piqa", "arc_easy"), limit=100)
-    expected = costs.benchmark_seconds(small.tasks, limit=100, forward_tokens_per_s=3e6)
+    expected = costs.benchmark_seconds(small.tasks, limit=100, forward_tokens_per_s=3e6, task_index=True)
     assert _benchmark_reserve(fast, small) == pytest.approx(expected) and expected < 900
     assert _benchmark_reserve(fast, None) == 0.0
+    local = EvalRequest(tasks=("tasks/mine.yaml",), limit=20)  # no lm_eval task index to build
+    assert _benchmark_reserve(fast, local) == pytest.approx(
+        costs.benchmark_seconds(local.tasks, limit=20, forward_tokens_per_s=3e6, task_index=False))
+    assert _benchmark_reserve(fast, local) < expected - costs.TASK_INDEX_SECONDS + 1
     slow = replace(plan, prediction=replace(plan.prediction, tokens_per_s=100.0))  # hours of scoring: after
     assert _benchmark_reserve(slow, EvalRequest(tasks=("hellaswag",))) == 0.0
 
