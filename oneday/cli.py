@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from oneday import __version__
 from oneday.commands import compare as compare_commands
 from oneday.commands import data as data_commands
+from oneday.commands import eval as eval_commands
 from oneday.commands import plan as plan_commands
 from oneday.commands import run as run_commands
 from oneday.commands import tune as tune_commands
@@ -84,6 +85,7 @@ app.command("tune", help=tune_commands.HELP)(tune_commands.tune)
 app.add_typer(data_commands.app, name="data")
 app.command("ui", help=compare_commands.HELP)(compare_commands.ui)
 app.command("compare", help=compare_commands.COMPARE_HELP)(compare_commands.compare)
+app.command("eval", help=eval_commands.HELP)(eval_commands.eval_run)
 
 
 def main() -> None:

@@ -26,6 +26,36 @@ FORWARD_SPEEDUP = 3.0
 """A forward pass without gradients costs about a third of a training step per token (backward ≈ 2× forward)."""
 
 
+BENCHMARK_ITEMS = {"hellaswag": 10_042, "arc_easy": 2_376, "piqa": 1_838, "winogrande": 1_267, "lambada_openai": 5_153}
+"""Items in the split lm_eval scores (HellaSwag, PIQA, WinoGrande: validation; ARC-Easy, LAMBADA: test)."""
+BENCHMARK_TOKENS_PER_ITEM = {"hellaswag": 600, "arc_easy": 240, "piqa": 200, "winogrande": 120,
+                             "lambada_openai": 160}
+"""Tokens forwarded per item: each choice is scored as context + continuation (HellaSwag 4 × ~75 GPT-2 tokens,
+ARC-Easy 4 × ~30, PIQA 2 × ~50, WinoGrande 2 × ~30, LAMBADA 1 × ~80), doubled for smaller vocabularies and
+batch padding. Estimates, not measured here (the data needs the hub)."""
+OTHER_BENCHMARK_ITEMS = 2_000
+OTHER_BENCHMARK_TOKENS_PER_ITEM = 400
+BENCHMARK_FIXED_SECONDS = 15.0
+"""lm_eval's import, the tasks' data and the model loaded (6 s measured for a local 20-item task after a CPU run)."""
+TASK_INDEX_SECONDS = 25.0
+"""lm_eval's index of its built-in tasks (15–20 s measured on a 2-core CPU machine), built only for their names."""
+MAX_BENCHMARK_SHARE = 0.25
+"""`oneday run --eval` takes the benchmarks' time out of the training time only up to this share of the
+budget; longer benchmarks run after the deadline instead (and the run says so)."""
+
+
+def benchmark_seconds(tasks: tuple[str, ...], *, limit: int | None, forward_tokens_per_s: float,
+                      task_index: bool = True) -> float:
+    """lm_eval scoring `tasks` (`limit` items each, all when None) at the no-grad forward speed; `task_index`:
+    a built-in task is among them (lm_eval then indexes its task files first)."""
+    tokens = 0
+    for task in tasks:
+        items = BENCHMARK_ITEMS.get(task, OTHER_BENCHMARK_ITEMS)
+        items = min(items, limit) if limit is not None else items
+        tokens += items * BENCHMARK_TOKENS_PER_ITEM.get(task, OTHER_BENCHMARK_TOKENS_PER_ITEM)
+    return BENCHMARK_FIXED_SECONDS + (TASK_INDEX_SECONDS if task_index else 0.0) + tokens / forward_tokens_per_s
+
+
 def startup_seconds(device: str) -> float:
     """Process start to the first training step, compile excluded."""
     return STARTUP_SECONDS[device]
@@ -63,6 +93,8 @@ def forward_tokens_per_s(train_tokens_per_s: float) -> float:
 
 __all__ = [
     "DISK_BYTES_PER_S",
+    "MAX_BENCHMARK_SHARE",
+    "benchmark_seconds",
     "checkpoint_bytes",
     "checkpoint_seconds",
     "eval_seconds",

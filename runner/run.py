@@ -26,6 +26,7 @@ from typing import Any
 
 from oneday import __version__, signals
 from oneday.errors import UserError
+from oneday.evaluate.harness import EvalRequest
 from oneday.formats import finite_or_none
 from oneday.paths import write_atomic
 from oneday.plan import Plan, TrainSpec
@@ -70,6 +71,7 @@ def run_plan(
     clock: Callable[[], float] = time.monotonic,
     process_start: float | None = None,
     progress: Any = None,
+    eval_request: EvalRequest | None = None,
 ) -> RunSummary:
     """Train `plan` to its deadline and write the run folder; returns the summary (also `summary.json`).
 
@@ -78,16 +80,20 @@ def run_plan(
     if it has `on_session`, a `SessionInfo` first). User-caused problems raise `UserError` before any training
     starts. SIGINT/SIGTERM during training: the loop saves a checkpoint and returns; the summary then says
     `interrupted`.
+
+    `eval_request` (`oneday run --eval`): lm_eval benchmarks of the final model after the final save
+    (`oneday.evaluate`), inside the budget when `costs.benchmark_seconds` fits its `MAX_BENCHMARK_SHARE` (the
+    training stops that much earlier), else after the deadline; skipped when the run is interrupted.
     """
     with signals.handling((signal.SIGTERM,), signals.raise_interrupt):  # start-up and final save: like Ctrl-C
         return _run(plan, run_dir=run_dir, device=device, threads=threads, tracking_uri=tracking_uri,
                     experiment=experiment, force=force, observer=observer, clock=clock, process_start=process_start,
-                    progress=progress)
+                    progress=progress, eval_request=eval_request)
 
 
 def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int | None, tracking_uri: str | None,
          experiment: str | None, force: bool, observer: Any, clock: Callable[[], float], process_start: float | None,
-         progress: Any) -> RunSummary:
+         progress: Any, eval_request: EvalRequest | None = None) -> RunSummary:
     import torch
 
     from oneday.data.plan_data import load_plan_data
@@ -171,7 +177,7 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
         tracker = _start_tracking(session) if rank0 else None
         try:
             return _train_and_finish(session, data=data, prep_seconds=prep_seconds, tracker=tracker,
-                                     observer=observer)
+                                     observer=observer, eval_request=eval_request)
         except BaseException as exc:
             if tracker is not None:
                 tracker.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
@@ -236,7 +242,7 @@ def _preimport_plotting() -> None:
 
 
 def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, tracker: MlflowTracker | None,
-                      observer: Any) -> RunSummary:
+                      observer: Any, eval_request: EvalRequest | None = None) -> RunSummary:
     import torch
 
     from oneday.models.build import build_model, param_groups
@@ -262,6 +268,8 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     store = CheckpointStore(paths.checkpoints, keep=spec.keep_checkpoints)
     charged_before, resume_step = prior_wall(store, ledger)
     reserve = costs.final_save_seconds(param_count)
+    bench_reserve = _benchmark_reserve(plan, eval_request) if rank0 else 0.0
+    reserve += bench_reserve
     budget_start = session.process_start + prep_seconds - charged_before
     deadline = budget_start + spec.budget_seconds - reserve
     if deadline <= clock():
@@ -347,7 +355,50 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     summary = build_summary(session, result, prep_seconds=prep_seconds, wall=charged(), run_id=tracker.run_id,
                             tracking_error=tracker.error)
     write_atomic(paths.summary, summary.to_json())  # last: the wall time it records is the run's real one
+    if eval_request is not None:
+        _run_benchmarks(paths.root, eval_request, device=session.device_name, interrupted=result.interrupted,
+                        within_budget=bench_reserve > 0, charged=charged, budget_seconds=spec.budget_seconds)
     return summary
+
+
+def _benchmark_reserve(plan: Plan, request: EvalRequest | None) -> float:
+    """Seconds kept free for `--eval` benchmarks after the final save: their estimate when it fits the budget's
+    share for them, else 0 (they then run after the deadline; said now, before training)."""
+    if request is None:
+        return 0.0
+    from oneday.evaluate.tasks import is_task_path
+
+    seconds = costs.benchmark_seconds(request.tasks, limit=request.limit,
+                                      forward_tokens_per_s=costs.forward_tokens_per_s(plan.prediction.tokens_per_s),
+                                      task_index=not all(is_task_path(task) for task in request.tasks))
+    if seconds <= costs.MAX_BENCHMARK_SHARE * plan.train.budget_seconds:
+        log.info("--eval %s: ~%.0f s kept at the end of the budget for the benchmarks (training stops that much "
+                 "earlier)", ",".join(request.tasks), seconds)
+        return seconds
+    log.warning("--eval %s: the benchmarks (~%.0f s) take more than %.0f%% of the budget; they run after the "
+                "deadline, outside it (--eval-limit N scores fewer items)", ",".join(request.tasks), seconds,
+                100 * costs.MAX_BENCHMARK_SHARE)
+    return 0.0
+
+
+def _run_benchmarks(root: Path, request: EvalRequest, *, device: str, interrupted: bool, within_budget: bool,
+                    charged: Callable[[], float], budget_seconds: float) -> None:
+    """`oneday eval` on the run just saved. A failure (the tasks' data not cached offline) costs a warning, never
+    the finished run: `oneday eval RUN` scores it later."""
+    from oneday.evaluate.harness import evaluate_run
+
+    if interrupted:
+        log.warning("--eval: the run was interrupted; no benchmarks (run `oneday eval %s` after it finishes)", root)
+        return
+    try:
+        result = evaluate_run(root, tasks=request.tasks, limit=request.limit, device=device)
+    except UserError as exc:
+        log.warning("--eval: no benchmarks (%s); `oneday eval %s` scores the model later", exc, root)
+        return
+    spent = charged()
+    where = "inside the budget" if within_budget and spent <= budget_seconds + 1.0 else "after the deadline"
+    log.info("benchmarks scored %s in %.0f s (%s: %.0f s charged of %.0f s); %s", ",".join(request.tasks),
+             result.seconds + result.load_seconds, where, spent, budget_seconds, root / "eval.json")
 
 
 class _ResumeLog:

@@ -75,8 +75,14 @@ def comparison_table(comparison: Any) -> Table:
     table.add_column("run", min_width=10, overflow="fold")
     for header in ("budget", "N", "tokens", "pred\ntokens", "val\nloss", "pred\nloss", "gap", "bpb", "MFU", "tok/s"):
         table.add_column(header, justify="right", no_wrap=True, style="dim" if header.startswith("pred") else None)
+    # `oneday eval` scores: one column per benchmark task any row has, its headline metric (acc_norm, acc, ...)
+    tasks = sorted({key.split("/", 1)[0] for row in comparison.rows for key in row.benchmarks})
+    for task in tasks:
+        table.add_column(task.replace("_", "\n", 1), justify="right", no_wrap=True)
     for row in comparison.rows:
         style = "bold green" if best is not None and row.run_id == best.run_id else None
+        scores = [row.benchmark(task) for task in tasks]
+        cells = ["" if score is None else f"{score[1]:.3f}" for score in scores]
         name = row.name if row.kind == "run" else f"{row.name} ({row.kind})"
         if row.status and row.status not in ("FINISHED",):
             name += f" [{row.status.lower()}]"
@@ -84,7 +90,7 @@ def comparison_table(comparison: Any) -> Table:
             name, _hours(row.budget_hours), _count(row.params_scaling), _count(row.tokens),
             _count(row.predicted_tokens), number_or(row.val_loss, ".3f", ""), number_or(row.predicted_loss, ".3f", ""),
             number_or(row.gap_loss, "+.3f", ""), number_or(row.val_bpb, ".3f", ""),
-            "" if row.mfu is None else f"{100 * row.mfu:.1f}%", _count(row.tokens_per_s), style=style,
+            "" if row.mfu is None else f"{100 * row.mfu:.1f}%", _count(row.tokens_per_s), *cells, style=style,
         )
     return table
 

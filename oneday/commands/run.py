@@ -174,6 +174,12 @@ def run(
                            "finished one) and start fresh; or train in a non-empty folder beside its files; "
                            "or run a what-if plan on other hardware.")
     ] = False,
+    eval_tasks: Annotated[str | None, typer.Option(
+        "--eval", help="After the final save, score the model on these lm_eval benchmarks (comma-separated, as "
+                       "`oneday eval --tasks`; 'default' for the default set): inside the budget when they fit "
+                       "a quarter of it, else after the deadline.")] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="Items per --eval task (default: all).")
+                          ] = None,
 ) -> None:
     """Train the planned model until the budget runs out; rerun the same command to resume."""
     from oneday.errors import UserError
@@ -183,10 +189,18 @@ def run(
 
     if device is not None and device not in ("cpu", "cuda"):
         raise UserError(f"--device: must be cpu or cuda, got {device!r}")
+    request = None
+    if eval_tasks is not None or eval_limit is not None:
+        from oneday.evaluate.harness import check_eval_request
+        from oneday.evaluate.tasks import parse_task_list
+
+        request = check_eval_request(parse_task_list(None if eval_tasks in (None, "default") else eval_tasks),
+                                     limit=eval_limit)
     loaded = load_plan(plan)
     with RunView() as view:
         summary = run_plan(loaded, run_dir=run_dir, device=device, threads=threads, tracking_uri=tracking_uri,
-                           experiment=experiment, force=force, observer=view, process_start=process_start_time())
+                           experiment=experiment, force=force, observer=view, process_start=process_start_time(),
+                           eval_request=request)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         _end_process(130 if summary.interrupted else 0)
         return
@@ -196,6 +210,14 @@ def run(
     if summary.model_dir:
         console.print(f"model:   {summary.model_dir}")
     console.print(f"summary: {Path(summary.run_dir) / 'summary.json'}")
+    if request is not None:
+        from oneday.commands.eval import scores_table
+        from oneday.evaluate.harness import read_scores
+
+        scores = read_scores(summary.run_dir)
+        if scores:
+            console.print(scores_table("benchmarks (lm-evaluation-harness)", scores))
+            console.print(f"scores:  {Path(summary.run_dir) / 'eval.json'}")
     if summary.mlflow_run_id:
         console.print(f"MLflow:  run {summary.mlflow_run_id} in {summary.mlflow_experiment} ({summary.tracking_uri})")
     elif summary.tracking_error:

@@ -62,9 +62,18 @@ class RunRow:
     device: str | None = None
     version: str | None = None
     parent_run_id: str | None = None
+    benchmarks: dict[str, float] = field(default_factory=dict)  # "<task>/<metric>" from `oneday eval`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def benchmark(self, task: str) -> tuple[str, float] | None:
+        """The headline score of a benchmark task (acc_norm, else acc, else perplexity) and its metric."""
+        for metric in ("acc_norm", "acc", "perplexity"):
+            value = self.benchmarks.get(f"{task}/{metric}")
+            if value is not None:
+                return metric, value
+        return None
 
 
 def _int(value: Any) -> int | None:
@@ -105,6 +114,9 @@ def row_from_record(record: RunRecord) -> RunRow:
         gap_tokens=gap_tokens, mfu=finite_or_none(m.get(names.METRIC_MFU)),
         tokens_per_s=finite_or_none(m.get(names.METRIC_TOKENS_PER_S)), plan_hash=t.get(names.TAG_PLAN_HASH),
         device=t.get(names.TAG_DEVICE), version=t.get(names.TAG_VERSION), parent_run_id=t.get(names.TAG_MLFLOW_PARENT),
+        benchmarks={key[len(names.METRIC_EVAL_PREFIX):]: value for key, value in m.items()
+                    if key.startswith(names.METRIC_EVAL_PREFIX) and not key.endswith("_stderr")
+                    and finite_or_none(value) is not None},
     )
 
 

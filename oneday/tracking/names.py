@@ -63,6 +63,7 @@ METRIC_PREDICTED_LOSS = "predicted/loss"
 METRIC_PREDICTED_TOKENS = "predicted/tokens"
 METRIC_GAP_LOSS = "gap/loss"  # achieved − predicted, logged at the end
 METRIC_GAP_TOKENS = "gap/tokens"
+METRIC_EVAL_PREFIX = "eval/"  # `oneday eval`: eval/<task>/<metric> (lm-evaluation-harness scores)
 METRICS = (
     METRIC_TRAIN_LOSS, METRIC_VAL_LOSS, METRIC_VAL_BPB, METRIC_LR, METRIC_TOKENS, METRIC_TOKENS_PER_S,
     METRIC_MFU, METRIC_GRAD_NORM, METRIC_BUDGET_FRACTION, METRIC_EPOCH, METRIC_PREDICTED_LOSS,
