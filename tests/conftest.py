@@ -1,6 +1,8 @@
 """Shared test setup, so that `python -m pytest` alone is the whole test command (README and CI run the same line).
 
 - Never touch the network: hub look-ups fail at once instead of retrying for ~47 s.
+- Never write into the user's caches: `datasets` (lm-eval loads local task files through it) caches in a
+  temporary folder removed at exit.
 - One torch/OpenMP thread: the suite runs tiny models on shared 2-core machines, where two threads can be several
   times slower than one under load; subprocesses the tests start (`oneday run`, torchrun) inherit the same.
 Set here, before any test module imports huggingface_hub, datasets, transformers or torch.
@@ -8,14 +10,19 @@ Set here, before any test module imports huggingface_hub, datasets, transformers
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+os.environ["HF_DATASETS_CACHE"] = _datasets_cache = tempfile.mkdtemp(prefix="oneday-tests-datasets-")
+atexit.register(shutil.rmtree, _datasets_cache, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)
