@@ -6,7 +6,8 @@ Prints, section by section (each section reports FAILED with its reason and the 
    datasheet peak (`oneday.devices` table) next to a measured matmul's FLOP/s, NVML's limits and live readings
    (temperature, power draw, clocks, utilization);
 2. sdpa — whether scaled-dot-product attention takes the flash kernel with the model as oneday builds it
-   (`models.build.build_model`, SDPA attention) under `torch.compile` and bf16 autocast: one training step with
+   (`models.build.build_model`, SDPA attention) under `torch.compile` and bf16 autocast (fp16 with a grad scaler
+   on a GPU without bf16): one training step with
    SDPA restricted to FLASH_ATTENTION (`torch.nn.attention.sdpa_kernel`; it raises if the model's call cannot use
    flash, e.g. an explicit mask), and the kernel names the profiler sees in an unrestricted step;
 3. nan — a NaN loss injected at two steps (`oneday.runner.faults`, the run's own hook) of a bf16 run through the
@@ -133,6 +134,16 @@ def tflops(x: float | None) -> str:
     return "?" if x is None else f"{x / 1e12:.1f} TFLOP/s"
 
 
+def run_precision(device: str) -> str:
+    """The precision a plan trains in here: bf16 on GPUs that have it, fp16 (with a grad scaler) below compute
+    capability 8.0, fp32 on the CPU (`planner.policy.setup_for`)."""
+    import torch
+
+    if device != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
+
+
 def missing_packages() -> dict[str, str]:
     """The optional packages that cannot be imported here, with what goes without them."""
     missing = {}
@@ -183,7 +194,7 @@ def check_probe(report: Report, *, device: str) -> tuple[Any, float]:
     from oneday.planner.hardware import probe_hardware, resolve_peak_flops
 
     hw = probe_hardware(device)
-    dtype = "bf16" if hw.device == "cuda" else "fp32"
+    dtype = run_precision(hw.device)
     report.line("device", hw.device, f"{hw.device}: {hw.count}× {hw.name}")
     report.line("memory_bytes", hw.memory_bytes, f"{gib(hw.memory_bytes)} total, {gib(hw.free_memory_bytes)} free")
     report.line("compute_capability", hw.compute_capability)
@@ -216,17 +227,17 @@ def check_sdpa(report: Report, *, device: str, compile_: bool, shape: tuple[int,
     from oneday.models.build import build_model, param_groups
     from oneday.models.spec import ModelSpec
     from oneday.planner.ladder import swiglu_ff
-    from oneday.runner.step import LMLoss, TrainStep, autocast, make_optimizer
+    from oneday.runner.step import LMLoss, TrainStep, autocast, grad_scaler, make_optimizer
 
     layers, width = shape
     spec = ModelSpec(n_layer=layers, d_model=width, n_head=width // 64 if width >= 128 else 2,
                      d_ff=swiglu_ff(width), vocab_size=vocab, seq_len=seq_len)
     model = build_model(spec, seed=0, device=device)
-    precision = "bf16" if device == "cuda" else "fp32"
+    precision = run_precision(device)
     optimizer = make_optimizer(param_groups(model, spec, lr=1e-4, weight_decay=0.1), lr=1e-4, betas=(0.9, 0.95))
     net = torch.compile(LMLoss(model)) if compile_ else LMLoss(model)
     step = TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=1.0,
-                     precision=autocast(device, precision))
+                     precision=autocast(device, precision), scaler=grad_scaler(device, precision))
     batch = torch.randint(0, vocab, (2, seq_len + 1), device=device)
     report.line("model", spec.label(), f"{spec.label()} seq {seq_len} (head size {spec.head_dim}), {precision}, "
                 f"{'torch.compile' if compile_ else 'eager (dry run: no compile)'}")
@@ -290,18 +301,18 @@ def check_nan_skip(report: Report, *, device: str, vocab: int, seq_len: int) -> 
     from oneday.models.build import build_model, param_groups
     from oneday.models.spec import ModelSpec
     from oneday.runner.faults import INJECT_NAN_ENV, PoisonedLoss, nan_steps_from_env
-    from oneday.runner.step import LMLoss, TrainStep, autocast, make_optimizer
+    from oneday.runner.step import LMLoss, TrainStep, autocast, grad_scaler, make_optimizer
 
     spec = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=384, vocab_size=vocab, seq_len=seq_len)
     model = build_model(spec, seed=0, device=device)
-    precision = "bf16" if device == "cuda" else "fp32"
+    precision = run_precision(device)
     optimizer = make_optimizer(param_groups(model, spec, lr=1e-3, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.95))
     with _env(INJECT_NAN_ENV, ",".join(str(s) for s in NAN_STEPS)):
         poisoned = nan_steps_from_env()
     assert poisoned is not None
     net = PoisonedLoss(LMLoss(model), poisoned, first_step=0, grad_accum=1)
     step = TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=1.0,
-                     precision=autocast(device, precision))
+                     precision=autocast(device, precision), scaler=grad_scaler(device, precision))
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (4, seq_len + 1), generator=gen).to(device) for _ in range(NAN_TOTAL_STEPS)]
     params = list(model.parameters())
@@ -348,8 +359,10 @@ def check_nan_skip(report: Report, *, device: str, vocab: int, seq_len: int) -> 
     steps = sorted({int(optimizer.state[p]["step"]) for p in params})
     report.line("optimizer_step", steps, f"{steps} (expected [{NAN_TOTAL_STEPS - len(NAN_STEPS)}]: "
                 f"{NAN_TOTAL_STEPS} steps, {len(NAN_STEPS)} skipped)")
-    if skipped != list(NAN_STEPS) or not all(unchanged.values()) or not finite or \
-            steps != [NAN_TOTAL_STEPS - len(NAN_STEPS)]:
+    expected = NAN_TOTAL_STEPS - len(NAN_STEPS)
+    # fp16: the grad scaler also skips the steps whose scaled gradients overflow while it finds its scale
+    steps_ok = steps == [expected] or (precision == "fp16" and len(steps) == 1 and steps[0] <= expected)
+    if skipped != list(NAN_STEPS) or not all(unchanged.values()) or not finite or not steps_ok:
         raise RuntimeError("a poisoned step was not skipped cleanly")
 
 
@@ -360,7 +373,7 @@ def time_one(report: Report, spec: Any, *, device: str, compile_: bool, peak: fl
     from oneday.planner.timing import measure_one
 
     activation_bytes = 2 if device == "cuda" else 4
-    timing = measure_one(spec, device=device, dtype="bf16" if device == "cuda" else "fp32", compile=compile_,
+    timing = measure_one(spec, device=device, dtype=run_precision(device), compile=compile_,
                          budget_seconds=seconds, memory_limit_bytes=memory_limit, activation_bytes=activation_bytes,
                          peak_flops=peak, reference=(), hard_deadline=None, clock=time.perf_counter,
                          micro_batch=micro_batch)

@@ -69,7 +69,10 @@ def reasons(
             "torch.compile" if setup.compile
             else f"no torch.compile (the budget is under {COMPILE_MIN_SECONDS / 60:.0f} min; compiling costs ~1 min)"
         )
-        lines.append(f"CUDA: {setup.dtype} {'autocast, ' if setup.dtype == 'bf16' else ''}TF32 matmuls, {compiled}.")
+        precision = {"bf16": "bf16 autocast, ",
+                     "fp16": "fp16 autocast with a grad scaler (this GPU has no bf16: compute capability < 8.0), "
+                     }.get(setup.dtype, f"{setup.dtype} ")
+        lines.append(f"CUDA: {precision}TF32 matmuls, {compiled}.")
     if gpu_count > 1:
         lines.append(
             f"{gpu_count} GPUs found; this plan is for one (tokens/s measured on one). Under torchrun with DDP "
