@@ -20,9 +20,9 @@ same loss, same optimizer kernel, same autocast, same clipping, same skip of a b
   normal business (its first steps find the scale), not bad steps: only a non-finite loss is flagged bad.
 - `TrainStep`: one optimizer step over `grad_accum` micro-batches of a batch of windows (seq_len + 1 tokens
   each): forward under autocast, backward of loss / grad_accum (DDP all-reduces gradients on the last
-  micro-step only), gradient clipping, the on-device bad-step flag (a non-finite loss or gradient norm, on
-  any rank) fed to the fused optimizer, the update. It returns [mean loss, gradient norm, bad] as a device
-  tensor: the host reads it only when it wants to (the loop every few steps).
+  micro-step only), gradient clipping, the on-device bad-step flag (a non-finite loss or gradient norm —
+  under fp16 the loss only —, on any rank) fed to the fused optimizer, the update. It returns [mean loss,
+  gradient norm, bad] as a device tensor: the host reads it only when it wants to (the loop every few steps).
 - `evaluate`: the mean next-token loss over fixed validation batches, no gradients (what an evaluation costs
   is what the probe times as the forward speed).
 """
@@ -61,7 +61,7 @@ def make_optimizer(param_groups: list[dict], *, lr: float, betas: tuple[float, f
 
 
 def autocast(device: str | torch.device, precision: str) -> Autocast:
-    """A factory of the autocast context for `precision` on `device`: bf16 on CUDA, else none."""
+    """A factory of the autocast context for `precision` on `device`: bf16 or fp16 on CUDA, else none."""
     if torch.device(device).type == "cuda" and precision in ("bf16", "fp16"):
         return partial(torch.autocast, "cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext
