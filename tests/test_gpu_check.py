@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ~20 s alone: a subprocess runs every section once
+
 ROOT = Path(__file__).resolve().parent.parent
 CLOSED_PORT = "http://127.0.0.1:9"  # MLflow unreachable: the run must not care
 
