@@ -34,8 +34,8 @@ Data travels with the check: prepare it on a CPU machine first, then pass the sa
 needs the source files only to compute that key). README.md, "Checking a GPU", says how to carry the data,
 the source tree and the missing wheels to a machine that cannot download.
 
-`--dry-run`: the same sections on the CPU with tiny shapes and no compile, in seconds; what needs CUDA (flash,
-the sync check, compile) is skipped and says so. tests/test_gpu_check.py runs it in CI.
+`--dry-run`: the same sections on the CPU with tiny shapes, no compile and a 20-step run, in seconds; what needs
+CUDA (flash, the sync check, compile) is skipped and says so. tests/test_gpu_check.py runs it in CI.
 
 Packages: torch, transformers, tokenizers, numpy, xxhash are needed; mlflow, optuna, datasets are not (without
 mlflow the run's tracking warns once and metrics.jsonl keeps everything; the check says which are missing).
@@ -79,6 +79,7 @@ SDPA_GPU_SHAPE = (2, 768)  # 12×768's attention (head size 64), 2 layers: two c
 GPU_SEQ_LEN, DRY_SEQ_LEN = 1024, 64
 GPU_VOCAB = 50304  # GPT-2's 50257 padded: 12×768 is then the ~124M of nanoGPT/llm.c
 DRY_VOCAB = 512
+DRY_RUN_STEPS = 20
 NAN_STEPS = (3, 5)  # 1-based, as ONEDAY_INJECT_NAN_AT_STEP counts
 NAN_TOTAL_STEPS = 6
 OPTIONAL_PACKAGES = {
@@ -422,6 +423,9 @@ def plan_e2e(report: Report, args: argparse.Namespace, *, device: str) -> Any:
 def run_e2e(report: Report, plan: Any, args: argparse.Namespace, *, device: str, work: Path) -> None:
     from oneday.runner.run import run_plan
 
+    if args.dry_run:  # the plumbing, not the budget: a fixed number of steps keeps the test short under load
+        plan = replace(plan, train=replace(plan.train, max_steps=DRY_RUN_STEPS))
+        print(f"   dry run: {DRY_RUN_STEPS} steps (train.max_steps), not the whole budget")
     if device == "cuda" and not plan.train.compile:
         plan = replace(plan, train=replace(plan.train, compile=True))
         print("   compile forced on (the planner compiles budgets >= 30 min only; its reserve has no compile "
@@ -455,7 +459,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-cache", default=None,
                         help="the cache folder `oneday data prepare --cache-dir` wrote (prepared beforehand)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="as given to `oneday data prepare`")
-    parser.add_argument("--minutes", type=float, default=None, help="the end-to-end budget (3; dry run 0.3)")
+    parser.add_argument("--minutes", type=float, default=None, help="the end-to-end budget (3; dry run 0.5)")
     parser.add_argument("--probe-seconds", type=float, default=None, help="the plan's probe time (planner's rule)")
     parser.add_argument("--shape-seconds", type=float, default=None, help="time slice per shape (20; dry run 1)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store of the run (default: sqlite in --work-dir)")
@@ -465,7 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     if args.minutes is None:
-        args.minutes = 0.3 if args.dry_run else 3.0
+        args.minutes = 0.5 if args.dry_run else 3.0
     if args.shape_seconds is None:
         args.shape_seconds = 1.0 if args.dry_run else 20.0
     if args.probe_seconds is None and args.dry_run:
