@@ -1,18 +1,24 @@
-"""Is the planned model size the right one? Train it and a grid of other sizes on the same budget.
+"""Is the planned model size the right one? Train it and a grid of other shapes on the same budget.
 
-Makes a real plan with `oneday.planner.make.make_plan` for a fixed CPU budget (default 5 minutes) and a data
-set, then trains the planned configuration and at least five other model sizes around it with `oneday run`
-(each a subprocess, as a user would run it): same data, same budget, same seed, same batch, LR and schedule —
-only the shape differs (the shapes come from the planner's own candidate ladder, extended when it is short).
-Prints validation loss and bits per byte per configuration, the planned one marked, and how far the plan's
-loss is from the best grid entry (goal: within 2%).
+Makes a real plan with `oneday.planner.make.make_plan` for a CPU budget (`--minutes`, default 5) and a data set
+(`--data`), then trains the planned configuration and a grid of other shapes with `oneday run` (each a
+subprocess, as a user would run it): same data, same budget, same batch, LR and schedule — only the shape and
+the seed differ. The grid brackets the plan on both axes: one shape shallower and one deeper at the planned
+width, one narrower and one wider at the planned depth (`bracket_shapes`), plus `--alternatives` others nearest
+in size from the planner's own candidate ladder. Every grid point is the mean of `--seeds` runs (at least 2;
+seeds plan.seed, plan.seed + 1, ...: weights and data order differ), each scored by its final evaluation on
+`--val-tokens` validation tokens (default 65,536, or what the corpus has; evaluations during the run are off so
+that only the final one costs time, the same for every point). Prints validation loss (mean ± spread over the
+seeds) and bits per byte per shape, the planned one marked, and the planned configuration's gap to the grid's
+best mean in % (goal: within 2%).
 
     python bench/plan_quality.py                               # 5 minutes per run, the default corpus
     python bench/plan_quality.py --minutes 3 --threads 1 --workdir /tmp/pq
+    python bench/plan_quality.py --minutes 0.5 --alternatives 0 --threads 1   # the smallest grid: 5 shapes × 2
 
 The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
-this repository); pass `--data` anywhere else. The whole benchmark takes about (1 + number of configurations) ×
-the budget. Runs share the machine with nothing else only if you make it so: on a loaded 2-core machine, use
+this repository); pass `--data` anywhere else. The whole benchmark takes about (1 + shapes × seeds) × the
+budget. Runs share the machine with nothing else only if you make it so: on a loaded 2-core machine, use
 --threads 1.
 """
 
@@ -37,23 +43,46 @@ from oneday.planner.ladder import candidate_shapes, swiglu_ff  # noqa: E402
 from oneday.planner.make import make_plan  # noqa: E402
 
 
+def _reshape(spec: ModelSpec, *, n_layer: int, d_model: int) -> ModelSpec:
+    """`spec` at another depth and width: head size 64 (as the ladder), or one head below 64 wide."""
+    return replace(spec, n_layer=n_layer, d_model=d_model, n_head=max(1, d_model // 64), d_ff=swiglu_ff(d_model))
+
+
+def bracket_shapes(chosen: ModelSpec) -> list[ModelSpec]:
+    """One shape shallower and one deeper at the planned width, one narrower and one wider at the planned depth:
+    about a third of the depth (at least one layer) and a quarter of the width (a multiple of 32) each way. A
+    one-layer plan has no shallower shape; a 32-wide one no narrower."""
+    layers, width = chosen.n_layer, chosen.d_model
+    step_l = max(1, round(layers / 3))
+    step_w = max(32, round(width / 4 / 32) * 32)
+    out = [_reshape(chosen, n_layer=layers + step_l, d_model=width),
+           _reshape(chosen, n_layer=layers, d_model=width + step_w)]
+    if layers - step_l >= 1:
+        out.append(_reshape(chosen, n_layer=layers - step_l, d_model=width))
+    if width - step_w >= 32:
+        out.append(_reshape(chosen, n_layer=layers, d_model=width - step_w))
+    return out
+
+
 def grid_shapes(plan: Plan, *, count: int) -> list[ModelSpec]:
-    """The planned shape and `count` others nearest to it in size, from the planner's ladder (extended)."""
+    """The planned shape, its `bracket_shapes`, and `count` others nearest to it in size from the planner's ladder
+    (its candidates, extended), sorted by size."""
     chosen = plan.model
-    shapes = {
-        (c.n_layer, c.d_model): replace(chosen, n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head,
-                                        d_ff=swiglu_ff(c.d_model))
-        for c in plan.candidates
+    key = (chosen.n_layer, chosen.d_model)
+    grid = {(s.n_layer, s.d_model): s for s in bracket_shapes(chosen)}
+    pool = {
+        (c.n_layer, c.d_model): _reshape(chosen, n_layer=c.n_layer, d_model=c.d_model) for c in plan.candidates
     }
     n = chosen.params_scaling()
     for spec in candidate_shapes(vocab_size=plan.data.vocab_size, seq_len=chosen.seq_len, min_params=n / 8,
                                  max_params=n * 16):
-        shapes.setdefault((spec.n_layer, spec.d_model), replace(chosen, n_layer=spec.n_layer, d_model=spec.d_model,
-                                                                 n_head=spec.n_head, d_ff=spec.d_ff))
-    shapes.pop((chosen.n_layer, chosen.d_model), None)
+        pool.setdefault((spec.n_layer, spec.d_model), _reshape(chosen, n_layer=spec.n_layer, d_model=spec.d_model))
+    for k in [*grid, key]:
+        pool.pop(k, None)
     # Nearest in log-size, so the grid brackets the plan on both sides where the ladder allows.
-    others = sorted(shapes.values(), key=lambda s: abs(math.log(s.params_scaling() / n)))[:count]
-    return sorted([chosen, *others], key=lambda s: s.params_scaling())
+    for spec in sorted(pool.values(), key=lambda s: abs(math.log(s.params_scaling() / n)))[:count]:
+        grid[(spec.n_layer, spec.d_model)] = spec
+    return sorted([chosen, *grid.values()], key=lambda s: (s.params_scaling(), s.n_layer))
 
 
 def run(plan: Plan, *, workdir: Path, threads: int | None) -> dict:
@@ -76,44 +105,81 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="budget of every run (default 5)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--alternatives", type=int, default=5, help="other sizes to train (default 5)")
+    parser.add_argument("--alternatives", type=int, default=3,
+                        help="shapes nearest in size besides the four bracketing ones (default 3)")
+    parser.add_argument("--seeds", type=int, default=2, help="runs per grid point, averaged (at least 2; default 2)")
+    parser.add_argument("--val-tokens", type=int, default=65536,
+                        help="validation tokens each run is scored on (default 65,536, or what the corpus has)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every run (default: plan's)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error(f"--seeds: at least 2 (a grid point is a mean over seeds), got {args.seeds}")
+    if args.val_tokens < 1 or args.alternatives < 0:
+        parser.error("--val-tokens must be >= 1 and --alternatives >= 0")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="oneday-plan-quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     plan = make_plan(hours=args.minutes / 60, data=args.data, vocab_size=args.vocab_size, device="cpu",
                      name="planned", cache_dir=workdir / "cache", command="bench/plan_quality.py")
+    val_tokens = min(args.val_tokens, plan.data.val_tokens)
+    # only the final evaluation, on the same validation tokens for every run
+    train = replace(plan.train, eval_tokens=val_tokens, eval_every_seconds=plan.train.budget_seconds)
     if args.threads:
-        plan = replace(plan, train=replace(plan.train, threads=args.threads))
+        train = replace(train, threads=args.threads)
+    plan = replace(plan, train=train)
     print(f"plan made in {time.monotonic() - started:.1f} s: {plan.model.n_layer}x{plan.model.d_model} "
           f"({plan.model.params_scaling() / 1e6:.2f}M N), {plan.train.tokens_per_step()} tokens/step, "
-          f"lr {plan.train.lr:.3g}, predicted {plan.prediction.tokens:,} tokens; workdir {workdir}", flush=True)
+          f"lr {plan.train.lr:.3g}, predicted {plan.prediction.tokens:,} tokens; scored on {val_tokens:,} "
+          f"validation tokens (asked {args.val_tokens:,}; the corpus has {plan.data.val_tokens:,}); "
+          f"workdir {workdir}", flush=True)
 
+    shapes = grid_shapes(plan, count=args.alternatives)
+    for axis, below in (("depth", plan.model.n_layer == 1), ("width", plan.model.d_model - 32 < 32)):
+        if below:
+            print(f"note: no shape below the plan's {axis} exists ({plan.model.label()}): the grid reaches above only")
+    seeds = [plan.train.seed + k for k in range(args.seeds)]
+    print(f"grid: {len(shapes)} shapes × {len(seeds)} seeds = {len(shapes) * len(seeds)} runs of "
+          f"{args.minutes:g} min", flush=True)
     rows = []
-    for spec in grid_shapes(plan, count=args.alternatives):
+    for spec in shapes:
         planned = spec == plan.model
         name = "planned" if planned else f"grid-{spec.n_layer}x{spec.d_model}"
-        variant = replace(plan, name=name, model=spec)
-        summary = run(variant, workdir=workdir, threads=args.threads)
-        rows.append((spec, planned, summary))
-        print(f"  {name:>16}: val loss {summary['final_val_loss']:.4f}, {summary['tokens']:,} tokens "
-              f"in {summary['bench_wall_seconds']:.0f} s", flush=True)
+        runs = []
+        for seed in seeds:
+            variant = replace(plan, name=f"{name}-seed{seed}", model=spec, train=replace(plan.train, seed=seed))
+            summary = run(variant, workdir=workdir, threads=args.threads)
+            runs.append(summary)
+            print(f"  {name:>16} seed {seed}: val loss {summary['final_val_loss']:.4f}, {summary['tokens']:,} tokens "
+                  f"in {summary['bench_wall_seconds']:.0f} s", flush=True)
+        rows.append((spec, planned, runs))
 
-    best = min(r[2]["final_val_loss"] for r in rows)
-    print(f"\n{'shape':>9} {'N':>8} {'total':>8} {'tokens':>11} {'tok/s':>8} {'val loss':>9} {'bpb':>7}  note")
-    for spec, planned, s in rows:
-        notes = [n for n, on in (("<- planned", planned), ("best", s["final_val_loss"] == best)) if on]
+    def mean(runs: list[dict], key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    best = min(mean(runs, "final_val_loss") for _, _, runs in rows)
+    print(f"\n{'shape':>9} {'N':>8} {'total':>8} {'tokens':>11} {'tok/s':>8} {'val loss (mean ± half-range)':>29} "
+          f"{'bpb':>7}  note")
+    for spec, planned, runs in rows:
+        loss = mean(runs, "final_val_loss")
+        spread = (max(r["final_val_loss"] for r in runs) - min(r["final_val_loss"] for r in runs)) / 2
+        side = []
+        if spec != plan.model:
+            side = [f"{'deeper' if spec.n_layer > plan.model.n_layer else 'shallower'}"
+                    if spec.n_layer != plan.model.n_layer else "",
+                    f"{'wider' if spec.d_model > plan.model.d_model else 'narrower'}"
+                    if spec.d_model != plan.model.d_model else ""]
+        notes = [n for n, on in (("<- planned", planned), ("best", loss == best)) if on] + [s for s in side if s]
         n, total = spec.params_scaling() / 1e6, spec.params_total() / 1e6
-        print(f"{spec.n_layer:>3}x{spec.d_model:<5} {n:>7.2f}M {total:>7.2f}M "
-              f"{s['tokens']:>11,} {s['mean_tokens_per_s']:>8,.0f} {s['final_val_loss']:>9.4f} "
-              f"{s['final_val_bpb']:>7.4f}  {' '.join(notes)}")
-    planned_loss = next(s["final_val_loss"] for _, p, s in rows if p)
+        print(f"{spec.n_layer:>3}x{spec.d_model:<5} {n:>7.2f}M {total:>7.2f}M {mean(runs, 'tokens'):>11,.0f} "
+              f"{mean(runs, 'mean_tokens_per_s'):>8,.0f} {loss:>20.4f} ± {spread:.4f} "
+              f"{mean(runs, 'final_val_bpb'):>7.4f}  {' '.join(notes)}")
+    planned_loss = next(mean(runs, "final_val_loss") for _, p, runs in rows if p)
     gap = planned_loss / best - 1
-    print(f"\nplanned {planned_loss:.4f} vs best {best:.4f}: {gap:+.2%} (goal within 2%: "
-          f"{'met' if gap <= 0.02 else 'NOT met'}); total {time.monotonic() - started:.0f} s")
+    print(f"\nplanned {planned_loss:.4f} vs the grid's best {best:.4f} (means over {len(seeds)} seeds): gap "
+          f"{gap:+.2%} (goal within 2%: {'met' if gap <= 0.02 else 'NOT met'}); "
+          f"total {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

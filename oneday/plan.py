@@ -64,7 +64,7 @@ class HardwareInfo:
     memory_bytes: int
     peak_flops: float
     peak_flops_source: str
-    dtype: Literal["bf16", "fp32"]
+    dtype: Literal["bf16", "fp16", "fp32"]
     torch_version: str
     threads: int = 1
     free_memory_bytes: int | None = None
@@ -134,7 +134,8 @@ class TrainSpec:
     planned_tokens: int
     planned_steps: int
     device: Literal["cuda", "cpu"] = "cpu"
-    precision: Literal["bf16", "fp32"] = "fp32"
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """fp16: autocast with a grad scaler, for GPUs without bf16 (compute capability < 8.0)."""
     compile: bool = False
     threads: int | None = None
     optimizer: Literal["adamw"] = "adamw"
@@ -198,6 +199,8 @@ class TrainSpec:
             f"{p}.precision",
             "bf16 on CPU is ~50x slower than fp32 on these machines; use fp32",
         )
+        _require(not (self.device == "cpu" and self.precision == "fp16"), f"{p}.precision",
+                 "fp16 (with a grad scaler) is for GPUs without bf16; use fp32 on the CPU")
 
     def reserve_seconds(self) -> float:
         """The run's budget that is not training: start-up, compile, evaluations, checkpoints, the final save."""

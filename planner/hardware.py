@@ -354,15 +354,6 @@ def _cpu_probe(notes: list[str], torch_info: dict[str, Any]) -> HardwareProbe:
 BF16_MIN_CAPABILITY = (8, 0)  # bf16 tensor cores arrived with Ampere (compute capability 8.0)
 
 
-def _no_bf16(name: str, capability: tuple[int, int]) -> str:
-    """Why a GPU without bf16 is not used: oneday trains in bf16 on GPUs (`runner.step.autocast`) and has no
-    fp16 + GradScaler path yet."""
-    return (
-        f"{name} (compute capability {capability[0]}.{capability[1]}) has no bf16: oneday trains in bf16 on GPUs; "
-        "fp16 with a grad scaler is not supported yet; use --device cpu or a GPU with compute capability >= 8.0"
-    )
-
-
 def _is_mig(nvml_says: bool, *names: str) -> bool:
     """A MIG slice: NVML says so (a MIG device handle, or MIG mode on the whole GPU), CUDA_VISIBLE_DEVICES
     names a MIG UUID, or the device name carries MIG ("NVIDIA H100 80GB HBM3 MIG 1g.10gb")."""
@@ -377,9 +368,10 @@ def probe_hardware(device: str = "auto") -> HardwareProbe:
     """Describe the GPU torch trains on (NVML's facts, matched by UUID, completed by torch's) or, without
     one, the CPU.
 
-    device="auto": the GPU when torch can drive it and it has bf16, else the CPU (with a note saying why).
+    device="auto": the GPU when torch can drive it, else the CPU (with a note saying why). A GPU without bf16
+    (compute capability < 8.0: V100, T4) trains in fp16 with a grad scaler (`bf16_supported` False; a note says so).
     NVML missing or failing is no reason to plan for the CPU: torch's facts describe the GPU then.
-    device="cuda": the GPU; UserError when there is none, or when it has no bf16; if torch cannot drive it
+    device="cuda": the GPU; UserError when there is none; if torch cannot drive it
     the probe still describes it and a note says so (`torch_cuda_available` is False). device="cpu": the
     CPU, whatever else is present.
     """
@@ -435,12 +427,10 @@ def probe_hardware(device: str = "auto") -> HardwareProbe:
         notes.append(f"Found {gpu['count']}× {name}, but {why}: training on it will fail.")
 
     capability = (torch_gpu.capability if torch_gpu else None) or gpu["capability"]
-    if capability is not None and capability < BF16_MIN_CAPABILITY:
-        if device == "cuda":
-            raise UserError(f"--device cuda: {_no_bf16(name, capability)}")
-        notes.append(f"{name} (compute capability {capability[0]}.{capability[1]}) has no bf16 and oneday trains "
-                     "in bf16 on GPUs (fp16 with a grad scaler is not supported yet): planning for the CPU.")
-        return _cpu_probe(notes, torch_info)
+    bf16 = capability is not None and capability >= BF16_MIN_CAPABILITY
+    if capability is not None and not bf16:
+        notes.append(f"{name} (compute capability {capability[0]}.{capability[1]}) has no bf16: training in fp16 "
+                     "autocast with a grad scaler.")
 
     count = gpu["count"]
     if torch_info["cuda_count"] is not None and torch_info["cuda_count"] != count:
@@ -466,7 +456,7 @@ def probe_hardware(device: str = "auto") -> HardwareProbe:
         driver_version=gpu["driver"],
         cuda_version=gpu["cuda"],
         compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
-        bf16_supported=capability is not None,  # a known capability below 8.0 was refused above
+        bf16_supported=bf16,  # torch >= 2.4 says True on a V100 too (emulation): the capability decides
         sm_count=sm_count,
         mig=mig,
         **_host(torch_info, notes),

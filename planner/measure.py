@@ -387,14 +387,16 @@ def scale_compile_seconds(seconds: float, measured: ModelSpec, target: ModelSpec
 def _check_settings(*, device: str, dtype: str) -> None:
     if device not in ("cpu", "cuda"):
         raise UserError(f"device {device!r}: expected cpu or cuda")
-    if dtype not in ("bf16", "fp32"):
-        raise UserError(f"dtype {dtype!r}: expected bf16 or fp32")
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"dtype {dtype!r}: expected bf16, fp16 or fp32")
     if device == "cpu" and dtype == "bf16":
         raise UserError("bf16 on the CPU is ~50x slower than fp32 here; measure in fp32")
+    if device == "cpu" and dtype == "fp16":
+        raise UserError("fp16 (with a grad scaler) is for GPUs without bf16; measure the CPU in fp32")
 
 
 def _activation_bytes(dtype: str) -> int:
-    return 2 if dtype == "bf16" else 4
+    return 2 if dtype in ("bf16", "fp16") else 4
 
 
 def _fits_estimate(spec: ModelSpec, *, device: str, memory_limit_bytes: float, activation_bytes: int, scale: float,

@@ -1,6 +1,7 @@
 """The defaults that follow from the device and the budget, before anything is measured (pure).
 
-- dtype / compile: CUDA — bf16 autocast (the probe refuses a GPU without bf16), `torch.compile` when the budget is at
+- dtype / compile: CUDA — bf16 autocast (fp16 with a grad scaler on a GPU without bf16, compute capability < 8.0;
+  fp32 when the capability is unknown), `torch.compile` when the budget is at
   least `COMPILE_MIN_SECONDS` (30 min: a ~60 s compile is then ≤ 3% of the budget); CPU — fp32, no compile (bf16
   is ~50× slower on CPUs without AVX-512 BF16/AMX; compiling takes 60–90 s with no steady-state gain;
   docs/design.md, Measured facts).
@@ -100,7 +101,8 @@ class Setup:
 def setup_for(probe: Any, *, budget_seconds: float, probe_seconds: float | None) -> Setup:
     device = probe.device
     if device == "cuda":
-        dtype = "bf16" if probe.bf16_supported else "fp32"
+        # no bf16 below compute capability 8.0 (V100, T4): fp16 autocast with a grad scaler; unknown: fp32
+        dtype = "bf16" if probe.bf16_supported else "fp16" if probe.compute_capability else "fp32"
         compile_ = budget_seconds >= COMPILE_MIN_SECONDS
         threads = None
         free = probe.free_memory_bytes or probe.memory_bytes

@@ -80,7 +80,10 @@ def reasons(
             "torch.compile" if setup.compile
             else f"no torch.compile (the budget is under {COMPILE_MIN_SECONDS / 60:.0f} min; compiling costs ~1 min)"
         )
-        lines.append(f"CUDA: {setup.dtype} {'autocast, ' if setup.dtype == 'bf16' else ''}TF32 matmuls, {compiled}.")
+        precision = {"bf16": "bf16 autocast, ",
+                     "fp16": "fp16 autocast with a grad scaler (this GPU has no bf16: compute capability < 8.0), "
+                     }.get(setup.dtype, f"{setup.dtype} ")
+        lines.append(f"CUDA: {precision}TF32 matmuls, {compiled}.")
     if ranks > 1:
         lines.append(
             f"Planned for {ranks} GPUs, data parallel: {ranks} × one GPU's tokens/s × {dp_efficiency:.0%} "

@@ -145,7 +145,7 @@ def choose_with_reserves(ladder: list[ModelSpec], *, start: ModelSpec, cadence_f
         decision = choose(
             candidates=ladder, throughput=throughput, train_seconds=reserve.train_seconds(),
             unique_tokens=float(prepared.train_tokens), memory_limit_bytes=setup.memory_limit_bytes,
-            activation_bytes=2 if setup.dtype == "bf16" else 4, law=law, band_law=band_law,
+            activation_bytes=2 if setup.dtype in ("bf16", "fp16") else 4, law=law, band_law=band_law,
         )
         if decision.chosen().spec == ref:
             break

@@ -32,10 +32,11 @@ Memory recorded: CUDA — `torch.cuda.max_memory_allocated` over the timed steps
 estimate at the micro-batch used (`ShapeTiming.memory_source` says which): the process's RSS moves with
 the allocator and with other threads, the estimate is calibrated to within ~15% (see ModelSpec).
 
-Dtype and compile: CUDA runs under bf16 autocast (fp32 weights and optimizer state) with TF32 matmuls,
-fused AdamW, and `torch.compile` when the run will compile; the first compiled step's extra time is
-recorded as the compile time. CPU: fp32, eager (bf16 on CPUs without AVX-512 BF16/AMX is ~50× slower;
-compiling takes 60–90 s here and gains nothing at steady state; docs/design.md, Measured facts).
+Dtype and compile: CUDA runs under bf16 autocast (fp16 with the run's grad scaler on GPUs without bf16; fp32
+weights and optimizer state) with TF32 matmuls, fused AdamW, and `torch.compile` when the run will compile;
+the first compiled step's extra time is recorded as the compile time. CPU: fp32, eager (bf16 on CPUs without
+AVX-512 BF16/AMX is ~50× slower; compiling takes 60–90 s here and gains nothing at steady state;
+docs/design.md, Measured facts).
 
 torch is imported inside the functions: importing this module stays cheap.
 """
@@ -162,7 +163,7 @@ def time_shape(
     import torch
 
     from oneday.models.build import build_model, param_groups
-    from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate, make_optimizer
+    from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate, grad_scaler, make_optimizer
 
     started = clock()
     model = build_model(spec, seed=0, device=device)
@@ -171,6 +172,7 @@ def time_shape(
     optimizer = make_optimizer(param_groups(model, spec, lr=1e-4, weight_decay=0.1), lr=1e-4, betas=(0.9, 0.95))
     loss = LMLoss(model)
     precision = autocast(device, dtype)
+    scaler = grad_scaler(device, dtype)  # fp16: the run's loss scaler is part of the step it times
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def batch(m: int) -> Any:
@@ -179,7 +181,7 @@ def time_shape(
 
     def trainer(net: Any) -> TrainStep:
         return TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=GRAD_CLIP,
-                         precision=precision)
+                         precision=precision, scaler=scaler)
 
     eager = trainer(loss)
 

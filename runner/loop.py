@@ -46,7 +46,7 @@ from oneday.runner.pacing import Pacer, TrainingClock
 from oneday.runner.records import EvalRecord, Event, LoopResult, NullObserver, Observer, StepRecord
 from oneday.runner.schedule import lr_multiplier
 from oneday.runner.state import TrainState
-from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate, make_optimizer
+from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate, grad_scaler, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ def train(
 
     # --- resume: weights, optimizer, RNG and the loop's state from the newest good checkpoint -------------
     state, resumed = _resume(checkpoints, raw, optimizer, plan_hash=plan_hash, event=event)
+    scaler = grad_scaler(dev, spec.precision)  # fp16 only; its scale is resumed with the rest
+    if scaler is not None and state.grad_scaler:
+        scaler.load_state_dict(state.grad_scaler)
     state.world_size = world
     wall_before = state.wall_elapsed
     observer.on_start(step=state.step, tokens=state.tokens, resumed=resumed)
@@ -120,6 +123,7 @@ def train(
     def save() -> Path:
         state.train_elapsed = timer.train_elapsed
         state.wall_elapsed = wall_before + clock() - session_start
+        state.grad_scaler = scaler.state_dict() if scaler is not None else None
         return checkpoints.save(model=raw, optimizer=optimizer, state=state.to_dict(rng=capture_rng()))
 
     # --- the step: the loss in the module, wrapped for DDP, compiled -------------------------------------
@@ -137,7 +141,7 @@ def train(
     if spec.compile:  # compile DDP, not DDP the compiled module: the graph splits at DDP's buckets, so each
         net = torch.compile(net)  # bucket's all-reduce overlaps the rest of the compiled backward
     train_step = TrainStep(net, params=raw.parameters(), optimizer=optimizer, grad_accum=A,
-                           grad_clip=spec.grad_clip, precision=precision, ddp=dist is not None)
+                           grad_clip=spec.grad_clip, precision=precision, ddp=dist is not None, scaler=scaler)
 
     # --- time: until an evaluation and a checkpoint are timed, the cost model stands in for them ---------
     step_prior = spec.train_seconds / spec.planned_steps  # the planner's measured step time

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def check_memory(plan: Plan, spec: TrainSpec, *, device_memory_bytes: int) -> None:
     """Refuse a model whose training step cannot fit `device_memory_bytes` (the GPU's, or the host's RAM on a
     CPU): `ModelSpec.estimate_train_memory_bytes` at the plan's micro-batch, activations in bf16 or fp32."""
-    activation_bytes = 2 if spec.precision == "bf16" else 4
+    activation_bytes = 2 if spec.precision in ("bf16", "fp16") else 4
     need = plan.model.estimate_train_memory_bytes(micro_batch=spec.micro_batch, activation_bytes=activation_bytes)
     if device_memory_bytes > 0 and need > device_memory_bytes:
         where = "this GPU" if spec.device == "cuda" else "this machine's RAM"

@@ -33,6 +33,8 @@ class TrainState:
     resumes: int = 0
     plan_hash: str = ""
     world_size: int = 1
+    grad_scaler: dict[str, Any] | None = None
+    """The fp16 loss scaler's `state_dict()` (its scale and growth counter: plain numbers); None otherwise."""
 
     def to_dict(self, *, rng: dict[str, Any]) -> dict[str, Any]:
         """The `state.pt` payload: these fields and the RNG states (`checkpoint.capture_rng`)."""

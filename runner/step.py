@@ -10,13 +10,19 @@ same loss, same optimizer kernel, same autocast, same clipping, same skip of a b
   Fused AdamW runs on CUDA and (torch ≥ 2.4) on the CPU; one kernel updates every tensor, and it reads
   `optimizer.found_inf` (the hook `torch.amp.GradScaler` uses) to leave weights and moments untouched on a
   bad step, so skipping one needs no host sync. The same rule on both devices keeps the probe honest.
-- `autocast`: bf16 autocast on CUDA when the plan says bf16 (weights and optimizer state stay fp32); no
-  autocast otherwise (bf16 on a CPU without AVX-512 BF16/AMX is ~50× slower than fp32).
+- `autocast`: bf16 autocast on CUDA when the plan says bf16 (weights and optimizer state stay fp32), fp16 when
+  it says fp16 (GPUs without bf16, compute capability < 8.0); no autocast otherwise (bf16 on a CPU without
+  AVX-512 BF16/AMX is ~50× slower than fp32).
+- `grad_scaler`: under fp16, a `torch.amp.GradScaler` (fp16's narrow range underflows small gradients unless
+  the loss is scaled up): the loss is scaled before backward, the gradients unscaled before clipping, and the
+  scaler's `step` hands the fused AdamW its own on-device `found_inf` (an overflow of the scaled gradients
+  skips the update and lowers the scale, still without a host sync). Such overflow skips are the scaler's
+  normal business (its first steps find the scale), not bad steps: only a non-finite loss is flagged bad.
 - `TrainStep`: one optimizer step over `grad_accum` micro-batches of a batch of windows (seq_len + 1 tokens
   each): forward under autocast, backward of loss / grad_accum (DDP all-reduces gradients on the last
-  micro-step only), gradient clipping, the on-device bad-step flag (a non-finite loss or gradient norm, on
-  any rank) fed to the fused optimizer, the update. It returns [mean loss, gradient norm, bad] as a device
-  tensor: the host reads it only when it wants to (the loop every few steps).
+  micro-step only), gradient clipping, the on-device bad-step flag (a non-finite loss or gradient norm —
+  under fp16 the loss only —, on any rank) fed to the fused optimizer, the update. It returns [mean loss,
+  gradient norm, bad] as a device tensor: the host reads it only when it wants to (the loop every few steps).
 - `evaluate`: the mean next-token loss over fixed validation batches, no gradients (what an evaluation costs
   is what the probe times as the forward speed).
 """
@@ -55,20 +61,27 @@ def make_optimizer(param_groups: list[dict], *, lr: float, betas: tuple[float, f
 
 
 def autocast(device: str | torch.device, precision: str) -> Autocast:
-    """A factory of the autocast context for `precision` on `device`: bf16 on CUDA, else none."""
-    if torch.device(device).type == "cuda" and precision == "bf16":
-        return partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    """A factory of the autocast context for `precision` on `device`: bf16 or fp16 on CUDA, else none."""
+    if torch.device(device).type == "cuda" and precision in ("bf16", "fp16"):
+        return partial(torch.autocast, "cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext
+
+
+def grad_scaler(device: str | torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """The loss scaler fp16 needs (module docstring); None for every other precision."""
+    return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
 
 
 class TrainStep:
     """One optimizer step over `grad_accum` micro-batches (module docstring). `net` is `LMLoss`, possibly
     wrapped in DDP (`ddp=True`: gradients all-reduced on the last micro-step only, the others under
     `no_sync`; the bad-step flag agreed across ranks) and then compiled (a compiled DDP module passes
-    `no_sync` through); `params` are the raw module's parameters (for clipping)."""
+    `no_sync` through); `params` are the raw module's parameters (for clipping); `scaler` the fp16 loss
+    scaler (`grad_scaler`), None otherwise."""
 
     def __init__(self, net: nn.Module, *, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer,
-                 grad_accum: int, grad_clip: float, precision: Autocast = nullcontext, ddp: bool = False) -> None:
+                 grad_accum: int, grad_clip: float, precision: Autocast = nullcontext, ddp: bool = False,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.net = net
         self.params = list(params)
         self.optimizer = optimizer
@@ -76,6 +89,7 @@ class TrainStep:
         self.grad_clip = grad_clip
         self.precision = precision
         self.ddp = ddp
+        self.scaler = scaler
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Train on `batch` ([grad_accum · micro_batch, seq_len + 1] token ids on the device); returns the
@@ -89,14 +103,24 @@ class TrainStep:
             with sync:
                 with self.precision():
                     loss = self.net(chunk[:, :-1], chunk[:, 1:])
-                (loss / accum).backward()
+                scaled = loss / accum
+                (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             loss_sum += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip (and report) the true gradients
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
+        bad = ~torch.isfinite(loss_sum)
+        if self.scaler is None:  # with a scaler an overflow is its business (module docstring)
+            bad |= ~torch.isfinite(grad_norm)
+        bad = bad.float()
         if self.ddp:
             torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)  # a rank's bad loss skips every rank
-        self.optimizer.found_inf = bad  # type: ignore[attr-defined]
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.found_inf = bad  # type: ignore[attr-defined]
+            self.optimizer.step()
+        else:  # sets found_inf from its own check: a NaN loss gives NaN gradients, skipped as well
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack([loss_sum / accum, grad_norm.float(), bad])
 
@@ -116,4 +140,4 @@ def evaluate(loss: nn.Module, batches: Sequence[torch.Tensor], *, precision: Aut
     return total.item() / windows
 
 
-__all__ = ["Autocast", "LMLoss", "TrainStep", "autocast", "evaluate", "make_optimizer"]
+__all__ = ["Autocast", "LMLoss", "TrainStep", "autocast", "evaluate", "grad_scaler", "make_optimizer"]

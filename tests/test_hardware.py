@@ -15,7 +15,7 @@ from oneday.devices import match_gpu, measure_peak_flops, mig_peak_flops, normal
 from oneday.errors import UserError
 from oneday.planner import hardware
 from oneday.planner.hardware import HardwareProbe, probe_hardware, resolve_peak_flops
-from tests.factories import no_gpu, one_error_line
+from tests.factories import no_gpu
 
 
 @no_gpu
@@ -374,13 +374,7 @@ def test_without_uuids_nvml_is_matched_by_index_with_a_note(monkeypatch: pytest.
     assert any("matched to torch's by index, not UUID" in note for note in probe.notes)
 
 
-# --- GPUs without bf16 -----------------------------------------------------------------------------
-V100_REFUSAL = (
-    "--device cuda: Tesla V100-SXM2-16GB (compute capability 7.0) has no bf16: oneday trains in bf16 on GPUs; "
-    "fp16 with a grad scaler is not supported yet; use --device cpu or a GPU with compute capability >= 8.0"
-)
-
-
+# --- GPUs without bf16: fp16 with a grad scaler ---------------------------------------------------
 def _v100(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _fake_pynvml(count=1, name="Tesla V100-SXM2-16GB", uuids=(H100_UUID,))
     fake.nvmlDeviceGetCudaComputeCapability = lambda h: (7, 0)
@@ -388,26 +382,37 @@ def _v100(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_cuda_torch(monkeypatch, name="Tesla V100-SXM2-16GB", capability=(7, 0), sms=80)
 
 
-def test_gpu_without_bf16_is_refused_for_cuda_and_auto_plans_for_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_without_bf16_is_probed_for_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
     _v100(monkeypatch)
-    with pytest.raises(UserError) as info:
-        probe_hardware("cuda")
-    assert str(info.value) == V100_REFUSAL
-    probe = probe_hardware("auto")
-    assert probe.device == "cpu"
-    assert any("Tesla V100-SXM2-16GB (compute capability 7.0) has no bf16" in note and "planning for the CPU" in note
-               for note in probe.notes)
+    for device in ("cuda", "auto"):
+        probe = probe_hardware(device)
+        assert probe.device == "cuda" and probe.compute_capability == "7.0" and not probe.bf16_supported
+        assert any("Tesla V100-SXM2-16GB (compute capability 7.0) has no bf16: training in fp16 autocast with a "
+                   "grad scaler" in note for note in probe.notes)
+    assert resolve_peak_flops(probe, "fp16") == peak_flops("Tesla V100-SXM2-16GB", "fp16")
 
 
-def test_plan_on_a_gpu_without_bf16_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
+def test_plan_on_a_gpu_without_bf16_trains_in_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12 §4: a V100 (compute capability 7.0) was refused; it plans fp16 with a grad scaler now."""
+    from types import SimpleNamespace
 
-    from oneday.cli import app
+    import oneday.data.prepare as prepare
+    from oneday.planner import measure
+    from oneday.planner.make import make_plan
+    from tests.simulated_device import SimulatedGpu
 
     _v100(monkeypatch)
-    out = tmp_path / "plan.json"
-    result = CliRunner().invoke(app, ["plan", "--hours", "1", "--data", "builtin:pydoc", "--device", "cuda",
-                                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
-    assert result.exit_code == 2
-    assert V100_REFUSAL in one_error_line(result.stderr)
-    assert not out.exists() and not (tmp_path / "cache").exists()
+    memory = 16 * 2**30
+    probe = replace(probe_hardware("cuda"), memory_bytes=memory, free_memory_bytes=memory - 2**30)
+    gpu = SimulatedGpu(peak_flops=125e12, free_memory_bytes=probe.free_memory_bytes)
+    monkeypatch.setattr(hardware, "probe_hardware", lambda device="auto": probe)
+    data = SimpleNamespace(vocab_size=8192, train_tokens=10**10, val_tokens=10**7, source="simulated",
+                           key="0" * 16, directory=Path("/nonexistent"), tokenizer_dir=Path("/nonexistent"),
+                           bytes_per_token=lambda: 4.0)
+    monkeypatch.setattr(prepare, "prepare_data", lambda *a, **k: data)
+    monkeypatch.setattr(measure, "measure_one", gpu.measure_one)
+    plan = make_plan(hours=1, data="simulated", device="cuda", clock=gpu.clock)
+    assert plan.hardware.device == "cuda" and plan.train.device == "cuda"
+    assert plan.train.precision == "fp16" and plan.hardware.dtype == "fp16"
+    assert plan.hardware.peak_flops == 125e12  # the datasheet's fp16 tensor figure
+    assert any("fp16 autocast with a grad scaler (this GPU has no bf16" in reason for reason in plan.reasons)
