@@ -411,7 +411,7 @@ def test_plan_on_a_gpu_without_bf16_trains_in_fp16(monkeypatch: pytest.MonkeyPat
                            bytes_per_token=lambda: 4.0)
     monkeypatch.setattr(prepare, "prepare_data", lambda *a, **k: data)
     monkeypatch.setattr(measure, "measure_one", gpu.measure_one)
-    plan = make_plan(hours=1, data="simulated", device="cuda", clock=gpu.clock)
+    plan = make_plan(hours=1, data="simulated", device="cuda", clock=gpu.clock, auto_calibrate=False)
     assert plan.hardware.device == "cuda" and plan.train.device == "cuda"
     assert plan.train.precision == "fp16" and plan.hardware.dtype == "fp16"
     assert plan.hardware.peak_flops == 125e12  # the datasheet's fp16 tensor figure
