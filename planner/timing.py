@@ -365,12 +365,15 @@ def cuda_micro_batch(
     def fits(m: int) -> bool:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        out_of_memory = False
         try:
             step(batch(m))
             torch.cuda.synchronize()
         except Exception as exc:
             if not is_oom(exc):
                 raise
+            out_of_memory = True
+        if out_of_memory:  # freed here: inside the except, its traceback still held the failed step's tensors
             _free(optimizer)
             return False
         return torch.cuda.max_memory_allocated() <= memory_limit_bytes

@@ -338,3 +338,22 @@ def test_out_of_memory_later_in_the_run_and_at_micro_batch_one(
     monkeypatch.setenv(INJECT_OOM_ENV, "0")  # nothing fits
     with pytest.raises(UserError, match="micro-batch 1 .*the model does not fit"):
         _run(tmp_path / "none", replace(SPEC, max_steps=2))
+
+
+def test_a_failed_background_checkpoint_write_is_reported_and_training_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from oneday.runner import checkpoint as checkpoint_module
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_torch_save", full)
+    recorder = Recorder()
+    result, _ = _run(tmp_path, replace(SPEC, max_steps=6, checkpoint_every_seconds=3.0), observer=recorder)
+    assert result.steps == 6
+    errors = [message for kind, message, _ in recorder.events if kind == "checkpoint-error"]
+    assert errors and all("the disk is full" in m and "\n" not in m for m in errors)
+    assert any(m.endswith("(a background write)") for m in errors)  # the last one, joined at the end
+    assert errors[-1].endswith("(the final checkpoint)")

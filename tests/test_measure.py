@@ -157,6 +157,32 @@ def test_cuda_micro_batch_search_simulated(monkeypatch: pytest.MonkeyPatch) -> N
     state.update(base=30e9, oom=20e9)
     assert search(15e9)[0] == 0
     assert timing.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"))
+
+
+def test_the_probe_frees_memory_after_an_out_of_memory_step_not_inside_the_except(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the `except`, the exception's traceback still holds the failed step's activations: emptying the
+    CUDA cache there frees nothing of them."""
+    import sys
+
+    import torch
+
+    from oneday.planner import timing
+
+    spec = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=512, seq_len=1024)
+    handling: list[object] = []
+
+    def step(micro: int) -> None:
+        if micro > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(timing, "_free", lambda optimizer: handling.append(sys.exc_info()[0]))
+    micro, _ = timing.cuda_micro_batch(spec, step=step, batch=lambda m: m, optimizer=None, memory_limit_bytes=int(1e12),
+                                       activation_bytes=2, deadline=float("inf"), clock=time.perf_counter)
+    assert micro == 1 and handling and all(exc is None for exc in handling)
     assert not timing.is_oom(RuntimeError("shape mismatch"))
 
 
