@@ -162,9 +162,11 @@ def train(
     step_prior = spec.train_seconds / spec.planned_steps  # the planner's measured step time
     eval_estimate = costs.eval_seconds(sum(b.shape[0] for b in val) * T,
                                        forward_tokens_per_s=costs.forward_tokens_per_s(A * B * T / step_prior))
+    params = sum(p.numel() for p in raw.parameters())
     timer = TrainingClock(clock, train_elapsed=state.train_elapsed, prior_step_seconds=step_prior)
     pacer = Pacer(spec, deadline=deadline, eval_seconds=eval_estimate,
-                  checkpoint_seconds=costs.checkpoint_seconds(sum(p.numel() for p in raw.parameters())),
+                  checkpoint_seconds=costs.checkpoint_seconds(params, every_seconds=spec.checkpoint_every_seconds),
+                  final_checkpoint_seconds=costs.checkpoint_write_seconds(params),
                   train_elapsed=state.train_elapsed, now=clock())
 
     pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad_norm, bad]) still on the device
@@ -254,7 +256,7 @@ def train(
         out_of_memory = False
         try:
             result = train_step(batch)
-        except torch.OutOfMemoryError:  # not here: the except still holds the failed step's tensors
+        except torch.OutOfMemoryError:  # freed below: inside the except, its traceback holds the step's tensors
             out_of_memory = True
         if out_of_memory:
             del batch

@@ -353,3 +353,17 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_whole(t
     store.save_async(model=model, optimizer=optimizer, state={"step": 30})
     store.wait()
     assert not list(tmp_path.glob(".tmp-*")) and store.latest().step == 30
+
+
+def test_the_cost_model_charges_a_background_checkpoint_its_snapshot_and_the_final_one_its_write() -> None:
+    from oneday.runner import costs
+
+    params = 1_100_000_000  # 13.2 GB of weights and moments
+    write = costs.checkpoint_write_seconds(params)
+    assert write == pytest.approx(0.5 + 13.2e9 / 200e6)
+    snapshot = costs.checkpoint_snapshot_seconds(params)
+    assert costs.checkpoint_seconds(params, every_seconds=1800) == pytest.approx(snapshot)
+    assert costs.checkpoint_seconds(params, every_seconds=1800) < write / 4
+    # checkpoints closer together than a write takes: the rest of the previous write is waited for
+    assert costs.checkpoint_seconds(params, every_seconds=60) == pytest.approx(
+        costs.checkpoint_snapshot_seconds(params) + write - 60)

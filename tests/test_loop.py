@@ -336,7 +336,7 @@ def test_out_of_memory_later_in_the_run_and_at_micro_batch_one(
     assert result.micro_batch_changes == ("oom: micro-batch 4→2, accumulation 2→4",
                                           "oom: micro-batch 2→1, accumulation 4→8")
     monkeypatch.setenv(INJECT_OOM_ENV, "0")  # nothing fits
-    with pytest.raises(UserError, match="micro-batch 1 .*the model does not fit"):
+    with pytest.raises(UserError, match=r"micro-batch 1 .*the model does not fit"):
         _run(tmp_path / "none", replace(SPEC, max_steps=2))
 
 
