@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="steps per phase (default 24)")
     parser.add_argument("--every", type=int, default=8, help="a checkpoint every this many steps (default 8)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4, help="windows of 64 tokens a step (default 4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dir", type=Path, default=None, help="checkpoints go here (default: a temp folder)")
     args = parser.parse_args()
@@ -54,7 +55,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(param_groups(model, spec, lr=1e-4, weight_decay=0.1), lr=1e-4, betas=(0.9, 0.95))
     step = TrainStep(LMLoss(model), params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=1.0)
-    batch = torch.randint(0, spec.vocab_size, (4, spec.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, spec.vocab_size, (args.batch, spec.seq_len + 1),
+                          generator=torch.Generator().manual_seed(0))
     step(batch)  # warm-up: the optimizer's state exists from here on
 
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=512, help="windows a step (default 512: 524k tokens)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=200_000_000, help="random tokens in memory (default 200M)")
+    parser.add_argument("--tokens", type=int, default=64_000_000, help="random tokens in memory (default 64M)")
     parser.add_argument("--file", type=Path, default=None, help="a flat token file, read as a memmap")
     parser.add_argument("--dtype", default="uint16")
     parser.add_argument("--consume-ms", type=float, default=0.0, help="host work a step besides the batch")
@@ -71,7 +71,7 @@ def main() -> None:
     print(f"without prefetch: {without / 1e6:6.2f}M tokens/s")
     print(f"with prefetch:    {with_prefetch / 1e6:6.2f}M tokens/s (depth {args.depth})")
     print(f"an H200 on a 124M model trains {low / 1e6:g}-{high / 1e6:g}M tokens/s: "
-          f"the sampler alone is {without / high:.0f}-{without / low:.0f}x that")
+          f"the loader without prefetch makes {without / high:.0f}-{without / low:.0f}x that")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ copied into RAM.
 
 `Prefetcher` makes the next batches in a background thread. A batch is a pure function of its cursor, so
 the prefetched ones are exactly those the loop would have read, and a resume needs nothing more than the
-cursor. Measured (`bench/sampler_throughput.py`): the sampler alone makes ~18M tokens/s of 1024-token
-windows on one busy CPU core, 20-35x what an H200 trains a 124M model on (0.5-1M tokens/s), and the loop's
-host work runs ahead of the GPU anyway: the loop does not need it.
+cursor. Measured (`bench/sampler_throughput.py`, a 2-core machine at load 8): the sampler alone makes
+18-35M tokens/s of 1024-token windows, 18-70x what an H200 trains a 124M model on (0.5-1M tokens/s), and
+the loop's host work runs ahead of the GPU anyway: the loop does not use it. It pays where the host has
+other work a step (30 ms: 10M tokens/s without, 15M with).
 """
 
 from __future__ import annotations
