@@ -269,16 +269,17 @@ def time_shape(
         except SkipShape:
             raise
         except Exception as exc:
-            if not is_oom(exc) or micro == 1 or attempts >= 3:
-                if is_oom(exc):
-                    _free(optimizer)
-                    raise SkipShape(f"out of memory at micro-batch {micro} (compiled)") from None
+            if not is_oom(exc):
                 raise
-            attempts += 1
-            _free(optimizer)
-            micro //= 2
-            reason = "halved after an out-of-memory error in the compiled step"
-            x = batch(micro)
+        # Out of memory. Freed here, not in the except: its traceback still held the failed step's tensors.
+        del x
+        _free(optimizer)
+        if micro == 1 or attempts >= 3:
+            raise SkipShape(f"out of memory at micro-batch {micro} (compiled)")
+        attempts += 1
+        micro //= 2
+        reason = "halved after an out-of-memory error in the compiled step"
+        x = batch(micro)
     warmup_seconds = clock() - warm_started
 
     # -- timed steps -----------------------------------------------------------------------------
