@@ -357,3 +357,18 @@ def test_a_failed_background_checkpoint_write_is_reported_and_training_goes_on(
     assert errors and all("the disk is full" in m and "\n" not in m for m in errors)
     assert any(m.endswith("(a background write)") for m in errors)  # the last one, joined at the end
     assert errors[-1].endswith("(the final checkpoint)")
+
+
+def test_a_resume_on_a_smaller_card_goes_on_at_a_smaller_micro_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = replace(SPEC, max_steps=6)
+    stop = threading.Event()
+    first, _ = _run(tmp_path, spec, observer=Recorder(stop=stop, stop_at=3), stop=stop)
+    assert first.interrupted and first.micro_batch_changes == ()
+    monkeypatch.setenv(INJECT_OOM_ENV, "2")  # the resumed session's card fits half the micro-batch
+    recorder = Recorder()
+    second, _ = _run(tmp_path, spec, observer=recorder)
+    assert second.steps == 6 and second.resumes == 1 and not second.interrupted
+    assert second.tokens == 6 * spec.tokens_per_step()
+    assert [kind for kind, _, _ in recorder.events][:2] == ["resume", "oom"]
+    assert second.micro_batch_changes == ("oom: micro-batch 4→2, accumulation 2→4",)
