@@ -10,8 +10,8 @@ The constants were measured on the 2-core CPU machines this project is developed
 - a checkpoint writes the fp32 weights and both Adam moments (12 bytes a parameter) and fsyncs them, in a
   background thread (`runner.checkpoint`): training waits only for the snapshot, a copy to host memory taken
   at 1 GB/s (a CPU clone of 346 MB took 0.13 s on a loaded 2-core machine, `bench/checkpoint_stall.py`;
-  a GPU's copy to pinned memory is faster), and for whatever of the previous write is left when the next checkpoint comes. The final
-  checkpoint is written in the foreground: the whole write;
+  a GPU's copy to pinned memory is faster), and for whatever of the previous write is left when the next
+  checkpoint comes. The final checkpoint is written in the foreground: the whole write;
 - the final save writes the fp32 weights twice (`save_pretrained`, then the copy or upload to the artifact
   store: 8 bytes a parameter), then the summary, the plot, the MLflow close and the interpreter exit;
 - sustained disk writes are taken at 200 MB/s, slow enough for a network file system or a busy disk.
