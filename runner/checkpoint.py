@@ -187,15 +187,18 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _host_copy(value: Any, buffers: dict[str, torch.Tensor], key: str) -> Any:
-    """`value` with every tensor copied to host memory (into `buffers[key…]`, pinned, when it is on CUDA): a
-    snapshot training can run on from. Other values are kept as they are (they are not mutated in place)."""
+    """`value` with every tensor copied to host memory (into reused pinned `buffers[key…]` when it is on CUDA,
+    whose allocation is slow): a snapshot training can run on from. Other values are kept as they are (they
+    are not mutated in place)."""
     if isinstance(value, torch.Tensor):
         source = value.detach()
+        if not source.is_cuda:  # a clone, freed after the write: host memory is not held for the whole run
+            return source.clone()
         buffer = buffers.get(key)
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
-            buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
+            buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
             buffers[key] = buffer
-        buffer.copy_(source, non_blocking=source.is_cuda)
+        buffer.copy_(source, non_blocking=True)
         return buffer
     if isinstance(value, dict):
         return {k: _host_copy(v, buffers, f"{key}/{k}") for k, v in value.items()}
