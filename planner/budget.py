@@ -150,10 +150,10 @@ def plan_cadence(
         eval_each=each(eval_tokens),
         checkpoint_every=checkpoint_every,
         checkpoint_count=int(budget_seconds // checkpoint_every),
-        checkpoint_each=costs.checkpoint_seconds(params),
+        checkpoint_each=costs.checkpoint_seconds(params, every_seconds=checkpoint_every),
         startup=costs.startup_seconds(setup.device),
         compile=compile_seconds if setup.compile else 0.0,
-        final_save=costs.final_save_seconds(params),
+        final_save=costs.final_save_seconds(params) + costs.checkpoint_write_seconds(params),  # + final checkpoint
     )
 
 

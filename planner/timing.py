@@ -271,16 +271,17 @@ def time_shape(
         except SkipShape:
             raise
         except Exception as exc:
-            if not is_oom(exc) or micro == 1 or attempts >= 3:
-                if is_oom(exc):
-                    _free(optimizer)
-                    raise SkipShape(f"out of memory at micro-batch {micro} (compiled)") from None
+            if not is_oom(exc):
                 raise
-            attempts += 1
-            _free(optimizer)
-            micro //= 2
-            reason = "halved after an out-of-memory error in the compiled step"
-            x = batch(micro)
+        # Out of memory. Freed here, not in the except: its traceback still held the failed step's tensors.
+        del x
+        _free(optimizer)
+        if micro == 1 or attempts >= 3:
+            raise SkipShape(f"out of memory at micro-batch {micro} (compiled)")
+        attempts += 1
+        micro //= 2
+        reason = "halved after an out-of-memory error in the compiled step"
+        x = batch(micro)
     warmup_seconds = clock() - warm_started
 
     # -- timed steps -----------------------------------------------------------------------------
@@ -367,12 +368,15 @@ def cuda_micro_batch(
     def fits(m: int) -> bool:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        out_of_memory = False
         try:
             step(batch(m))
             torch.cuda.synchronize()
         except Exception as exc:
             if not is_oom(exc):
                 raise
+            out_of_memory = True
+        if out_of_memory:  # freed here: inside the except, its traceback still held the failed step's tensors
             _free(optimizer)
             return False
         return torch.cuda.max_memory_allocated() <= memory_limit_bytes

@@ -7,7 +7,11 @@ save). One model in one place, so the plan and the run agree on where the budget
 
 The constants were measured on the 2-core CPU machines this project is developed on, with margin:
 - start-up (imports, model build, first step): ~6 s on a CPU, more on a GPU (CUDA context, kernel loading);
-- a checkpoint writes the fp32 weights and both Adam moments (12 bytes a parameter) and fsyncs them;
+- a checkpoint writes the fp32 weights and both Adam moments (12 bytes a parameter) and fsyncs them, in a
+  background thread (`runner.checkpoint`): training waits only for the snapshot, a copy to host memory taken
+  at 1 GB/s (a CPU clone of 346 MB took 0.13 s on a loaded 2-core machine, `bench/checkpoint_stall.py`;
+  a GPU's copy to pinned memory is faster), and for whatever of the previous write is left when the next
+  checkpoint comes. The final checkpoint is written in the foreground: the whole write;
 - the final save writes the fp32 weights twice (`save_pretrained`, then the copy or upload to the artifact
   store: 8 bytes a parameter), then the summary, the plot, the MLflow close and the interpreter exit;
 - sustained disk writes are taken at 200 MB/s, slow enough for a network file system or a busy disk.
@@ -15,10 +19,14 @@ The constants were measured on the 2-core CPU machines this project is developed
 
 from __future__ import annotations
 
+import math
+
 DISK_BYTES_PER_S = 200e6
 STARTUP_SECONDS = {"cpu": 10.0, "cuda": 20.0}
 CHECKPOINT_FIXED_SECONDS = 0.5
 CHECKPOINT_BYTES_PER_PARAM = 12
+SNAPSHOT_FIXED_SECONDS = 0.1
+HOST_COPY_BYTES_PER_S = 1e9
 FINAL_SAVE_FIXED_SECONDS = 1.5
 FINAL_SAVE_BYTES_PER_PARAM = 8
 EVAL_FIXED_SECONDS = 0.2
@@ -71,9 +79,22 @@ def model_bytes(params: int) -> int:
     return 4 * params
 
 
-def checkpoint_seconds(params: int) -> float:
-    """One checkpoint of a model of `params` parameters: weights and both AdamW moments in fp32, fsynced."""
+def checkpoint_write_seconds(params: int) -> float:
+    """Writing one checkpoint of a model of `params` parameters: weights and both AdamW moments in fp32, fsynced
+    (the final checkpoint, which training does not outlive, costs this)."""
     return CHECKPOINT_FIXED_SECONDS + checkpoint_bytes(params) / DISK_BYTES_PER_S
+
+
+def checkpoint_snapshot_seconds(params: int) -> float:
+    """Copying one checkpoint's state to host memory, the part of a background checkpoint training waits for."""
+    return SNAPSHOT_FIXED_SECONDS + checkpoint_bytes(params) / HOST_COPY_BYTES_PER_S
+
+
+def checkpoint_seconds(params: int, *, every_seconds: float = math.inf) -> float:
+    """What one periodic checkpoint takes from training: the snapshot, and the part of the previous background
+    write still running when it comes (`every_seconds` apart; the write overlaps the training in between).
+    E.g. 1.1B parameters (13.2 GB): 66.5 s written in the foreground, 13.3 s snapshotted every 30 min."""
+    return checkpoint_snapshot_seconds(params) + max(0.0, checkpoint_write_seconds(params) - every_seconds)
 
 
 def final_save_seconds(params: int) -> float:
@@ -97,6 +118,8 @@ __all__ = [
     "benchmark_seconds",
     "checkpoint_bytes",
     "checkpoint_seconds",
+    "checkpoint_snapshot_seconds",
+    "checkpoint_write_seconds",
     "eval_seconds",
     "final_save_seconds",
     "forward_tokens_per_s",

@@ -17,12 +17,23 @@ Bad steps. A step whose loss or gradient norm is not finite is skipped on the de
 (kept in the checkpoint's `TrainState`, so it survives a resume); the data cursor moves on past the batches
 that went bad; more than `MAX_ROLLBACKS` rollbacks end the run with `DivergedError`.
 
+Out of memory. A step that raises `torch.OutOfMemoryError` (the first step on a card smaller than the
+planner's, or after a resume on one) is retried with the micro-batch halved and the accumulation doubled: the
+same windows (the cursor moves only after a step succeeds), the same global batch, LR and schedule. The
+change is an "oom" event and in `LoopResult.micro_batch_changes`; at micro-batch 1 the run fails in one
+line. Not under DDP, where the other ranks would wait in their all-reduce: there the error is the same line.
+
+Checkpoints are written in the background (`CheckpointStore.save_async`): training waits only for the copy
+to host memory; the next checkpoint, a rollback and the end of the run wait for the write (the final
+checkpoint is written in the foreground), and a failed write is reported at the next of those.
+
 With `spec.max_steps` set, the schedule is keyed to steps and the run takes exactly that many: bitwise
 reproducible on the CPU, across an interruption and resume too. Faults for tests: `oneday.runner.faults`.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
@@ -41,7 +52,7 @@ from oneday.plan import TrainSpec
 from oneday.runner import costs
 from oneday.runner.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng, unwrap
 from oneday.runner.distributed import DistInfo, fit_to_world
-from oneday.runner.faults import PoisonedLoss, nan_steps_from_env
+from oneday.runner.faults import OutOfMemoryLoss, PoisonedLoss, nan_steps_from_env, oom_from_env
 from oneday.runner.pacing import Pacer, TrainingClock
 from oneday.runner.records import EvalRecord, Event, LoopResult, NullObserver, Observer, StepRecord
 from oneday.runner.schedule import lr_multiplier
@@ -120,16 +131,27 @@ def train(
     wall_before = state.wall_elapsed
     observer.on_start(step=state.step, tokens=state.tokens, resumed=resumed)
 
-    def save() -> Path:
+    def save(*, background: bool = False) -> Path:
         state.train_elapsed = timer.train_elapsed
         state.wall_elapsed = wall_before + clock() - session_start
         state.grad_scaler = scaler.state_dict() if scaler is not None else None
-        return checkpoints.save(model=raw, optimizer=optimizer, state=state.to_dict(rng=capture_rng()))
+        write = checkpoints.save_async if background else checkpoints.save
+        return write(model=raw, optimizer=optimizer, state=state.to_dict(rng=capture_rng()))
+
+    def report_pending_write(suffix: str = "") -> None:
+        try:
+            checkpoints.wait()
+        except CheckpointError as exc:
+            event("checkpoint-error", f"{exc}{suffix}", state.step)
 
     # --- the step: the loss in the module, wrapped for DDP, compiled -------------------------------------
     loss = LMLoss(raw)
     poisoned = nan_steps_from_env()
-    net: nn.Module = PoisonedLoss(loss, poisoned, first_step=state.step, grad_accum=A) if poisoned else loss
+    oom_fault = oom_from_env()
+    oom_net = OutOfMemoryLoss(loss, fits=oom_fault[0], on_step=oom_fault[1]) if oom_fault else None
+    net: nn.Module = oom_net or loss
+    poisoned_net = PoisonedLoss(net, poisoned, first_step=state.step, grad_accum=A) if poisoned else None
+    net = poisoned_net or net
     group = None
     if dist is not None:
         # broadcast_buffers off: the only buffers (RoPE frequencies) are constants; no collective per forward.
@@ -147,9 +169,11 @@ def train(
     step_prior = spec.train_seconds / spec.planned_steps  # the planner's measured step time
     eval_estimate = costs.eval_seconds(sum(b.shape[0] for b in val) * T,
                                        forward_tokens_per_s=costs.forward_tokens_per_s(A * B * T / step_prior))
+    params = sum(p.numel() for p in raw.parameters())
     timer = TrainingClock(clock, train_elapsed=state.train_elapsed, prior_step_seconds=step_prior)
     pacer = Pacer(spec, deadline=deadline, eval_seconds=eval_estimate,
-                  checkpoint_seconds=costs.checkpoint_seconds(sum(p.numel() for p in raw.parameters())),
+                  checkpoint_seconds=costs.checkpoint_seconds(params, every_seconds=spec.checkpoint_every_seconds),
+                  final_checkpoint_seconds=costs.checkpoint_write_seconds(params),
                   train_elapsed=state.train_elapsed, now=clock())
 
     pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad_norm, bad]) still on the device
@@ -157,6 +181,7 @@ def train(
     lr_now = progress_now = 0.0
     interrupted = False
     final_val_loss: float | None = None
+    micro_batch_changes: list[str] = []
 
     while True:
         # --- 1. decide ----------------------------------------------------------------------------------
@@ -214,8 +239,9 @@ def train(
                 seconds = None
                 if main:
                     started = clock()
+                    report_pending_write()  # the previous background write, done by now (or waited for here)
                     try:
-                        event("checkpoint", f"saved {save().name}", state.step)
+                        event("checkpoint", f"saved {save(background=True).name}", state.step)
                     except CheckpointError as exc:  # keep training: the next save, or the final one, may work
                         event("checkpoint-error", str(exc), state.step)
                     seconds = clock() - started
@@ -232,7 +258,27 @@ def train(
         batch = torch.from_numpy(sampler.batch(state.cursor, A * B, rank=rank, world_size=world))
         if cuda:
             batch = batch.pin_memory().to(dev, non_blocking=True)
-        pending.append((state.step + 1, train_step(batch)))
+        if oom_net is not None:
+            oom_net.step = state.step + 1
+        out_of_memory = False
+        try:
+            result = train_step(batch)
+        except torch.OutOfMemoryError:  # freed below: inside the except, its traceback holds the step's tensors
+            out_of_memory = True
+        if out_of_memory:
+            del batch
+            old_b, old_a = B, A
+            B, A = _smaller_micro_batch(optimizer, micro_batch=B, grad_accum=A, distributed=dist is not None,
+                                        seq_len=T, step=state.step + 1, cuda=cuda)
+            change = f"oom: micro-batch {old_b}→{B}, accumulation {old_a}→{A}"
+            micro_batch_changes.append(change)
+            event("oom", f"{change} at step {state.step + 1} (global batch unchanged; its windows are retried)",
+                  state.step)
+            train_step.grad_accum = A
+            if poisoned_net is not None:  # its step count restarts at the step being retried
+                poisoned_net.first_step, poisoned_net.calls, poisoned_net.grad_accum = state.step, 0, A
+            continue  # the same step again: the cursor has not moved, and the compiled step recompiles on the shape
+        pending.append((state.step + 1, result))
         state.step += 1
         state.cursor += world * A * B
         state.tokens += tokens_per_step
@@ -246,6 +292,7 @@ def train(
     state.train_elapsed = timer.train_elapsed
     final_path: Path | None = None
     if main:
+        report_pending_write(" (a background write)")
         try:
             final_path = save()
             event("checkpoint", f"saved {final_path.name} (final)", state.step)
@@ -268,6 +315,7 @@ def train(
         mfu=mean_tokens_per_s * flops_per_token / (peak_flops * world), final_lr=lr_now, interrupted=interrupted,
         events=tuple(events), wall_seconds=wall_before + clock() - session_start,
         warmup_seconds=timer.warmup_seconds, epochs=state.cursor / sampler.windows_per_epoch, checkpoint=final_path,
+        micro_batch_changes=tuple(micro_batch_changes),
     )
 
 
@@ -300,6 +348,25 @@ def _resume(checkpoints: CheckpointStore, model: nn.Module, optimizer: torch.opt
     return saved, True
 
 
+def _smaller_micro_batch(optimizer: torch.optim.Optimizer, *, micro_batch: int, grad_accum: int, distributed: bool,
+                         seq_len: int, step: int, cuda: bool) -> tuple[int, int]:
+    """After an out-of-memory step: free what it left (outside the `except`, whose traceback held its tensors)
+    and return the next (micro-batch, accumulation) of the same global batch; one line when none is left."""
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    smaller = max((d for d in range(1, micro_batch // 2 + 1) if micro_batch % d == 0), default=0)
+    if smaller == 0:
+        raise UserError(f"out of memory at step {step} with micro-batch 1 (seq_len {seq_len}): the model does not "
+                        "fit on this device; plan a smaller model or a shorter seq_len")
+    if distributed:
+        raise UserError(f"out of memory at step {step} with micro-batch {micro_batch} under DDP: set "
+                        f"train.micro_batch to {smaller} and train.grad_accum to "
+                        f"{grad_accum * micro_batch // smaller} in the plan (same global batch)")
+    return smaller, grad_accum * micro_batch // smaller
+
+
 def _read_back(pending: list[tuple[int, torch.Tensor]], *, dist: DistInfo | None) -> list[list[float]]:
     """[loss, grad_norm, bad] of each pending step, averaged over ranks: the loop's one host sync."""
     values = torch.stack([v for _, v in pending])
@@ -312,6 +379,10 @@ def _read_back(pending: list[tuple[int, torch.Tensor]], *, dist: DistInfo | None
 def _roll_back(checkpoints: CheckpointStore, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                state: TrainState, event: Callable[[str, str, int], None]) -> None:
     """After `MAX_BAD_IN_A_ROW` bad steps: the last checkpoint's weights and optimizer, the LR scale halved."""
+    try:
+        checkpoints.wait()  # the newest checkpoint may still be being written
+    except CheckpointError as exc:
+        event("checkpoint-error", str(exc), state.step)
     if state.rollbacks >= MAX_ROLLBACKS and checkpoints.folders():
         raise DivergedError(
             f"training diverged: non-finite losses persisted through {MAX_ROLLBACKS} rollbacks "

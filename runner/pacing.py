@@ -116,11 +116,13 @@ class Pacer:
     estimates and become the measured durations once there are some."""
 
     def __init__(self, spec: TrainSpec, *, deadline: float, eval_seconds: float, checkpoint_seconds: float,
-                 train_elapsed: float, now: float) -> None:
+                 train_elapsed: float, now: float, final_checkpoint_seconds: float = 0.0) -> None:
         self.spec = spec
         self.deadline = deadline
         self.eval_seconds = eval_seconds
         self.checkpoint_seconds = checkpoint_seconds
+        # The final checkpoint is written in the foreground: its estimated write, or a periodic one's time if more.
+        self.final_checkpoint_seconds = final_checkpoint_seconds
         self._next_eval_at = self._next_eval(train_elapsed)
         self._last_checkpoint = now
 
@@ -137,7 +139,8 @@ class Pacer:
         by_deadline = train_seconds_left(
             now=now, deadline=self.deadline, eval_seconds=self.eval_seconds,
             eval_every_seconds=spec.eval_every_seconds, checkpoint_seconds=self.checkpoint_seconds,
-            checkpoint_every_seconds=spec.checkpoint_every_seconds, slack_seconds=step_seconds)
+            checkpoint_every_seconds=spec.checkpoint_every_seconds, slack_seconds=step_seconds,
+            final_checkpoint_seconds=max(self.checkpoint_seconds, self.final_checkpoint_seconds))
         return min(by_deadline, spec.train_seconds - train_elapsed)
 
     def due(self, *, now: float, train_elapsed: float, step_seconds: float, step: int, stop: bool) -> Due:

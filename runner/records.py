@@ -46,7 +46,7 @@ class EvalRecord:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # skip, rollback, checkpoint, checkpoint-error, checkpoint-fallback, resume, interrupt
+    kind: str  # skip, rollback, checkpoint, checkpoint-error, checkpoint-fallback, resume, interrupt, oom
     message: str
     step: int
 
@@ -92,6 +92,7 @@ class LoopResult:
     final_lr: float
     interrupted: bool
     events: tuple[Event, ...]
+    micro_batch_changes: tuple[str, ...] = ()  # "oom: micro-batch 32→16, accumulation 2→4", in order
     wall_seconds: float = 0.0  # wall time inside train(), across resumes
     warmup_seconds: float = 0.0  # this session's first step (compile), not in train_seconds
     epochs: float = 0.0

@@ -77,6 +77,7 @@ def train_seconds_left(
     slack_seconds: float = 0.0,
     safety: float = OVERHEAD_SAFETY,
     final_safety: float = FINAL_SAFETY,
+    final_checkpoint_seconds: float | None = None,
 ) -> float:
     """Training seconds T that still fit before `deadline`, after the overhead still to come.
 
@@ -87,7 +88,8 @@ def train_seconds_left(
       e + c                               the final eval and the final checkpoint,
       slack                               room for step-time noise (the loop passes one mean step),
     with e and c the measured (or estimated) durations, scaled by `safety` (s) for the periodic ones and by
-    `final_safety` (f) for the final ones. Solving for T:
+    `final_safety` (f) for the final ones (the final checkpoint costs `final_checkpoint_seconds` when given:
+    it is written in the foreground, the periodic ones in the background). Solving for T:
       T = (R − f·(e + c) − s·c·R/checkpoint_every − slack) / (1 + s·e/eval_every).
     The counts are continuous (a fraction of an eval is reserved when less than an interval is left); the
     loop skips periodic evals/checkpoints in the final interval, so this errs on finishing a little early.
@@ -95,7 +97,8 @@ def train_seconds_left(
     wall_left = deadline - now
     if wall_left <= 0:
         return 0.0
-    fixed = (final_safety * (eval_seconds + checkpoint_seconds)
+    final_checkpoint = checkpoint_seconds if final_checkpoint_seconds is None else final_checkpoint_seconds
+    fixed = (final_safety * (eval_seconds + final_checkpoint)
              + safety * checkpoint_seconds * wall_left / checkpoint_every_seconds + slack_seconds)
     per_train_second = 1.0 + safety * eval_seconds / eval_every_seconds
     return max(0.0, (wall_left - fixed) / per_train_second)

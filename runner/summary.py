@@ -61,6 +61,7 @@ class RunSummary:
     interrupted: bool
     finished: bool
     events: tuple[dict[str, Any], ...] = ()
+    micro_batch_changes: tuple[str, ...] = ()  # out-of-memory retries: "oom: micro-batch 32→16, accumulation 2→4"
     data_prep_seconds: float = 0.0
     model_dir: str | None = None
     mlflow_run_id: str | None = None
@@ -112,6 +113,7 @@ class RunSummary:
         raw["predicted_loss_band"] = list(self.predicted_loss_band)
         raw["events"] = list(self.events)
         raw["notes"] = list(self.notes)
+        raw["micro_batch_changes"] = list(self.micro_batch_changes)
         raw["derived"] = {
             "loss_gap": self.loss_gap(),
             "within_band": self.within_band(),
@@ -132,6 +134,7 @@ class RunSummary:
         kwargs["predicted_loss_band"] = tuple(kwargs.get("predicted_loss_band") or (math.nan, math.nan))
         kwargs["events"] = tuple(kwargs.get("events") or ())
         kwargs["notes"] = tuple(kwargs.get("notes") or ())
+        kwargs["micro_batch_changes"] = tuple(kwargs.get("micro_batch_changes") or ())
         return cls(**kwargs)
 
 

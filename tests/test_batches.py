@@ -89,3 +89,17 @@ def test_val_windows_are_fixed_contiguous_and_capped() -> None:
     assert len(val_windows(val, seq_len=SEQ, max_tokens=10**6)) == (100 - 1) // SEQ
     batches = val_batches(val, seq_len=SEQ, max_tokens=40, batch_size=2)
     assert [len(b) for b in batches] == [2, 2, 1]
+
+
+def test_the_prefetcher_returns_exactly_the_sampler_batches_in_order_and_from_any_cursor() -> None:
+    from oneday.data.windows import Prefetcher
+
+    tokens = np.arange(5_000, dtype=np.uint16)
+    plain = WindowSampler(tokens, seq_len=16, seed=3)
+    prefetcher = Prefetcher(WindowSampler(tokens, seq_len=16, seed=3), n=6, stride=12, rank=1, world_size=2, depth=3)
+    try:
+        cursors = [0, 12, 24, 36, 36, 48, 600, 612, 12]  # a retry (36 again), a resume far ahead, one back
+        for cursor in cursors:
+            assert np.array_equal(prefetcher.batch(cursor), plain.batch(cursor, 6, rank=1, world_size=2))
+    finally:
+        prefetcher.close()

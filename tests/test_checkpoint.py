@@ -271,3 +271,99 @@ def test_a_second_ctrl_c_inside_torch_save_is_an_interrupt_not_a_write_error(
     with pytest.raises(KeyboardInterrupt):
         store.save(model=model, optimizer=optimizer, state=_state(20))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_background_save_writes_the_snapshot_not_what_training_did_since(tmp_path: Path, tied: bool) -> None:
+    model, optimizer = _model_and_optimizer(tied=tied)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    store = CheckpointStore(tmp_path, keep=2)
+    path = store.save_async(model=model, optimizer=optimizer, state=_state(12))
+    with torch.no_grad():  # training goes on while the write runs
+        for p in model.parameters():
+            p.add_(1.0)
+        for s in optimizer.state.values():
+            s["exp_avg"].add_(1.0)
+    assert store.wait() == path and path.name == "step-00000012"
+    assert store.wait() is None  # nothing pending any more
+    fresh, fresh_opt = _model_and_optimizer(tied=tied, seed=1)
+    store.latest().restore(fresh, fresh_opt)
+    assert all(torch.equal(expected[k], v) for k, v in fresh.state_dict().items())
+    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, fresh_opt.state.values(), strict=True))
+    if tied:
+        assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    # the next background save waits for this one; the sequence goes on
+    store.save_async(model=model, optimizer=optimizer, state=_state(13))
+    store.save(model=model, optimizer=optimizer, state=_state(14))
+    assert [p.name for p in store.folders()] == ["step-00000013", "step-00000014"]
+
+
+def test_a_failed_background_write_is_reported_once_at_the_next_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer = _model_and_optimizer()
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save(model=model, optimizer=optimizer, state=_state(10))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    store.save_async(model=model, optimizer=optimizer, state=_state(20))  # returns: the failure comes later
+    with pytest.raises(CheckpointError, match=r"disk is full.*step-00000010 is kept") as info:
+        store.wait()
+    assert "\n" not in str(info.value)
+    assert store.wait() is None
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".tmp-*")) and store.latest().step == 10
+
+
+_KILLED_MID_WRITE = """
+import sys, time, torch
+from oneday.runner import checkpoint as checkpoint_module
+from oneday.runner.checkpoint import CheckpointStore
+model = torch.nn.Linear(64, 64)
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.ones(2, 64)).sum().backward()
+optimizer.step()
+store = CheckpointStore(sys.argv[1], keep=3)
+store.save(model=model, optimizer=optimizer, state={"step": 10})
+def stuck(obj, path):
+    path.write_bytes(b"partial")
+    print("writing", flush=True)
+    time.sleep(60)
+checkpoint_module._torch_save = stuck
+store.save_async(model=model, optimizer=optimizer, state={"step": 20})
+time.sleep(60)
+"""
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_MID_WRITE, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+    finally:
+        child.kill()
+        child.wait()
+    assert list(tmp_path.glob(".tmp-step-00000020-*")), "the write should have been under way"
+    store = CheckpointStore(tmp_path, keep=3)
+    assert [p.name for p in store.folders()] == ["step-00000010"] and store.latest().step == 10
+    model, optimizer = torch.nn.Linear(64, 64), torch.optim.AdamW(torch.nn.Linear(64, 64).parameters())
+    store.latest().restore(model)  # whole: it loads
+    store.save_async(model=model, optimizer=optimizer, state={"step": 30})
+    store.wait()
+    assert not list(tmp_path.glob(".tmp-*")) and store.latest().step == 30
+
+
+def test_the_cost_model_charges_a_background_checkpoint_its_snapshot_and_the_final_one_its_write() -> None:
+    from oneday.runner import costs
+
+    params = 1_100_000_000  # 13.2 GB of weights and moments
+    write = costs.checkpoint_write_seconds(params)
+    assert write == pytest.approx(0.5 + 13.2e9 / 200e6)
+    snapshot = costs.checkpoint_snapshot_seconds(params)
+    assert costs.checkpoint_seconds(params, every_seconds=1800) == pytest.approx(snapshot)
+    assert costs.checkpoint_seconds(params, every_seconds=1800) < write / 4
+    # checkpoints closer together than a write takes: the rest of the previous write is waited for
+    assert costs.checkpoint_seconds(params, every_seconds=60) == pytest.approx(
+        costs.checkpoint_snapshot_seconds(params) + write - 60)

@@ -15,7 +15,7 @@ from oneday.errors import UserError
 from oneday.models.build import build_model, param_groups
 from oneday.plan import TrainSpec
 from oneday.runner.checkpoint import CheckpointStore
-from oneday.runner.faults import INJECT_NAN_ENV
+from oneday.runner.faults import INJECT_NAN_ENV, INJECT_OOM_ENV
 from oneday.runner.loop import MAX_ROLLBACKS, DivergedError, train
 from oneday.runner.pacing import Pacer
 from oneday.runner.records import EvalRecord, LoopResult, NullObserver, StepRecord
@@ -84,6 +84,10 @@ class TimedStore(CheckpointStore):
     def save(self, **kwargs):
         self.clock.advance(self.save_dt)
         return super().save(**kwargs)
+
+    def save_async(self, **kwargs):
+        self.clock.advance(self.save_dt)
+        return super().save_async(**kwargs)
 
 
 def _run(
@@ -155,8 +159,10 @@ def test_crash_resume_from_older_checkpoint_is_bitwise_identical(tmp_path: Path)
     spec = replace(SPEC, max_steps=14, checkpoint_every_seconds=5.0)  # ~every 2-3 steps of 2 fake seconds
     _, full = _run(tmp_path / "full", spec)
 
+    crashing = CheckpointStore(tmp_path / "crash" / "ckpt", keep=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _run(tmp_path / "crash", spec, observer=Recorder(crash_at=10))
+        _run(tmp_path / "crash", spec, observer=Recorder(crash_at=10), store=crashing)
+    crashing.wait()  # a background write the crash left running (a process would finish it before exiting)
     store = CheckpointStore(tmp_path / "crash" / "ckpt", keep=3)
     folders = store.folders()
     assert len(folders) >= 2
@@ -303,3 +309,66 @@ def test_a_finished_run_resumed_does_nothing_more(tmp_path: Path) -> None:
     result, again = _run(tmp_path, spec)
     assert result.steps == 3 and result.resumes == 1
     assert _bitwise_equal(_weights(first), _weights(again))
+
+
+def test_out_of_memory_halves_the_micro_batch_and_retries_the_same_windows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card that fits 2 windows a micro-batch, a plan of 4 × 2: the run goes on at 2 × 4, the same global batch,
+    and trains exactly what a plan of 2 × 4 would have (the failed step's windows retried, not skipped)."""
+    spec = replace(SPEC, max_steps=5, checkpoint_every_seconds=3.0)
+    _, planned_small = _run(tmp_path / "small", replace(spec, micro_batch=2, grad_accum=4))
+    monkeypatch.setenv(INJECT_OOM_ENV, "2")
+    recorder = Recorder()
+    result, model = _run(tmp_path / "oom", spec, observer=recorder)
+    assert result.steps == 5 and not result.interrupted
+    assert result.tokens == 5 * spec.tokens_per_step()  # the global batch is unchanged
+    assert result.micro_batch_changes == ("oom: micro-batch 4→2, accumulation 2→4",)
+    oom = [message for kind, message, _ in recorder.events if kind == "oom"]
+    assert len(oom) == 1 and oom[0].startswith("oom: micro-batch 4→2, accumulation 2→4 at step 1")
+    assert _bitwise_equal(_weights(planned_small), _weights(model))
+
+
+def test_out_of_memory_later_in_the_run_and_at_micro_batch_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(INJECT_OOM_ENV, "1@3")  # step 3 only (a spike), twice halved: 4 → 2 → 1
+    result, _ = _run(tmp_path / "late", replace(SPEC, max_steps=4))
+    assert result.steps == 4 and result.tokens == 4 * SPEC.tokens_per_step()
+    assert result.micro_batch_changes == ("oom: micro-batch 4→2, accumulation 2→4",
+                                          "oom: micro-batch 2→1, accumulation 4→8")
+    monkeypatch.setenv(INJECT_OOM_ENV, "0")  # nothing fits
+    with pytest.raises(UserError, match=r"micro-batch 1 .*the model does not fit"):
+        _run(tmp_path / "none", replace(SPEC, max_steps=2))
+
+
+def test_a_failed_background_checkpoint_write_is_reported_and_training_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from oneday.runner import checkpoint as checkpoint_module
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_torch_save", full)
+    recorder = Recorder()
+    result, _ = _run(tmp_path, replace(SPEC, max_steps=6, checkpoint_every_seconds=3.0), observer=recorder)
+    assert result.steps == 6
+    errors = [message for kind, message, _ in recorder.events if kind == "checkpoint-error"]
+    assert errors and all("the disk is full" in m and "\n" not in m for m in errors)
+    assert any(m.endswith("(a background write)") for m in errors)  # the last one, joined at the end
+    assert errors[-1].endswith("(the final checkpoint)")
+
+
+def test_a_resume_on_a_smaller_card_goes_on_at_a_smaller_micro_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = replace(SPEC, max_steps=6)
+    stop = threading.Event()
+    first, _ = _run(tmp_path, spec, observer=Recorder(stop=stop, stop_at=3), stop=stop)
+    assert first.interrupted and first.micro_batch_changes == ()
+    monkeypatch.setenv(INJECT_OOM_ENV, "2")  # the resumed session's card fits half the micro-batch
+    recorder = Recorder()
+    second, _ = _run(tmp_path, spec, observer=recorder)
+    assert second.steps == 6 and second.resumes == 1 and not second.interrupted
+    assert second.tokens == 6 * spec.tokens_per_step()
+    assert [kind for kind, _, _ in recorder.events][:2] == ["resume", "oom"]
+    assert second.micro_batch_changes == ("oom: micro-batch 4→2, accumulation 2→4",)

@@ -157,6 +157,32 @@ def test_cuda_micro_batch_search_simulated(monkeypatch: pytest.MonkeyPatch) -> N
     state.update(base=30e9, oom=20e9)
     assert search(15e9)[0] == 0
     assert timing.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"))
+
+
+def test_the_probe_frees_memory_after_an_out_of_memory_step_not_inside_the_except(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the `except`, the exception's traceback still holds the failed step's activations: emptying the
+    CUDA cache there frees nothing of them."""
+    import sys
+
+    import torch
+
+    from oneday.planner import timing
+
+    spec = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=512, seq_len=1024)
+    handling: list[object] = []
+
+    def step(micro: int) -> None:
+        if micro > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(timing, "_free", lambda optimizer: handling.append(sys.exc_info()[0]))
+    micro, _ = timing.cuda_micro_batch(spec, step=step, batch=lambda m: m, optimizer=None, memory_limit_bytes=int(1e12),
+                                       activation_bytes=2, deadline=float("inf"), clock=time.perf_counter)
+    assert micro == 1 and handling and all(exc is None for exc in handling)
     assert not timing.is_oom(RuntimeError("shape mismatch"))
 
 
@@ -292,3 +318,34 @@ def test_measure_more_times_the_given_micro_batch_in_place_of_the_earlier_timing
                        peak_flops=gpu.peak_flops, clock=gpu.clock)
     timing = oom.timing_for(shape)
     assert timing.measurement.micro_batch == 50 and "halved" in timing.micro_batch_reason
+
+
+def test_the_warm_up_frees_memory_after_an_out_of_memory_step_not_inside_the_except(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled warm-up halves the micro-batch after an out-of-memory step, freeing memory outside the
+    `except` (torch.compile stubbed out: the path is the same, the compile is not needed to take it)."""
+    import sys
+
+    import torch
+
+    from oneday.planner import timing
+    from oneday.runner.step import LMLoss
+
+    forward = LMLoss.forward
+
+    def small_card(self, inputs, targets):
+        if inputs.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, inputs, targets)
+
+    handling: list[object] = []
+    free = timing._free
+    monkeypatch.setattr(LMLoss, "forward", small_card)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    monkeypatch.setattr(timing, "_free", lambda optimizer: (handling.append(sys.exc_info()[0]), free(optimizer)))
+    shape = timing.time_shape(
+        ModelSpec(n_layer=1, d_model=32, n_head=2, d_ff=64, vocab_size=64, seq_len=16), device="cpu", dtype="fp32",
+        compile=True, budget_seconds=5.0, memory_limit_bytes=1 << 30, activation_bytes=4, peak_flops=None,
+        reference=[], hard_deadline=None, clock=time.perf_counter, micro_batch=4)
+    assert shape.measurement.micro_batch == 1 and "halved" in shape.micro_batch_reason
+    assert len(handling) == 2 and all(exc is None for exc in handling)

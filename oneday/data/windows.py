@@ -12,9 +12,18 @@ block of n, so ranks read disjoint windows and the union is what one process wou
 
 Windows are gathered by fancy indexing on the memmap, which touches only their pages: the corpus is never
 copied into RAM.
+
+`Prefetcher` makes the next batches in a background thread. A batch is a pure function of its cursor, so
+the prefetched ones are exactly those the loop would have read, and a resume needs nothing more than the
+cursor. Measured (`bench/sampler_throughput.py`, a 2-core machine at load 8): the sampler alone makes
+18-35M tokens/s of 1024-token windows, 18-70x what an H200 trains a 124M model on (0.5-1M tokens/s), and
+the loop's host work runs ahead of the GPU anyway: the loop does not use it. It pays where the host has
+other work a step (30 ms: 10M tokens/s without, 15M with).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -77,6 +86,47 @@ class WindowSampler:
         return np.asarray(self.tokens[index], dtype=np.int64)
 
 
+class Prefetcher:
+    """`sampler.batch(cursor, n, …)` for the cursors a loop reads (`cursor`, `cursor + stride`, …), up to
+    `depth` of them made ahead in one background thread. Asking for another cursor (a resume, a retry) drops
+    what was made ahead and starts again from there; the result is the same either way."""
+
+    def __init__(self, sampler: WindowSampler, *, n: int, stride: int, rank: int = 0, world_size: int = 1,
+                 depth: int = 2) -> None:
+        self.sampler, self.n, self.stride, self.rank, self.world_size = sampler, n, stride, rank, world_size
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oneday-prefetch")
+        self._ahead: dict[int, Future[np.ndarray]] = {}
+
+    def _make(self, cursor: int) -> np.ndarray:
+        return self.sampler.batch(cursor, self.n, rank=self.rank, world_size=self.world_size)
+
+    def batch(self, cursor: int) -> np.ndarray:
+        """The batch at `cursor` (what `sampler.batch` returns), then the next `depth` queued."""
+        made = self._ahead.pop(cursor, None)
+        if made is None:
+            for future in self._ahead.values():  # the sampler's epoch cache is not shared with a running worker
+                future.cancel()
+                if not future.cancelled():
+                    future.result()
+            self._ahead.clear()
+            result = self._make(cursor)
+        else:
+            result = made.result()
+        for k in range(1, self.depth + 1):
+            ahead = cursor + k * self.stride
+            if ahead not in self._ahead:
+                self._ahead[ahead] = self._pool.submit(self._make, ahead)
+        return result
+
+    def close(self) -> None:
+        """Stop the thread (what it was making is dropped)."""
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
+        self._pool.shutdown(wait=True)
+
+
 def val_windows(val_tokens: np.ndarray, *, seq_len: int, max_tokens: int) -> np.ndarray:
     """The fixed validation set: contiguous windows from the start, int64 [n, seq_len + 1].
 
@@ -99,4 +149,4 @@ def val_batches(val_tokens: np.ndarray, *, seq_len: int, max_tokens: int, batch_
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
-__all__ = ["WindowSampler", "val_batches", "val_windows"]
+__all__ = ["Prefetcher", "WindowSampler", "val_batches", "val_windows"]
