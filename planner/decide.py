@@ -277,7 +277,7 @@ def choose(
             f"{c.predicted_loss:.3f}; the loss valley is flat there, so the faster shape wins "
             f"({c.tokens_per_s / b.tokens_per_s:.2g}× the tokens/s)."
         )
-    if not c.measured:
+    if not c.measured and any(r.measured for r in rows):  # (a what-if measured nothing and says so itself)
         reasons.append(
             f"The throughput of {c.label()} is predicted from the measured shapes, not measured: "
             "measure it before training on this plan."

@@ -432,6 +432,8 @@ def _unigram_entropy(prepared: Any) -> float | None:
     memory-mapped file: ~0.1 s per 10M tokens); None when the file cannot be read."""
     import numpy as np
 
+    if getattr(prepared, "assumed", False):  # `--data-tokens`: a corpus not yet tokenized has no counts
+        return None
     try:
         tokens = prepared.train_array()
         if len(tokens) > UNIGRAM_SAMPLE_TOKENS:

@@ -127,6 +127,10 @@ def plan(
     gpus: Annotated[
         int, typer.Option("--gpus", help="Plan for this many GPUs, data parallel (run under torchrun).")
     ] = 1,
+    self_calibrate: Annotated[
+        bool, typer.Option("--self-calibrate/--no-self-calibrate", help="From a 1 h budget, fit the loss law to "
+                           "this data with runs of the plan's recipe (at most 5% of the budget) and plan again.")
+    ] = True,
 ) -> None:
     """Measure this machine and write plan.json: model, batch, LR, schedule and tokens for the budget."""
     from oneday.plan import load_plan, save_plan
@@ -192,7 +196,7 @@ def plan(
             hours=budget_hours, data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column,
             device=device, seq_len=seq_len, name=name, probe_seconds=probe_seconds, cache_dir=cache_dir,
             calibration=str(calibration) if calibration is not None else None, command=command, gpus=gpus,
-            progress=RichProgress(),
+            auto_calibrate=self_calibrate, progress=RichProgress(),
         )
     saved_to = save_plan(made, out)
     if json_out:
