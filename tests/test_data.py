@@ -223,10 +223,48 @@ def test_builtin_pydoc(cache: Path, auto_tokenizer) -> None:
     p = prepare("builtin:pydoc", cache, vocab_size=512)
     check_counts(p)
     assert p.source.startswith("builtin:pydoc")
-    assert p.train_documents + p.val_documents == sum(1 for t in topics.values() if t.strip())
+    topic_docs = sum(1 for t in topics.values() if t.strip())
+    assert p.train_documents + p.val_documents > 2 * topic_docs  # the stdlib's prose too
+    # What the README's 3-minute CPU demo consumes (~1.3M tokens at vocab 8192): the topics alone were 97k.
+    assert p.train_tokens > 800_000
     tok = auto_tokenizer(p.tokenizer_dir)
     texts = {t.strip("\n").rstrip() for t in topics.values()}
     assert all(tok.decode(s.tolist()) in texts for s in segments(p)[:10])
+    assert any("json.decoder" in tok.decode(s.tolist()) for s in segments(p))
+
+
+def test_module_prose_reads_docstrings_and_comments_without_importing() -> None:
+    from oneday.data.documents import module_prose
+
+    source = b'''"""The module says hello."""
+raise SystemExit("imported!")
+# A comment about the
+# next function, in two lines.
+def f():
+    """F does things."""
+    x = 1  # trailing comments are code's
+    # ----------
+    #x=compute(y)
+'''
+    text = module_prose(source, name="pkg.mod")
+    assert text == ("pkg.mod\n\nThe module says hello.\n\nA comment about the next function, in two lines.\n\n"
+                    "f: F does things.")
+    assert module_prose(b"def (:", name="broken") == ""
+
+
+def test_validation_size_rule() -> None:
+    """65,536 tokens where the corpus allows (a val loss to ~0.02-0.03 nats), at most 10%, 0.5% of a big one."""
+    from oneday.data.token_files import val_target
+
+    assert val_target(1_200_000) == 65536  # was 0.5%: 6,000 (8,192 at the floor)
+    assert val_target(200_000) == 20_000  # 10% of a small corpus
+    assert val_target(81_920) == 8192
+    assert val_target(100_000_000) == 500_000
+    assert val_target(10**10) == 10_000_000
+    rng = np.random.default_rng(0)
+    tokens = np.full(1200, 1000, dtype=np.int64)  # 1.2M tokens in documents of 1,000
+    chosen = choose_validation(tokens, rng.integers(0, 2**63, size=1200, dtype=np.uint64))
+    assert 65536 <= tokens[chosen].sum() <= 65536 * 1.5
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "wikitext2").is_dir(), reason="../shared/data/wikitext2 not present")
@@ -778,3 +816,20 @@ def test_checksums_recorded_for_both_token_files(tmp_path: Path, cache: Path) ->
     p = prepare(write(tmp_path / "c.txt", make_text()), cache)
     checksums = p.metadata()[data_mod.CHECKSUM_FIELD]
     assert checksums == {name: data_mod.file_checksum(p.directory / name) for name in ("train.bin", "val.bin")}
+
+
+def test_evaluate_reports_the_standard_error_over_batches() -> None:
+    """Every val loss comes with its standard error (`val_loss_se`): here batches of means 1, 2, 3 (2 windows each)."""
+    import torch
+
+    from oneday.runner.step import evaluate_with_se
+
+    class Fixed(torch.nn.Module):
+        def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return inputs[:, 0].float().mean()  # the batch's "loss": its first token ids' mean
+
+    batches = [torch.full((2, 5), v) for v in (1, 2, 3)]
+    mean, se = evaluate_with_se(Fixed(), batches)
+    assert mean == pytest.approx(2.0)
+    assert se == pytest.approx(np.std([1, 2, 3], ddof=1) / np.sqrt(3))
+    assert np.isnan(evaluate_with_se(Fixed(), batches[:1])[1])

@@ -54,6 +54,7 @@ from oneday.data.token_files import (
     VAL_MAX_TOKENS,
     VAL_MIN_TOKENS,
     VAL_OVERSHOOT,
+    VAL_TARGET_TOKENS,
     choose_dtype,
     choose_validation,
     split_token_file,
@@ -289,7 +290,8 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
     hash_seconds = time.perf_counter() - t0
     settings = {
         "documents": {"target_chars": DOC_TARGET_CHARS, "max_chars": DOC_MAX_CHARS},
-        "validation": {"fraction": VAL_FRACTION, "min_tokens": VAL_MIN_TOKENS, "max_tokens": VAL_MAX_TOKENS,
+        "validation": {"fraction": VAL_FRACTION, "min_tokens": VAL_MIN_TOKENS, "target_tokens": VAL_TARGET_TOKENS,
+                       "max_tokens": VAL_MAX_TOKENS,
                        "max_share": VAL_MAX_SHARE, "overshoot": VAL_OVERSHOOT, "min_documents": MIN_DOCUMENTS},
     }
     key = _content_key({"format": TOKENS_VERSION, "source": source_identity, "tokenizer": tok_ref.identity,

@@ -2,11 +2,15 @@
 
 Validation split: documents are ordered by a hash of their text (so the choice is deterministic, does not
 depend on file order, and identical documents land on the same side) and taken in that order until the
-validation set holds ``clamp(0.5% of all tokens, 8,192, 10,000,000)`` tokens, skipping documents that would
-overshoot that target by more than half. 0.5% is plenty for a 10 GB corpus (~12M tokens, capped at 10M:
-evaluation reads a fixed subset anyway); 8,192 tokens is the least that gives a usable loss estimate
-(32 windows of 256) on a 0.75 MB corpus. A corpus with fewer than 10 documents or fewer than 81,920
-tokens (where 8,192 would exceed 10%) is refused as too small to split.
+validation set holds ``min(max(65,536, 0.5% of all tokens), 10% of all tokens, 10,000,000)`` tokens, skipping
+documents that would overshoot that target by more than half. The 65,536 is for the standard error of a val loss:
+the loss of a window of 256 tokens varies between windows by about 0.3-0.5 nats on small models, so 256 windows
+(65,536 tokens) give a mean with a standard error of about 0.02-0.03 nats -- small enough to tell apart two runs
+whose losses differ by 0.1 -- where 8,192 tokens (32 windows) gave 0.05-0.09; every evaluation logs its own
+standard error (`val_loss_se`, over the validation batches: `oneday.runner.step.evaluate_with_se`). The 10%
+keeps a small corpus mostly for training; 0.5% is plenty for a 10 GB corpus (~12M tokens, capped at 10M:
+evaluation reads a fixed subset anyway). A corpus with fewer than 10 documents or fewer than 81,920 tokens
+(where even 8,192 validation tokens would exceed 10%) is refused as too small to split.
 
 Speed: documents are encoded in batches of ~2M characters with the `tokenizers` library's
 `encode_batch_fast` (Rust, all cores), and each batch becomes one numpy array (ids flattened with
@@ -37,7 +41,8 @@ from oneday.progress import Progress
 UINT16_MAX_VOCAB = 2**16
 
 VAL_FRACTION = 0.005
-VAL_MIN_TOKENS = 8192
+VAL_MIN_TOKENS = 8192  # the least held out (at 10% of the smallest corpus that is split)
+VAL_TARGET_TOKENS = 65536  # held out where the corpus allows (module docstring: the standard error)
 VAL_MAX_TOKENS = 10_000_000
 VAL_MAX_SHARE = 0.10
 VAL_OVERSHOOT = 1.5
@@ -55,8 +60,10 @@ def choose_dtype(vocab_size: int) -> str:
     raise UserError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
 
 
-def _val_target(total_tokens: int) -> int:
-    return min(VAL_MAX_TOKENS, max(VAL_MIN_TOKENS, math.ceil(VAL_FRACTION * total_tokens)))
+def val_target(total_tokens: int) -> int:
+    """Validation tokens to hold out of a corpus of `total_tokens` (module docstring)."""
+    wanted = max(VAL_TARGET_TOKENS, math.ceil(VAL_FRACTION * total_tokens))
+    return max(VAL_MIN_TOKENS, min(VAL_MAX_TOKENS, wanted, int(VAL_MAX_SHARE * total_tokens)))
 
 
 def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndarray:
@@ -71,7 +78,7 @@ def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndar
     if ndocs < MIN_DOCUMENTS or total < min_total:
         raise UserError(f"corpus too small to hold out a validation set: {ndocs:,} documents, {total:,} tokens; "
                         f"need at least {MIN_DOCUMENTS} documents and {min_total:,} tokens")
-    target = _val_target(total)
+    target = val_target(total)
     cap = int(target * VAL_OVERSHOOT)
     order = np.argsort(doc_hashes, kind="stable")
     chosen: list[int] = []
@@ -165,4 +172,5 @@ def split_token_file(all_path: Path, *, train_path: Path, val_path: Path, doc_to
 
 
 __all__ = ["MIN_DOCUMENTS", "VAL_FRACTION", "VAL_MAX_SHARE", "VAL_MAX_TOKENS", "VAL_MIN_TOKENS", "VAL_OVERSHOOT",
-           "choose_dtype", "choose_validation", "split_token_file", "tokenize_corpus"]
+           "VAL_TARGET_TOKENS", "choose_dtype", "choose_validation", "split_token_file", "tokenize_corpus",
+           "val_target"]
