@@ -87,6 +87,9 @@ def make_plan(
     tokenizer: str | None = None,
     vocab_size: int = 8192,
     text_column: str | None = None,
+    config: str | None = None,
+    split: str | None = None,
+    max_tokens: int | None = None,
     device: str = "auto",
     seq_len: int | None = None,
     name: str | None = None,
@@ -99,7 +102,8 @@ def make_plan(
 ) -> Plan:
     """Measure this machine and decide what to train in `hours` of wall-clock on `data` (module docstring).
 
-    `data`, `tokenizer`, `vocab_size`, `text_column`, `cache_dir` go to `prepare_data`; `device` is
+    `data`, `tokenizer`, `vocab_size`, `text_column`, `config`, `split`, `max_tokens`, `cache_dir` go to
+    `prepare_data` (and into the plan's data record, so it can be prepared again elsewhere); `device` is
     auto/cuda/cpu; `probe_seconds` overrides the measuring time; `calibration` is a calibration file
     whose law replaces the default. Every problem the user can fix raises `UserError` (one line).
     """
@@ -134,8 +138,8 @@ def make_plan(
     from oneday.data.prepare import prepare_data
 
     prepared = prepare_data(
-        data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, cache_dir=cache_dir,
-        progress=progress,
+        data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, config=config, split=split,
+        max_tokens=max_tokens, cache_dir=cache_dir, progress=progress,
     )
     seq, seq_reason = sequence_length(seq_len, device=setup.device, budget_seconds=budget_seconds, data=prepared)
 
@@ -233,7 +237,8 @@ def make_plan(
             data, budget_seconds=budget_seconds, params_total=chosen.spec.params_total()
         ),
         hardware=_hardware_info(hw, setup, peak=peak, peak_source=peak_source),
-        data=_data_info(prepared, data=data, tokenizer=tokenizer, text_column=text_column),
+        data=replace(_data_info(prepared, data=data, tokenizer=tokenizer, text_column=text_column),
+                     config=config, split=split, max_tokens=max_tokens),
         model=chosen.spec,
         train=train,
         prediction=prediction,

@@ -833,3 +833,44 @@ def test_evaluate_reports_the_standard_error_over_batches() -> None:
     assert mean == pytest.approx(2.0)
     assert se == pytest.approx(np.std([1, 2, 3], ddof=1) / np.sqrt(3))
     assert np.isnan(evaluate_with_se(Fixed(), batches[:1])[1])
+
+
+def test_max_tokens_streams_a_hub_split_from_parquet(tmp_path: Path, cache: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config/--split/--max-tokens` on a hub dataset, the hub replaced by local parquet read as a stream: the
+    cap is met by whole documents and the split is read no further than it needs (not downloaded whole)."""
+    import datasets
+    import huggingface_hub
+    import pandas as pd
+
+    from oneday.data import sources
+
+    rows = make_rows(6000, seed=21)
+    f = tmp_path / "train-00000.parquet"
+    pd.DataFrame({"text": list(rows)}).to_parquet(f, row_group_size=500)
+    real_load = datasets.load_dataset
+    calls: list[dict] = []
+    pulled = [0]
+
+    def count(row: dict) -> dict:
+        pulled[0] += 1
+        return row
+
+    def hub_from_parquet(path, name=None, **kwargs):
+        calls.append({"path": path, "name": name, "split": kwargs.get("split")})
+        ds = real_load("parquet", data_files=str(f), split="train", streaming=True, cache_dir=kwargs["cache_dir"])
+        return ds.map(count)
+
+    monkeypatch.setattr(sources, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo_id, **kw: type("Info", (), {"sha": "abc123"})())
+    monkeypatch.setattr(datasets, "load_dataset", hub_from_parquet)
+    p = prepare("hf:someone/big", cache, config="en", split="train[:90%]", max_tokens=100_000)
+    total = p.train_tokens + p.val_tokens
+    assert 100_000 <= total < 100_000 + 2_000  # whole documents: the last one crosses the cap
+    assert {(c["name"], c["split"]) for c in calls} == {("en", "train[:90%]")}
+    # Two passes (tokenizer training, tokenizing) read batches of 1,000 rows; uncapped they would pull 2 × 6,000.
+    assert pulled[0] <= 2 * 2000, f"pulled {pulled[0]} rows (of 2 × {len(rows)}) for 100k tokens"
+    assert p.metadata()["settings"]["max_tokens"] == 100_000
+    with pytest.raises(UserError, match="--max-tokens: at least 81,920"):
+        prepare("hf:someone/big", cache, max_tokens=1000)

@@ -43,7 +43,8 @@ def load_plan_data(info: DataInfo, *, progress: Progress | None = None,
     started = clock()
     try:
         data = prepare_data(info.spec, tokenizer=info.tokenizer_spec, vocab_size=info.vocab_size,
-                            text_column=info.text_column, cache_dir=_cache_root(info.path), progress=progress)
+                            text_column=info.text_column, config=info.config, split=info.split,
+                            max_tokens=info.max_tokens, cache_dir=_cache_root(info.path), progress=progress)
     except UserError as exc:
         raise UserError(
             f"data: {info.path} cannot be used and preparing {info.spec} again failed ({exc}); "

@@ -92,6 +92,7 @@ TOKEN_FILES = ("train.bin", "val.bin")
 CHECKSUM_FIELD = "xxh3_64"
 CHECKSUM_CHUNK_BYTES = 8 << 20
 TOKENIZER_SUBDIR = "tokenizer"
+MIN_MAX_TOKENS = 81_920  # --max-tokens below this leaves a corpus too small to split (token_files)
 _TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]+-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
@@ -261,17 +262,21 @@ def load_prepared(directory: str | os.PathLike[str]) -> PreparedData:
 
 def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
                  text_column: str | None = None, config: str | None = None, split: str | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None,
+                 max_tokens: int | None = None, cache_dir: str | os.PathLike[str] | None = None,
                  progress: Progress | None = None) -> PreparedData:
     """Prepare `spec` into cached token files (module docstring), or return the cached entry at once.
 
     `tokenizer`: a local tokenizer directory or a hub name; None trains a byte-level BPE of `vocab_size`
     tokens on the data. `text_column` picks the column of structured files (default: a column named
     text/content/story/body/document..., else the only string column). `config` and `split` apply to hub
-    datasets. `cache_dir` overrides `$ONEDAY_CACHE` and ~/.cache/oneday.
+    datasets. `max_tokens` caps the tokens taken (the first documents up to it; the source is read no further,
+    so a streamed hub split is never downloaded whole). `cache_dir` overrides `$ONEDAY_CACHE` and ~/.cache/oneday.
     """
     started = time.perf_counter()
     progress = progress or NULL_PROGRESS
+    if max_tokens is not None and max_tokens < MIN_MAX_TOKENS:
+        raise UserError(f"--max-tokens: at least {MIN_MAX_TOKENS:,} (the smallest corpus with a validation set), "
+                        f"got {max_tokens:,}")
     check_vocab_size(vocab_size, training=tokenizer is None)
     source = resolve_source(spec, text_column=text_column, config=config, split=split)
     if tokenizer is None:
@@ -294,8 +299,11 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
                        "max_tokens": VAL_MAX_TOKENS,
                        "max_share": VAL_MAX_SHARE, "overshoot": VAL_OVERSHOOT, "min_documents": MIN_DOCUMENTS},
     }
-    key = _content_key({"format": TOKENS_VERSION, "source": source_identity, "tokenizer": tok_ref.identity,
-                        "settings": settings})
+    key_parts = {"format": TOKENS_VERSION, "source": source_identity, "tokenizer": tok_ref.identity,
+                 "settings": settings}
+    if max_tokens is not None:  # only when given: uncapped entries keep the keys they had
+        key_parts["max_tokens"] = max_tokens
+    key = _content_key(key_parts)
 
     cache = resolve_cache_dir(cache_dir)
     root = cache / "data"
@@ -320,7 +328,7 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{_host()}-{os.getpid()}-", dir=root))
         try:
             meta = _build(source, tok_ref, spec=spec, key=key, vocab_size=vocab_size, settings=settings,
-                          work_dir=tmp, progress=progress)
+                          work_dir=tmp, progress=progress, max_tokens=max_tokens)
             meta["seconds"]["hash"] = round(hash_seconds, 3)
             meta["seconds"]["total"] = round(time.perf_counter() - started, 3)
             shutil.rmtree(tmp / "hf-datasets", ignore_errors=True)
@@ -342,12 +350,13 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
 
 
 def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_size: int,
-           settings: dict[str, Any], work_dir: Path, progress: Progress) -> dict[str, Any]:
+           settings: dict[str, Any], work_dir: Path, progress: Progress, max_tokens: int | None) -> dict[str, Any]:
     """Do the work into `work_dir`: tokenizer, token files; return the metadata (written by the caller)."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if tok_ref.origin == "trained":
-        tok = train_tokenizer(source, vocab_size=vocab_size, work_dir=work_dir, progress=progress)
+        tok = train_tokenizer(source, vocab_size=vocab_size, work_dir=work_dir, progress=progress,
+                              max_tokens=max_tokens)
     elif tok_ref.loaded is not None:
         tok = tok_ref.loaded
     else:
@@ -365,7 +374,7 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
     stats = ReadStats()
     all_path = work_dir / "all.bin"
     table = tokenize_corpus(source, batch_encoder(tok), eot_id=eot_id, dtype=dtype, out_path=all_path,
-                             work_dir=work_dir, stats=stats, progress=progress)
+                             work_dir=work_dir, stats=stats, progress=progress, max_tokens=max_tokens)
     seconds["tokenize"] = round(time.perf_counter() - t0, 3)
     vocab = len(tok)
     if table.max_id >= vocab:
@@ -421,6 +430,7 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
         "settings": {
             "vocab_size_requested": vocab_size if tok_ref.origin == "trained" else None,
             "text_column": source.text_column,
+            "max_tokens": max_tokens,
             "hub": {"name": source.hub_name, "config": source.hub_config, "split": source.hub_split,
                     "revision": source.hub_revision} if source.kind == "hub" else None,
             "tokenizer_training": tok_ref.identity if tok_ref.origin == "trained" else None,

@@ -24,6 +24,7 @@ of wall time, 376k against 342k per CPU-second, on a 2-core machine under load).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from oneday.data.sources import Source
 from oneday.data.tokenizer import BATCH_CHARS, MAX_VOCAB_SIZE
 from oneday.errors import UserError
 from oneday.progress import Progress
+
+log = logging.getLogger(__name__)
 
 UINT16_MAX_VOCAB = 2**16
 
@@ -107,20 +110,33 @@ class _DocTable:
 
 def tokenize_corpus(source: Source, encode: Callable[[list[str]], list[list[int]]], *, eot_id: int,
                      dtype: str, out_path: Path, work_dir: Path, stats: ReadStats,
-                     progress: Progress) -> _DocTable:
-    """Tokenize every document into `out_path` (each followed by `eot_id`); return per-document numbers."""
+                     progress: Progress, max_tokens: int | None = None) -> _DocTable:
+    """Tokenize every document into `out_path` (each followed by `eot_id`); return per-document numbers.
+
+    `max_tokens` caps the corpus: the documents up to the one that reaches it are taken, and the source is read
+    no further (a streamed hub split stops downloading there).
+    """
     import xxhash
 
     tokens: list[np.ndarray] = []
     nbytes: list[np.ndarray] = []
     hashes: list[np.ndarray] = []
     max_id = eot_id
+    written = 0
+    capped = False
     with open(out_path, "wb") as out, \
             progress.task("tokenizing", total=source.total_bytes, unit="B") as task:
-        for docs, consumed in source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=stats):
+        batch_chars = BATCH_CHARS if max_tokens is None else min(BATCH_CHARS, max(1 << 16, 2 * max_tokens))
+        for docs, consumed in source.iter_batches(batch_chars=batch_chars, work_dir=work_dir, stats=stats):
             if docs:
                 ids = encode(docs)
                 lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                if max_tokens is not None:
+                    keep = int(np.searchsorted(np.cumsum(lens + 1), max_tokens - written)) + 1
+                    if keep < len(ids):
+                        docs, ids, lens = docs[:keep], ids[:keep], lens[:keep]
+                        capped = True
+                    written += int((lens + 1).sum())
                 flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
                 if flat.size:
                     max_id = max(max_id, int(flat.max()))
@@ -130,6 +146,10 @@ def tokenize_corpus(source: Source, encode: Callable[[list[str]], list[list[int]
                 nbytes.append(np.fromiter(map(len, raw), dtype=np.uint32, count=len(raw)))
                 hashes.append(np.fromiter(map(xxhash.xxh3_64_intdigest, raw), dtype=np.uint64, count=len(raw)))
             task.advance(consumed)
+            if capped or (max_tokens is not None and written >= max_tokens):
+                log.info("data: stopped reading %s at %d tokens (--max-tokens %d)", source.description, written,
+                         max_tokens)
+                break
     if not tokens:
         raise UserError(f"no text in {source.description}")
     return _DocTable(np.concatenate(tokens), np.concatenate(nbytes), np.concatenate(hashes), max_id)

@@ -40,6 +40,7 @@ DEFAULT_VOCAB_SIZE = 8192
 TOKENIZER_SAMPLE_CHARS = 200_000_000
 BPE_MIN_FREQUENCY = 2
 BATCH_CHARS = 2 << 20
+CAPPED_BYTES_PER_TOKEN = 6  # --max-tokens: bytes read to train the tokenizer per token taken (BPE text: ~3.5-4.5)
 # Files of a tokenizer directory that do not decide the tokenizer and may be huge (model weights).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt"})
@@ -157,14 +158,26 @@ def eot_id_of(tok: Any, name: str) -> int:
     raise UserError(f"tokenizer {name} has no end-of-text token (no eos token and no {EOT})")
 
 
-def _training_texts(source: Source, *, work_dir: Path, task: Task) -> Iterator[str]:
-    """Documents for tokenizer training: evenly spaced batches, at most TOKENIZER_SAMPLE_CHARS in all."""
+def _training_texts(source: Source, *, work_dir: Path, task: Task, max_tokens: int | None = None) -> Iterator[str]:
+    """Documents for tokenizer training: evenly spaced batches, at most TOKENIZER_SAMPLE_CHARS in all.
+
+    With `max_tokens`, only the part of the corpus the cap takes is read: the first
+    `max_tokens × CAPPED_BYTES_PER_TOKEN` bytes (an upper bound of a byte-level BPE's bytes per token on text).
+    """
     total = source.total_bytes
+    limit = max_tokens * CAPPED_BYTES_PER_TOKEN if max_tokens is not None else None
+    if limit is not None:
+        total = min(total, limit) if total else limit
     stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total else 1
     taken = 0
-    batches = source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=ReadStats(), quiet=True)
+    read = 0
+    batch_chars = BATCH_CHARS if limit is None else min(BATCH_CHARS, max(1 << 16, limit // 8))
+    batches = source.iter_batches(batch_chars=batch_chars, work_dir=work_dir, stats=ReadStats(), quiet=True)
     for i, (docs, nbytes) in enumerate(batches):
         task.advance(nbytes)
+        read += nbytes if nbytes else sum(len(d) for d in docs)
+        if limit is not None and read > limit:
+            break
         if i % stride:
             continue
         yield from docs
@@ -174,7 +187,8 @@ def _training_texts(source: Source, *, work_dir: Path, task: Task) -> Iterator[s
             break
 
 
-def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress: Progress) -> Any:
+def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress: Progress,
+                    max_tokens: int | None = None) -> Any:
     """Train a byte-level BPE (GPT-2 style pre-tokenization, `<|endoftext|>` special) on the corpus.
 
     Returned wrapped as a transformers `PreTrainedTokenizerFast` (eos = bos = unk = pad = `<|endoftext|>`;
@@ -198,7 +212,7 @@ def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress
     def texts(task: Task) -> Iterator[str]:
         # Exceptions raised inside an iterator consumed by Rust come back re-wrapped; keep the original.
         try:
-            for doc in _training_texts(source, work_dir=work_dir, task=task):
+            for doc in _training_texts(source, work_dir=work_dir, task=task, max_tokens=max_tokens):
                 seen[0] += 1
                 yield doc
         except BaseException as exc:
