@@ -40,7 +40,7 @@ def test_prepare_json(tmp_path: Path) -> None:
     assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
     assert meta["from_cache"] is False
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
-    assert Path(meta["directory"], "train.bin").stat().st_size == 2 * meta["train_tokens"]
+    assert Path(meta["directory"], "train-00000.bin").stat().st_size == 2 * meta["train_tokens"]
     assert Path(meta["tokenizer_dir"]).is_dir()
     again = json.loads(runner.invoke(app, _args(tmp_path, "--json")).stdout)
     assert again["from_cache"] is True and again["key"] == meta["key"]

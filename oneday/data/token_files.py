@@ -23,21 +23,15 @@ of wall time, 376k against 342k per CPU-second, on a 2-core machine under load).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from oneday.data.documents import ReadStats
-from oneday.data.sources import Source
-from oneday.data.tokenizer import BATCH_CHARS, MAX_VOCAB_SIZE
+from oneday.data.tokenizer import MAX_VOCAB_SIZE
 from oneday.errors import UserError
-from oneday.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +63,12 @@ def val_target(total_tokens: int) -> int:
     return max(VAL_MIN_TOKENS, min(VAL_MAX_TOKENS, wanted, int(VAL_MAX_SHARE * total_tokens)))
 
 
-def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndarray:
+def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray, *,
+                      corpus_tokens: int | None = None) -> np.ndarray:
     """Indices (ascending) of the documents held out for validation; the rules are in the module docstring.
+
+    `corpus_tokens`: the whole corpus's (estimated) size when these documents are only its first shard; the
+    target is then `val_target(corpus_tokens)`, at most half of these documents.
 
     Raises UserError when the corpus is too small to split, or its documents too large to hold out about
     the target without taking much more.
@@ -78,10 +76,10 @@ def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndar
     ndocs = len(doc_tokens)
     total = int(doc_tokens.sum(dtype=np.int64))
     min_total = math.ceil(VAL_MIN_TOKENS / VAL_MAX_SHARE)
-    if ndocs < MIN_DOCUMENTS or total < min_total:
+    if ndocs < MIN_DOCUMENTS or max(total, corpus_tokens or 0) < min_total:
         raise UserError(f"corpus too small to hold out a validation set: {ndocs:,} documents, {total:,} tokens; "
                         f"need at least {MIN_DOCUMENTS} documents and {min_total:,} tokens")
-    target = val_target(total)
+    target = val_target(total) if corpus_tokens is None else min(val_target(corpus_tokens), total // 2)
     cap = int(target * VAL_OVERSHOOT)
     order = np.argsort(doc_hashes, kind="stable")
     chosen: list[int] = []
@@ -98,61 +96,6 @@ def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndar
                     f"large (largest {int(doc_tokens.max()):,} of {total:,} tokens); split them into smaller ones")
 
 
-
-
-@dataclass
-class _DocTable:
-    tokens: np.ndarray  # per document, including its end-of-text token
-    text_bytes: np.ndarray
-    hashes: np.ndarray
-    max_id: int
-
-
-def tokenize_corpus(source: Source, encode: Callable[[list[str]], list[list[int]]], *, eot_id: int,
-                     dtype: str, out_path: Path, work_dir: Path, stats: ReadStats,
-                     progress: Progress, max_tokens: int | None = None) -> _DocTable:
-    """Tokenize every document into `out_path` (each followed by `eot_id`); return per-document numbers.
-
-    `max_tokens` caps the corpus: the documents up to the one that reaches it are taken, and the source is read
-    no further (a streamed hub split stops downloading there).
-    """
-    import xxhash
-
-    tokens: list[np.ndarray] = []
-    nbytes: list[np.ndarray] = []
-    hashes: list[np.ndarray] = []
-    max_id = eot_id
-    written = 0
-    capped = False
-    with open(out_path, "wb") as out, \
-            progress.task("tokenizing", total=source.total_bytes, unit="B") as task:
-        batch_chars = BATCH_CHARS if max_tokens is None else min(BATCH_CHARS, max(1 << 16, 2 * max_tokens))
-        for docs, consumed in source.iter_batches(batch_chars=batch_chars, work_dir=work_dir, stats=stats):
-            if docs:
-                ids = encode(docs)
-                lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                if max_tokens is not None:
-                    keep = int(np.searchsorted(np.cumsum(lens + 1), max_tokens - written)) + 1
-                    if keep < len(ids):
-                        docs, ids, lens = docs[:keep], ids[:keep], lens[:keep]
-                        capped = True
-                    written += int((lens + 1).sum())
-                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
-                if flat.size:
-                    max_id = max(max_id, int(flat.max()))
-                out.write(np.insert(flat, np.cumsum(lens), eot_id).data)  # not tofile(): it drops the errno
-                raw = [d.encode("utf-8") for d in docs]
-                tokens.append((lens + 1).astype(np.uint32))
-                nbytes.append(np.fromiter(map(len, raw), dtype=np.uint32, count=len(raw)))
-                hashes.append(np.fromiter(map(xxhash.xxh3_64_intdigest, raw), dtype=np.uint64, count=len(raw)))
-            task.advance(consumed)
-            if capped or (max_tokens is not None and written >= max_tokens):
-                log.info("data: stopped reading %s at %d tokens (--max-tokens %d)", source.description, written,
-                         max_tokens)
-                break
-    if not tokens:
-        raise UserError(f"no text in {source.description}")
-    return _DocTable(np.concatenate(tokens), np.concatenate(nbytes), np.concatenate(hashes), max_id)
 
 
 def _move(mm: np.ndarray, src: int, end: int, dst: int) -> None:
@@ -192,5 +135,5 @@ def split_token_file(all_path: Path, *, train_path: Path, val_path: Path, doc_to
 
 
 __all__ = ["MIN_DOCUMENTS", "VAL_FRACTION", "VAL_MAX_SHARE", "VAL_MAX_TOKENS", "VAL_MIN_TOKENS", "VAL_OVERSHOOT",
-           "VAL_TARGET_TOKENS", "choose_dtype", "choose_validation", "split_token_file", "tokenize_corpus",
+           "VAL_TARGET_TOKENS", "choose_dtype", "choose_validation", "split_token_file",
            "val_target"]

@@ -165,23 +165,20 @@ def _training_texts(source: Source, *, work_dir: Path, task: Task, max_tokens: i
     `max_tokens × CAPPED_BYTES_PER_TOKEN` bytes (an upper bound of a byte-level BPE's bytes per token on text).
     """
     total = source.total_bytes
-    limit = max_tokens * CAPPED_BYTES_PER_TOKEN if max_tokens is not None else None
-    if limit is not None:
-        total = min(total, limit) if total else limit
-    stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total else 1
+    limit = min(max_tokens * CAPPED_BYTES_PER_TOKEN, TOKENIZER_SAMPLE_CHARS) if max_tokens is not None else None
+    stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total and limit is None else 1
     taken = 0
-    read = 0
     batch_chars = BATCH_CHARS if limit is None else min(BATCH_CHARS, max(1 << 16, limit // 8))
     batches = source.iter_batches(batch_chars=batch_chars, work_dir=work_dir, stats=ReadStats(), quiet=True)
     for i, (docs, nbytes) in enumerate(batches):
         task.advance(nbytes)
-        read += nbytes if nbytes else sum(len(d) for d in docs)
-        if limit is not None and read > limit:
-            break
         if i % stride:
             continue
-        yield from docs
-        taken += sum(len(d) for d in docs)
+        for doc in docs:
+            yield doc
+            taken += len(doc)
+            if limit is not None and taken >= limit:  # the head of the corpus that the cap takes
+                return
         if taken >= TOKENIZER_SAMPLE_CHARS:
             log.info("data: tokenizer trained on a %d-character sample of the corpus", taken)
             break
