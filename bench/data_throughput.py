@@ -9,8 +9,9 @@ differ), a tokenizer is trained once on the `--data` corpus (so the figures are 
 `prepare_data` runs in a fresh process with `--workers` encoding processes (default: all cores). Printed: tokens,
 seconds, tokens/s in all and per worker, peak RSS of the main process and of the largest worker (the goal: flat
 in the corpus size, under 2 GB), the time to the first finished shard, and the extrapolation to 10B tokens on
-16 cores (per-worker rate × 16, assuming the main process keeps up, which the printed main-process CPU share
-says). Needs disk for the corpus and its tokens (~1.5× the size); run the larger sizes only on an idle machine.
+16 cores (tokens per CPU-second of main + workers × 16: robust to other load on a shared machine; assuming the
+main process keeps up, which its printed CPU share says). Needs disk for the corpus and its tokens (~1.5× the
+size); run the larger sizes only on an idle machine.
 
 The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
 this repository: ~7.8 MB in 12 files); pass `--data` anywhere else.
@@ -208,6 +209,8 @@ def _child(job: dict[str, Any]) -> None:
         "tokens": prepared.train_tokens + prepared.val_tokens, "seconds": seconds,
         "tokenize_seconds": meta["seconds"]["tokenize"], "workers": meta["workers"], "shards": meta["shards"],
         "main_cpu_seconds": time.process_time() - c0,
+        "worker_cpu_seconds": resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+        + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime,
         "first_shard_seconds": first_shard[0] if first_shard else None,
         "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -235,7 +238,9 @@ def _scale(args: argparse.Namespace) -> None:
             workers = max(1, r["workers"])
             rate = r["tokens"] / r["tokenize_seconds"]
             per_worker = rate / workers
-            ten_b_hours = 10e9 / (per_worker * 16) / 3600
+            cpu = r["main_cpu_seconds"] + r["worker_cpu_seconds"]
+            per_cpu_second = r["tokens"] / cpu
+            ten_b_hours = 10e9 / (per_cpu_second * 16) / 3600
             print(f"{gb:g} GB ({size / 1e9:.2f} GB text, made in {made:.0f} s): {r['tokens']:,} tokens in "
                   f"{r['shards']} shards, {r['seconds']:.0f} s end to end (tokenizing {r['tokenize_seconds']:.0f} s)"
                   f" = {rate:,.0f} tokens/s with {r['workers']} workers, {per_worker:,.0f} per worker; "
@@ -243,7 +248,7 @@ def _scale(args: argparse.Namespace) -> None:
                   f"wall); peak RSS main {r['main_peak_rss_mb']:,.0f} MB, largest worker "
                   f"{r['worker_peak_rss_mb']:,.0f} MB; first shard ({args.shard_tokens:,} tokens) after "
                   f"{r['first_shard_seconds'] or float('nan'):.0f} s; 10B tokens on 16 cores: ~{ten_b_hours:.1f} h "
-                  f"if the main process keeps up")
+                  f"at that rate per CPU-second, if the main process keeps up")
             shutil.rmtree(Path(tmp) / "c", ignore_errors=True)
             corpus.unlink()
 

@@ -392,7 +392,7 @@ def test_choose_validation_deterministic_and_sized() -> None:
     with pytest.raises(UserError, match=r"too small .* 9 documents"):
         choose_validation(lens[:9], hashes[:9])
     with pytest.raises(UserError, match="too large"):
-        choose_validation(np.full(20, 15_000, np.uint32), hashes[:20])
+        choose_validation(np.full(20, 100_000, np.uint32), hashes[:20])
 
 
 def test_choose_dtype() -> None:

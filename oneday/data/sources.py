@@ -133,13 +133,13 @@ class Source:
         consumed = 0
         for docs, nbytes in self._iter_documents(work_dir=work_dir, stats=stats, quiet=quiet):
             consumed += nbytes
-            for doc in docs:
+            stats.documents += len(docs)
+            for doc in docs:  # a 16 MB block of a text file makes many batches: encoding memory follows a batch
                 batch.append(doc)
                 chars += len(doc)
-            stats.documents += len(docs)
-            if chars >= batch_chars:
-                yield batch, consumed
-                batch, chars, consumed = [], 0, 0
+                if chars >= batch_chars:
+                    yield batch, consumed
+                    batch, chars, consumed = [], 0, 0
         if batch or consumed:
             yield batch, consumed
 
