@@ -9,9 +9,9 @@ differ), a tokenizer is trained once on the `--data` corpus (so the figures are 
 `prepare_data` runs in a fresh process with `--workers` encoding processes (default: all cores). Printed: tokens,
 seconds, tokens/s in all and per worker, peak RSS of the main process and of the largest worker (the goal: flat
 in the corpus size, under 2 GB), the time to the first finished shard, and the extrapolation to 10B tokens on
-16 cores (tokens per CPU-second of main + workers × 16: robust to other load on a shared machine; assuming the
-main process keeps up, which its printed CPU share says). Needs disk for the corpus and its tokens (~1.5× the
-size); run the larger sizes only on an idle machine.
+16 cores (the lesser of 16 × tokens per CPU-second of main + workers, robust to other load on a shared machine,
+and the main process's own tokens per CPU-second: it reads, cuts and writes for every worker). Needs disk for
+the corpus and its tokens (~1.5× the size); run the larger sizes only on an idle machine.
 
 The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
 this repository: ~7.8 MB in 12 files); pass `--data` anywhere else.
@@ -240,7 +240,8 @@ def _scale(args: argparse.Namespace) -> None:
             per_worker = rate / workers
             cpu = r["main_cpu_seconds"] + r["worker_cpu_seconds"]
             per_cpu_second = r["tokens"] / cpu
-            ten_b_hours = 10e9 / (per_cpu_second * 16) / 3600
+            main_rate = r["tokens"] / max(r["main_cpu_seconds"], 1e-9)  # the reader/writer: one process
+            ten_b_hours = 10e9 / min(per_cpu_second * 16, main_rate) / 3600
             print(f"{gb:g} GB ({size / 1e9:.2f} GB text, made in {made:.0f} s): {r['tokens']:,} tokens in "
                   f"{r['shards']} shards, {r['seconds']:.0f} s end to end (tokenizing {r['tokenize_seconds']:.0f} s)"
                   f" = {rate:,.0f} tokens/s with {r['workers']} workers, {per_worker:,.0f} per worker; "
@@ -248,7 +249,8 @@ def _scale(args: argparse.Namespace) -> None:
                   f"wall); peak RSS main {r['main_peak_rss_mb']:,.0f} MB, largest worker "
                   f"{r['worker_peak_rss_mb']:,.0f} MB; first shard ({args.shard_tokens:,} tokens) after "
                   f"{r['first_shard_seconds'] or float('nan'):.0f} s; 10B tokens on 16 cores: ~{ten_b_hours:.1f} h "
-                  f"at that rate per CPU-second, if the main process keeps up")
+                  f"(the lesser of 16 × the rate per CPU-second and the main process's {main_rate:,.0f} tokens per "
+                  "CPU-second: it reads, cuts and writes for all workers)")
             shutil.rmtree(Path(tmp) / "c", ignore_errors=True)
             corpus.unlink()
 
