@@ -977,3 +977,22 @@ def test_a_capped_corpus_is_estimated_from_its_sample(tmp_path: Path, cache: Pat
     estimate = int(re.search(r"~([\d,]+) tokens", note)[1].replace(",", ""))
     assert estimate == pytest.approx(whole.train_tokens + whole.val_tokens, rel=0.1)
     assert "prepare more" in note
+
+
+def test_the_standard_error_reaches_metrics_and_mlflow(tmp_path: Path) -> None:
+    """`val_loss_se` is recorded wherever val_loss is: metrics.jsonl and the tracker (`val/loss_se`)."""
+    from oneday.runner.records import EvalRecord
+    from oneday.tracking.recorder import RunRecorder, read_metrics
+
+    sent: list = []
+
+    class Tracker:
+        def log_metrics(self, metrics, *, step, timestamp=None):
+            sent.append(metrics)
+
+    path = tmp_path / "metrics.jsonl"
+    recorder = RunRecorder(path, tracker=Tracker())
+    recorder.on_eval(EvalRecord(step=5, tokens=640, val_loss=5.5, val_bpb=2.0, train_elapsed=1.0, final=False,
+                                val_loss_se=0.025))
+    assert [r["val_loss_se"] for r in read_metrics(path) if r["kind"] == "eval"] == [0.025]
+    assert sent[-1]["val/loss_se"] == 0.025
