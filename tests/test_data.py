@@ -291,7 +291,7 @@ def test_second_call_reuses_cache_without_work(tmp_path: Path, cache: Path,
     def boom(*args, **kwargs):
         raise AssertionError("no tokenizing or training on a cache hit")
 
-    monkeypatch.setattr(data_mod, "_tokenize_into_shards", boom)
+    monkeypatch.setattr(data_mod, "tokenize_into_shards", boom)
     monkeypatch.setattr(data_mod, "train_tokenizer", boom)
     second = prepare(f, cache)
     assert second.from_cache and not first.from_cache
@@ -911,13 +911,13 @@ def test_shards_resume_after_an_interrupt_and_match_an_uninterrupted_run(tmp_pat
     assert kept == ["train-00000.bin", "train-00001.bin", "train-00002.bin"]
     monkeypatch.setattr(shards.ShardWriter, "_close", real_close)
     encoded_docs = [0]
-    real_encoder = data_mod.batch_encoder
+    real_encoder = shards.batch_encoder
 
     def counting_encoder(tok):
         encode = real_encoder(tok)
         return lambda docs: (encoded_docs.__setitem__(0, encoded_docs[0] + len(docs)), encode(docs))[1]
 
-    monkeypatch.setattr(data_mod, "batch_encoder", counting_encoder)
+    monkeypatch.setattr(shards, "batch_encoder", counting_encoder)
     resumed = prepare(f, cache, shard_tokens=30_000, workers=0)
     assert resumed.metadata()["shards_resumed"] == 3 and not partial.exists()
     assert encoded_docs[0] < (resumed.train_documents + resumed.val_documents) * 0.8  # kept shards not encoded

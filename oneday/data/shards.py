@@ -26,6 +26,7 @@ name, tokens, documents, text bytes and xxh3_64 checksum, and the validation fil
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -39,7 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from oneday.data.documents import ReadStats
+from oneday.data.sources import Source
+from oneday.data.token_files import choose_validation, split_token_file
+from oneday.data.tokenizer import BATCH_CHARS, batch_encoder
 from oneday.errors import UserError
+from oneday.progress import Progress as ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -357,5 +363,67 @@ class ShardWriter:
             self._path().unlink(missing_ok=True)
 
 
+def tokenize_into_shards(source: Source, tok: Any, state: Progress, *, eot_id: int, dtype: str,
+                         work_dir: Path, stats: ReadStats, progress: ProgressBar, max_tokens: int | None,
+                         shard_tokens: int, workers: int | None) -> None:
+    """Encode the source (after the documents `state` already holds) into shards (module docstring)."""
+    from oneday.data.prepare import file_checksum
+
+    consumed_bytes = [0]
+
+    def split_first_shard(head: Path, doc_tokens: np.ndarray, doc_bytes: np.ndarray, hashes: np.ndarray,
+                          final: bool) -> tuple[ShardRecord, ShardRecord]:
+        estimate = None
+        if not final:  # a larger corpus: size the validation set for all of it (module docstring of shards)
+            total = source.total_bytes
+            head_tokens = int(doc_tokens.sum())
+            head_bytes = max(1, int(doc_bytes.sum()))
+            estimate = head_tokens if not total else max(head_tokens, int(head_tokens * total / head_bytes))
+        val_idx = choose_validation(doc_tokens, hashes, corpus_tokens=estimate)
+        train_path = work_dir / shard_name(0)
+        split_token_file(head, train_path=train_path, val_path=work_dir / VAL_FILE, doc_tokens=doc_tokens,
+                         val_idx=val_idx, dtype=dtype)
+        in_val = np.zeros(len(doc_tokens), dtype=bool)
+        in_val[val_idx] = True
+        train = ShardRecord(shard_name(0), int(doc_tokens[~in_val].sum()), int((~in_val).sum()),
+                            int(doc_bytes[~in_val].sum()), file_checksum(train_path))
+        val = ShardRecord(VAL_FILE, int(doc_tokens[in_val].sum()), int(in_val.sum()), int(doc_bytes[in_val].sum()),
+                          file_checksum(work_dir / VAL_FILE))
+        return train, val
+
+    writer = ShardWriter(work_dir, dtype=dtype, eot_id=eot_id, shard_tokens=shard_tokens, progress=state,
+                         on_first_shard=split_first_shard)
+    written = sum(r.tokens for r in state.shards) + (state.val.tokens if state.val else 0)
+    backend = getattr(tok, "backend_tokenizer", None)
+    batch_chars = BATCH_CHARS if max_tokens is None else min(BATCH_CHARS, max(1 << 16, 2 * max_tokens))
+    batches = skip_documents(source.iter_batches(batch_chars=batch_chars, work_dir=work_dir, stats=stats),
+                             state.documents_read)
+    stream = encoded(batches, encode=batch_encoder(tok), tokenizer_json=backend.to_str() if backend else None,
+                     dtype=dtype, workers=pool_workers(workers, source.total_bytes))
+    try:
+        with contextlib.closing(stream), progress.task("tokenizing", total=source.total_bytes, unit="B") as task:
+            for docs, consumed, lens, flat in stream:
+                consumed_bytes[0] += consumed
+                capped = False
+                if max_tokens is not None and len(docs):
+                    keep = int(np.searchsorted(np.cumsum(lens + 1), max_tokens - written)) + 1
+                    if keep < len(docs):
+                        docs, flat, lens = docs[:keep], flat[:int(lens[:keep].sum())], lens[:keep]
+                    written += int((lens + 1).sum())
+                    capped = written >= max_tokens
+                writer.write(docs, lens, flat)
+                task.advance(consumed)
+                if capped:
+                    log.info("data: stopped reading %s at %d tokens (--max-tokens %d)", source.description,
+                             written, max_tokens)
+                    break
+        if state.val is None and not writer.has_text():
+            raise UserError(f"no text in {source.description}")
+        writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
+
+
 __all__ = ["MANIFEST_FILE", "SHARD_TOKENS", "ShardRecord", "ShardWriter", "ShardedTokens", "encoded", "open_tokens",
-           "pool_workers", "shard_name", "skip_documents"]
+           "pool_workers", "shard_name", "skip_documents", "tokenize_into_shards"]
