@@ -225,11 +225,12 @@ def make_plan(
     )
     if thread_note:
         plan_reasons.append(thread_note)
-    from oneday.data.plan_data import capped_corpus_note
+    if max_tokens is not None:
+        from oneday.data.plan_data import capped_corpus_note
 
-    capped_note = capped_corpus_note(prepared, planned_tokens=chosen.tokens)
-    if capped_note:
-        plan_reasons.append(capped_note)
+        capped_note = capped_corpus_note(prepared, planned_tokens=chosen.tokens)
+        if capped_note:
+            plan_reasons.append(capped_note)
     if setup.device == "cuda" and chosen.measured and not (
         bl.micro_batch <= chosen.micro_batch <= MICRO_BATCH_SLACK * bl.micro_batch
     ):
