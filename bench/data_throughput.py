@@ -1,6 +1,17 @@
 """Data pipeline throughput: `prepare_data` on a corpus, and its tokenizing step vs `datasets.map`.
 
     python bench/data_throughput.py [--data CORPUS] [--vocab-size 8192] [--repeat 3]
+    python bench/data_throughput.py --scale-gb 0.05 0.2 [1 4] [--workers N] [--shard-tokens 10000000]
+
+`--scale-gb`: the sharded pipeline at scale. For each size, a plain-text corpus of that many GB is generated in a
+temporary folder (the `--data` corpus repeated, each copy's paragraphs in another seeded order so documents
+differ), a tokenizer is trained once on the `--data` corpus (so the figures are the tokenizing pipeline's), and
+`prepare_data` runs in a fresh process with `--workers` encoding processes (default: all cores). Printed: tokens,
+seconds, tokens/s in all and per worker, peak RSS of the main process and of the largest worker (the goal: flat
+in the corpus size, under 2 GB), the time to the first finished shard, and the extrapolation to 10B tokens on
+16 cores (the lesser of 16 × tokens per CPU-second of main + workers, robust to other load on a shared machine,
+and the main process's own tokens per CPU-second: it reads, cuts and writes for every worker). Needs disk for
+the corpus and its tokens (~1.5× the size); run the larger sizes only on an idle machine.
 
 The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
 this repository: ~7.8 MB in 12 files); pass `--data` anywhere else.
@@ -23,6 +34,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,7 +58,17 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA.resolve()))
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scale-gb", type=float, nargs="*", default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--shard-tokens", type=int, default=10_000_000)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        _child(json.loads(args.child))
+        return
+    if args.scale_gb:
+        _scale(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -140,6 +162,97 @@ def _datasets_on_disk(tok: Any, jsonl: Path, tmp: Path, eot_id: int, dtype: str)
     mapped = ds.map(_map_fn(tok, eot_id), batched=True, remove_columns=["text"])
     flat = _flatten(mapped.data.column("ids"), dtype)
     return len(flat), time.perf_counter() - t0, time.process_time() - c0
+
+
+def _make_corpus(source_dir: str, out: Path, gigabytes: float) -> int:
+    """Write ~`gigabytes` of text: the source's paragraphs, each copy shuffled with its own seed."""
+    import random
+
+    src = resolve_source(source_dir)
+    paragraphs = [p for batch, _ in src.iter_batches(batch_chars=BATCH_CHARS, work_dir=out.parent, stats=ReadStats(),
+                                                     quiet=True) for d in batch for p in d.split("\n\n") if p.strip()]
+    target = int(gigabytes * 1e9)
+    written = 0
+    with open(out, "w", encoding="utf-8") as fh:
+        for copy in itertools.count():
+            random.Random(copy).shuffle(paragraphs)
+            block = "\n\n".join(paragraphs) + "\n\n"
+            fh.write(block)
+            written += len(block.encode("utf-8"))
+            if written >= target:
+                return written
+    return written
+
+
+def _child(job: dict[str, Any]) -> None:
+    """One preparation in this fresh process; prints its figures as JSON."""
+    import resource
+
+    from oneday.data import shards
+
+    first_shard: list[float] = []
+    real_close = shards.ShardWriter._close
+    started = time.perf_counter()
+
+    def timed_close(self: Any, *, final: bool) -> None:
+        real_close(self, final=final)
+        if not first_shard:
+            first_shard.append(time.perf_counter() - started)
+
+    shards.ShardWriter._close = timed_close  # type: ignore[method-assign]
+    c0 = time.process_time()
+    prepared = data_mod.prepare_data(job["data"], tokenizer=job["tokenizer"], cache_dir=job["cache"],
+                                     shard_tokens=job["shard_tokens"], workers=job["workers"])
+    seconds = time.perf_counter() - started
+    meta = prepared.metadata()
+    print(json.dumps({
+        "tokens": prepared.train_tokens + prepared.val_tokens, "seconds": seconds,
+        "tokenize_seconds": meta["seconds"]["tokenize"], "workers": meta["workers"], "shards": meta["shards"],
+        "main_cpu_seconds": time.process_time() - c0,
+        "worker_cpu_seconds": resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+        + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime,
+        "first_shard_seconds": first_shard[0] if first_shard else None,
+        "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }))
+
+
+def _scale(args: argparse.Namespace) -> None:
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = data_mod.prepare_data(args.data, vocab_size=args.vocab_size, cache_dir=Path(tmp) / "tok")
+        print(f"tokenizer: trained on {tokenizer.source}, vocab {tokenizer.vocab_size}; cores: {os.cpu_count()}, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        for gb in args.scale_gb:
+            corpus = Path(tmp) / f"corpus-{gb:g}gb.txt"
+            t0 = time.perf_counter()
+            size = _make_corpus(args.data, corpus, gb)
+            made = time.perf_counter() - t0
+            job = {"data": str(corpus), "tokenizer": str(tokenizer.tokenizer_dir), "cache": str(Path(tmp) / "c"),
+                   "shard_tokens": args.shard_tokens, "workers": args.workers}
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,
+                                 text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            workers = max(1, r["workers"])
+            rate = r["tokens"] / r["tokenize_seconds"]
+            per_worker = rate / workers
+            cpu = r["main_cpu_seconds"] + r["worker_cpu_seconds"]
+            per_cpu_second = r["tokens"] / cpu
+            main_rate = r["tokens"] / max(r["main_cpu_seconds"], 1e-9)  # the reader/writer: one process
+            ten_b_hours = 10e9 / min(per_cpu_second * 16, main_rate) / 3600
+            print(f"{gb:g} GB ({size / 1e9:.2f} GB text, made in {made:.0f} s): {r['tokens']:,} tokens in "
+                  f"{r['shards']} shards, {r['seconds']:.0f} s end to end (tokenizing {r['tokenize_seconds']:.0f} s)"
+                  f" = {rate:,.0f} tokens/s with {r['workers']} workers, {per_worker:,.0f} per worker; "
+                  f"main process CPU {r['main_cpu_seconds']:.0f} s ({r['main_cpu_seconds'] / r['seconds']:.0%} of "
+                  f"wall); peak RSS main {r['main_peak_rss_mb']:,.0f} MB, largest worker "
+                  f"{r['worker_peak_rss_mb']:,.0f} MB; first shard ({args.shard_tokens:,} tokens) after "
+                  f"{r['first_shard_seconds'] or float('nan'):.0f} s; 10B tokens on 16 cores: ~{ten_b_hours:.1f} h "
+                  f"(the lesser of 16 × the rate per CPU-second and the main process's {main_rate:,.0f} tokens per "
+                  "CPU-second: it reads, cuts and writes for all workers)")
+            shutil.rmtree(Path(tmp) / "c", ignore_errors=True)
+            corpus.unlink()
 
 
 if __name__ == "__main__":

@@ -103,8 +103,13 @@ class DataInfo:
     assumed: bool = False
     """True when no data was prepared (`oneday plan --data-tokens`): the token counts are assumed, and the plan
     cannot be run."""
+    config: str | None = None  # a hub dataset's configuration and split, and the cap on tokens taken
+    split: str | None = None
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        _require(self.max_tokens is None or self.max_tokens > 0, "data.max_tokens",
+                 f"must be > 0, got {self.max_tokens}")
         _require(self.vocab_size >= 2, "data.vocab_size", f"must be >= 2, got {self.vocab_size}")
         _require(self.train_tokens > 0, "data.train_tokens", f"must be > 0, got {self.train_tokens}")
         _require(self.val_tokens > 0, "data.val_tokens", f"must be > 0, got {self.val_tokens}")

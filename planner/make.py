@@ -95,6 +95,9 @@ def make_plan(
     tokenizer: str | None = None,
     vocab_size: int = 8192,
     text_column: str | None = None,
+    config: str | None = None,
+    split: str | None = None,
+    max_tokens: int | None = None,
     device: str = "auto",
     seq_len: int | None = None,
     name: str | None = None,
@@ -109,7 +112,8 @@ def make_plan(
 ) -> Plan:
     """Measure this machine and decide what to train in `hours` of wall-clock on `data` (module docstring).
 
-    `data`, `tokenizer`, `vocab_size`, `text_column`, `cache_dir` go to `prepare_data`; `device` is
+    `data`, `tokenizer`, `vocab_size`, `text_column`, `config`, `split`, `max_tokens`, `cache_dir` go to
+    `prepare_data` (and into the plan's data record, so it can be prepared again elsewhere); `device` is
     auto/cuda/cpu; `probe_seconds` overrides the measuring time; `calibration` is a calibration file
     whose law replaces the default; `gpus` plans for that many of this machine's GPUs (data parallel).
     Every problem the user can fix raises `UserError` (one line). The probe, the data and the measurements
@@ -120,6 +124,7 @@ def make_plan(
     progress = progress or NULL_PROGRESS
     request = PlanRequest(
         budget_seconds=check_hours(hours) * 3600.0, data=data, tokenizer=tokenizer, text_column=text_column,
+        config=config, split=split, max_tokens=max_tokens,
         seq_len=seq_len, name=name, probe_seconds=probe_seconds, calibration=calibration, command=command,
         gpus=check_gpus(gpus), law=load_calibration(calibration) if calibration is not None else EPOCH_2024,
     )
@@ -138,14 +143,15 @@ def make_plan(
     from oneday.data.prepare import prepare_data
 
     prepared = prepare_data(
-        data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, cache_dir=cache_dir,
-        progress=progress,
+        data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, config=config, split=split,
+        max_tokens=max_tokens, cache_dir=cache_dir, progress=progress,
     )
     plan = plan_for(hardware=hw, data=prepared, throughput=MeasuredThroughput(clock=clock, progress=progress),
                     request=request)
     if (auto_calibrate and calibration is None and not plan.prediction.calibrated
             and request.budget_seconds >= AUTO_CALIBRATION_MIN_SECONDS):
-        again = dict(data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, device=device,
+        again = dict(data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column, config=config,
+                     split=split, max_tokens=max_tokens, device=device,
                      seq_len=seq_len, name=name or plan.name, probe_seconds=probe_seconds, cache_dir=cache_dir,
                      command=command, gpus=gpus, clock=clock, progress=progress)
         return _self_calibrated(plan, budget_seconds=request.budget_seconds, again=again, clock=clock)
@@ -160,6 +166,9 @@ class PlanRequest:
     data: str
     tokenizer: str | None = None
     text_column: str | None = None
+    config: str | None = None
+    split: str | None = None
+    max_tokens: int | None = None
     seq_len: int | None = None
     name: str | None = None
     probe_seconds: float | None = None
@@ -350,6 +359,12 @@ def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request:
     )
     # a what-if says so first; the real path's notes (CPU threads) follow the device's reasons
     plan_reasons = [*choice.notes, *plan_reasons] if choice.what_if else [*plan_reasons, *choice.notes]
+    if request.max_tokens is not None:
+        from oneday.data.plan_data import capped_corpus_note
+
+        capped_note = capped_corpus_note(prepared, planned_tokens=chosen.tokens)
+        if capped_note:
+            plan_reasons.append(capped_note)
     if setup.device == "cuda" and chosen.measured and not (
         bl.micro_batch <= chosen.micro_batch <= MICRO_BATCH_SLACK * bl.micro_batch
     ):
@@ -364,7 +379,9 @@ def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request:
             data_name, budget_seconds=budget_seconds, params_total=chosen.spec.params_total()
         ),
         hardware=_hardware_info(hw, setup, peak=peak, peak_source=choice.peak_source),
-        data=_data_info(prepared, data=request.data, tokenizer=request.tokenizer, text_column=request.text_column),
+        data=replace(_data_info(prepared, data=request.data, tokenizer=request.tokenizer,
+                                text_column=request.text_column),
+                     config=request.config, split=request.split, max_tokens=request.max_tokens),
         model=chosen.spec,
         train=train,
         prediction=prediction,

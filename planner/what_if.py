@@ -96,8 +96,8 @@ def what_if_hardware(gpu: GpuModel, count: int) -> HardwareProbe:
 @dataclass(frozen=True)
 class AssumedData:
     """What `prepare_data` would return for a corpus of `train_tokens` training tokens not yet downloaded
-    (`--data-tokens`): the validation split is what `oneday data prepare` would hold out (0.5%, 8,192 to
-    10M tokens, `oneday.data.token_files`)."""
+    (`--data-tokens`): the validation split is what `oneday data prepare` would hold out
+    (`oneday.data.token_files.val_target`)."""
 
     vocab_size: int
     train_tokens: int
@@ -127,11 +127,11 @@ def parse_token_count(text: str) -> int:
 
 
 def assumed_data(train_tokens: int, *, vocab_size: int) -> AssumedData:
-    from oneday.data.token_files import VAL_FRACTION, VAL_MAX_TOKENS, VAL_MIN_TOKENS
+    from oneday.data.token_files import val_target
 
     if vocab_size < 2:
         raise UserError(f"--vocab-size: must be >= 2, got {vocab_size}")
-    val = min(VAL_MAX_TOKENS, max(VAL_MIN_TOKENS, math.ceil(VAL_FRACTION * train_tokens)))
+    val = val_target(train_tokens)
     return AssumedData(vocab_size=vocab_size, train_tokens=train_tokens, val_tokens=val)
 
 
@@ -295,6 +295,9 @@ def what_if_plan(
     tokenizer: str | None = None,
     vocab_size: int = 8192,
     text_column: str | None = None,
+    config: str | None = None,
+    split: str | None = None,
+    max_tokens: int | None = None,
     seq_len: int | None = None,
     name: str | None = None,
     probe_seconds: float | None = None,
@@ -315,6 +318,7 @@ def what_if_plan(
         raise UserError(f"--data-tokens: must be at least 1 token, got {data_tokens!r}")
     request = PlanRequest(
         budget_seconds=check_hours(hours) * 3600.0, data=data or "", tokenizer=tokenizer, text_column=text_column,
+        config=config, split=split, max_tokens=max_tokens,
         seq_len=seq_len, name=name, probe_seconds=probe_seconds, calibration=calibration, command=command, gpus=count,
         law=load_calibration(calibration) if calibration is not None else EPOCH_2024,
     )
@@ -327,7 +331,8 @@ def what_if_plan(
         from oneday.data.prepare import prepare_data
 
         prepared = prepare_data(data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column,
-                                cache_dir=cache_dir, progress=progress)
+                                config=config, split=split, max_tokens=max_tokens, cache_dir=cache_dir,
+                                progress=progress)
     return plan_for(hardware=hw, data=prepared, throughput=AssumedSource(gpu, saved), request=request)
 
 

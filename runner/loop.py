@@ -57,7 +57,7 @@ from oneday.runner.pacing import Pacer, TrainingClock
 from oneday.runner.records import EvalRecord, Event, LoopResult, NullObserver, Observer, StepRecord
 from oneday.runner.schedule import lr_multiplier
 from oneday.runner.state import TrainState
-from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate, grad_scaler, make_optimizer
+from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate_with_se, grad_scaler, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -229,11 +229,11 @@ def train(
                 seconds = None
                 if main:
                     started = clock()
-                    val_loss = evaluate(loss, val, precision=precision)
+                    val_loss, val_se = evaluate_with_se(loss, val, precision=precision)
                     seconds = clock() - started
                     observer.on_eval(EvalRecord(step=state.step, tokens=state.tokens, val_loss=val_loss,
                                                 val_bpb=val_loss / math.log(2) / val_bytes_per_token,
-                                                train_elapsed=timer.train_elapsed, final=False))
+                                                train_elapsed=timer.train_elapsed, final=False, val_loss_se=val_se))
                 pacer.evaluated(train_elapsed=timer.train_elapsed, seconds=seconds)
             if due.checkpoint:
                 seconds = None
@@ -299,10 +299,10 @@ def train(
         except CheckpointError as exc:  # the trained weights are still in memory: the final model may fit
             event("checkpoint-error", f"{exc} (the final checkpoint)", state.step)
         if not interrupted:
-            final_val_loss = evaluate(loss, val, precision=precision)
+            final_val_loss, val_se = evaluate_with_se(loss, val, precision=precision)
             observer.on_eval(EvalRecord(step=state.step, tokens=state.tokens, val_loss=final_val_loss,
                                         val_bpb=final_val_loss / math.log(2) / val_bytes_per_token,
-                                        train_elapsed=state.train_elapsed, final=True))
+                                        train_elapsed=state.train_elapsed, final=True, val_loss_se=val_se))
     if dist is not None:
         torch_dist.barrier(group=group)  # no rank leaves (and tears down the group) before the final save
 

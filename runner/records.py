@@ -42,6 +42,7 @@ class EvalRecord:
     val_bpb: float
     train_elapsed: float
     final: bool
+    val_loss_se: float | None = None  # the standard error of val_loss over the validation batches
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ same loss, same optimizer kernel, same autocast, same clipping, same skip of a b
   under fp16 the loss only —, on any rank) fed to the fused optimizer, the update. It returns [mean loss,
   gradient norm, bad] as a device tensor: the host reads it only when it wants to (the loop every few steps).
 - `evaluate`: the mean next-token loss over fixed validation batches, no gradients (what an evaluation costs
-  is what the probe times as the forward speed).
+  is what the probe times as the forward speed); `evaluate_with_se` adds its standard error over the batches.
 """
 
 from __future__ import annotations
@@ -127,17 +127,34 @@ class TrainStep:
 
 def evaluate(loss: nn.Module, batches: Sequence[torch.Tensor], *, precision: Autocast = nullcontext) -> float:
     """Mean next-token loss over fixed validation batches of windows (every window has seq_len targets)."""
+    return evaluate_with_se(loss, batches, precision=precision)[0]
+
+
+def evaluate_with_se(loss: nn.Module, batches: Sequence[torch.Tensor], *,
+                     precision: Autocast = nullcontext) -> tuple[float, float]:
+    """(mean loss, its standard error) over fixed validation batches of windows.
+
+    The standard error treats each batch's mean as one sample, weighted by its windows (the last batch may be
+    smaller): sqrt(Σ w_i (x_i − x̄)² / (W − w̄)) / sqrt(n) with n batches, W windows; NaN for a single batch. It
+    comes from the same forward passes (one host read at the end), so it costs nothing extra.
+    """
     loss.eval()
-    total = torch.zeros((), dtype=torch.float64, device=batches[0].device)
-    windows = 0
+    values = []
     with torch.no_grad():
         for batch in batches:
             with precision():
-                value = loss(batch[:, :-1], batch[:, 1:])
-            total += value.double() * batch.shape[0]
-            windows += batch.shape[0]
+                values.append(loss(batch[:, :-1], batch[:, 1:]).double())
     loss.train()
-    return total.item() / windows
+    means = torch.stack(values).cpu().tolist()
+    weights = [int(b.shape[0]) for b in batches]
+    windows = sum(weights)
+    mean = sum(w * x for w, x in zip(weights, means, strict=True)) / windows
+    n = len(means)
+    if n < 2:
+        return mean, float("nan")
+    variance = sum(w * (x - mean) ** 2 for w, x in zip(weights, means, strict=True)) / (windows - windows / n)
+    return mean, (variance / n) ** 0.5
 
 
-__all__ = ["Autocast", "LMLoss", "TrainStep", "autocast", "evaluate", "grad_scaler", "make_optimizer"]
+__all__ = ["Autocast", "LMLoss", "TrainStep", "autocast", "evaluate", "evaluate_with_se", "grad_scaler",
+           "make_optimizer"]

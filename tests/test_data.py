@@ -88,7 +88,7 @@ def segments(p: PreparedData) -> list[np.ndarray]:
 
 def check_counts(p: PreparedData) -> None:
     itemsize = np.dtype(p.dtype).itemsize
-    assert (p.directory / "train.bin").stat().st_size == p.train_tokens * itemsize
+    assert sum((p.directory / name).stat().st_size for name, _ in p.shards) == p.train_tokens * itemsize
     assert (p.directory / "val.bin").stat().st_size == p.val_tokens * itemsize
     assert int((p.train_array() == p.eot_id).sum()) == p.train_documents
     assert int((p.val_array() == p.eot_id).sum()) == p.val_documents
@@ -223,10 +223,48 @@ def test_builtin_pydoc(cache: Path, auto_tokenizer) -> None:
     p = prepare("builtin:pydoc", cache, vocab_size=512)
     check_counts(p)
     assert p.source.startswith("builtin:pydoc")
-    assert p.train_documents + p.val_documents == sum(1 for t in topics.values() if t.strip())
+    topic_docs = sum(1 for t in topics.values() if t.strip())
+    assert p.train_documents + p.val_documents > 2 * topic_docs  # the stdlib's prose too
+    # What the README's 3-minute CPU demo consumes (~1.3M tokens at vocab 8192): the topics alone were 97k.
+    assert p.train_tokens > 800_000
     tok = auto_tokenizer(p.tokenizer_dir)
     texts = {t.strip("\n").rstrip() for t in topics.values()}
     assert all(tok.decode(s.tolist()) in texts for s in segments(p)[:10])
+    assert any("json.decoder" in tok.decode(s.tolist()) for s in segments(p))
+
+
+def test_module_prose_reads_docstrings_and_comments_without_importing() -> None:
+    from oneday.data.documents import module_prose
+
+    source = b'''"""The module says hello."""
+raise SystemExit("imported!")
+# A comment about the
+# next function, in two lines.
+def f():
+    """F does things."""
+    x = 1  # trailing comments are code's
+    # ----------
+    #x=compute(y)
+'''
+    text = module_prose(source, name="pkg.mod")
+    assert text == ("pkg.mod\n\nThe module says hello.\n\nA comment about the next function, in two lines.\n\n"
+                    "f: F does things.")
+    assert module_prose(b"def (:", name="broken") == ""
+
+
+def test_validation_size_rule() -> None:
+    """65,536 tokens where the corpus allows (a val loss to ~0.02-0.03 nats), at most 10%, 0.5% of a big one."""
+    from oneday.data.token_files import val_target
+
+    assert val_target(1_200_000) == 65536  # was 0.5%: 6,000 (8,192 at the floor)
+    assert val_target(200_000) == 20_000  # 10% of a small corpus
+    assert val_target(81_920) == 8192
+    assert val_target(100_000_000) == 500_000
+    assert val_target(10**10) == 10_000_000
+    rng = np.random.default_rng(0)
+    tokens = np.full(1200, 1000, dtype=np.int64)  # 1.2M tokens in documents of 1,000
+    chosen = choose_validation(tokens, rng.integers(0, 2**63, size=1200, dtype=np.uint64))
+    assert 65536 <= tokens[chosen].sum() <= 65536 * 1.5
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "wikitext2").is_dir(), reason="../shared/data/wikitext2 not present")
@@ -248,17 +286,17 @@ def test_second_call_reuses_cache_without_work(tmp_path: Path, cache: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     f = write(tmp_path / "c.txt", make_text())
     first = prepare(f, cache)
-    mtime = (first.directory / "train.bin").stat().st_mtime_ns
+    mtime = (first.directory / "train-00000.bin").stat().st_mtime_ns
 
     def boom(*args, **kwargs):
         raise AssertionError("no tokenizing or training on a cache hit")
 
-    monkeypatch.setattr(data_mod, "tokenize_corpus", boom)
+    monkeypatch.setattr(data_mod, "tokenize_into_shards", boom)
     monkeypatch.setattr(data_mod, "train_tokenizer", boom)
     second = prepare(f, cache)
     assert second.from_cache and not first.from_cache
     assert second == first
-    assert (second.directory / "train.bin").stat().st_mtime_ns == mtime
+    assert (second.directory / "train-00000.bin").stat().st_mtime_ns == mtime
     assert [p.name for p in (cache / "data").iterdir()] == [first.key]
 
 
@@ -301,7 +339,7 @@ def test_load_prepared_missing_and_incomplete(tmp_path: Path, cache: Path) -> No
         load_prepared(tmp_path / "nothing")
     p = prepare(write(tmp_path / "c.txt", make_text()), cache)
     assert load_prepared(p.directory) == p
-    with open(p.directory / "train.bin", "r+b") as fh:
+    with open(p.directory / "train-00000.bin", "r+b") as fh:
         fh.truncate(10)
     with pytest.raises(UserError, match="incomplete"):
         load_prepared(p.directory)
@@ -346,13 +384,15 @@ def test_choose_validation_deterministic_and_sized() -> None:
     hashes = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
     val = choose_validation(lens, hashes)
     total = int(lens.sum())
-    target = max(VAL_MIN_TOKENS, int(np.ceil(0.005 * total)))
-    assert target <= int(lens[val].sum()) <= 1.5 * target
+    from oneday.data.token_files import val_target
+
+    target = val_target(total)
+    assert target == 65536 and target <= int(lens[val].sum()) <= 1.5 * target
     assert np.array_equal(val, choose_validation(lens, hashes)) and np.all(np.diff(val) > 0)
     with pytest.raises(UserError, match=r"too small .* 9 documents"):
         choose_validation(lens[:9], hashes[:9])
     with pytest.raises(UserError, match="too large"):
-        choose_validation(np.full(20, 15_000, np.uint32), hashes[:20])
+        choose_validation(np.full(20, 100_000, np.uint32), hashes[:20])
 
 
 def test_choose_dtype() -> None:
@@ -714,7 +754,7 @@ def _shuffle(path: Path) -> None:
     np.random.default_rng(0).permutation(tokens).tofile(path)
 
 
-@pytest.mark.parametrize("name", ["train.bin", "val.bin"])
+@pytest.mark.parametrize("name", ["train-00000.bin", "val.bin"])
 def test_changed_token_file_of_the_same_size_is_refused_and_prepared_again(
         tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture, name: str) -> None:
     f = write(tmp_path / "c.txt", make_text())
@@ -746,13 +786,13 @@ def test_plan_data_prepares_a_changed_entry_again(tmp_path: Path, cache: Path,
     f = write(tmp_path / "c.txt", make_text())
     first = prepare(f, cache)
     assert first.vocab_size == VOCAB  # a plan's data is prepared again with the vocabulary it records
-    original = (first.directory / "train.bin").read_bytes()
-    _shuffle(first.directory / "train.bin")
+    original = (first.directory / "train-00000.bin").read_bytes()
+    _shuffle(first.directory / "train-00000.bin")
     with caplog.at_level(logging.WARNING):
         data, seconds = load_plan_data(_data_info(first, f))
     assert data == first and seconds > 0
-    assert (data.directory / "train.bin").read_bytes() == original
-    assert any("train.bin changed" in r.getMessage() for r in caplog.records)
+    assert (data.directory / "train-00000.bin").read_bytes() == original
+    assert any("train-00000.bin changed" in r.getMessage() for r in caplog.records)
 
 
 def test_entry_of_the_layout_before_checksums_is_prepared_again(tmp_path: Path, cache: Path,
@@ -762,19 +802,197 @@ def test_entry_of_the_layout_before_checksums_is_prepared_again(tmp_path: Path, 
     f = write(tmp_path / "c.txt", make_text())
     first = prepare(f, cache)
     meta = first.metadata()
-    old = {k: v for k, v in meta.items() if k != data_mod.CHECKSUM_FIELD} | {"format_version": 1}
+    old = meta | {"format_version": 2}  # one train.bin, checksums in meta.json, no manifest
     (first.directory / "meta.json").write_text(json.dumps(old), encoding="utf-8")
     data, seconds = load_plan_data(_data_info(first, f))  # the plan keeps working: the same key
     assert data == first and seconds > 0
-    assert data.metadata()[data_mod.CHECKSUM_FIELD] == meta[data_mod.CHECKSUM_FIELD]
     (first.directory / "meta.json").write_text(json.dumps(old), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="oneday.data.prepare"):
         again = prepare(f, cache)
     assert not again.from_cache and again == first
-    assert any("format version 1" in r.getMessage() for r in caplog.records)
+    assert any("format version 2" in r.getMessage() for r in caplog.records)
 
 
-def test_checksums_recorded_for_both_token_files(tmp_path: Path, cache: Path) -> None:
+def test_checksums_recorded_for_every_token_file(tmp_path: Path, cache: Path) -> None:
     p = prepare(write(tmp_path / "c.txt", make_text()), cache)
-    checksums = p.metadata()[data_mod.CHECKSUM_FIELD]
-    assert checksums == {name: data_mod.file_checksum(p.directory / name) for name in ("train.bin", "val.bin")}
+    manifest = json.loads((p.directory / "manifest.json").read_text())
+    records = [*manifest["shards"], manifest["val"]]
+    assert [r["name"] for r in records] == ["train-00000.bin", "val.bin"]
+    assert all(r["xxh3_64"] == data_mod.file_checksum(p.directory / r["name"]) for r in records)
+
+
+def test_evaluate_reports_the_standard_error_over_batches() -> None:
+    """Every val loss comes with its standard error (`val_loss_se`): here batches of means 1, 2, 3 (2 windows each)."""
+    import torch
+
+    from oneday.runner.step import evaluate_with_se
+
+    class Fixed(torch.nn.Module):
+        def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return inputs[:, 0].float().mean()  # the batch's "loss": its first token ids' mean
+
+    batches = [torch.full((2, 5), v) for v in (1, 2, 3)]
+    mean, se = evaluate_with_se(Fixed(), batches)
+    assert mean == pytest.approx(2.0)
+    assert se == pytest.approx(np.std([1, 2, 3], ddof=1) / np.sqrt(3))
+    assert np.isnan(evaluate_with_se(Fixed(), batches[:1])[1])
+
+
+def test_max_tokens_streams_a_hub_split_from_parquet(tmp_path: Path, cache: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config/--split/--max-tokens` on a hub dataset, the hub replaced by local parquet read as a stream: the
+    cap is met by whole documents and the split is read no further than it needs (not downloaded whole)."""
+    import datasets
+    import huggingface_hub
+    import pandas as pd
+
+    from oneday.data import sources
+
+    rows = make_rows(6000, seed=21)
+    f = tmp_path / "train-00000.parquet"
+    pd.DataFrame({"text": list(rows)}).to_parquet(f, row_group_size=500)
+    real_load = datasets.load_dataset
+    calls: list[dict] = []
+    pulled = [0]
+
+    def count(row: dict) -> dict:
+        pulled[0] += 1
+        return row
+
+    def hub_from_parquet(path, name=None, **kwargs):
+        calls.append({"path": path, "name": name, "split": kwargs.get("split")})
+        ds = real_load("parquet", data_files=str(f), split="train", streaming=True, cache_dir=kwargs["cache_dir"])
+        return ds.map(count)
+
+    monkeypatch.setattr(sources, "hub_offline_reason", lambda: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo_id, **kw: type("Info", (), {"sha": "abc123"})())
+    monkeypatch.setattr(datasets, "load_dataset", hub_from_parquet)
+    p = prepare("hf:someone/big", cache, config="en", split="train[:90%]", max_tokens=100_000,
+                workers=0)  # in process: a pool reads 2 batches per worker ahead
+    total = p.train_tokens + p.val_tokens
+    assert 100_000 <= total < 100_000 + 2_000  # whole documents: the last one crosses the cap
+    assert {(c["name"], c["split"]) for c in calls} == {("en", "train[:90%]")}
+    # Two passes (tokenizer training, tokenizing) read batches of 1,000 rows; uncapped they would pull 2 × 6,000.
+    assert pulled[0] <= 2 * 2000, f"pulled {pulled[0]} rows (of 2 × {len(rows)}) for 100k tokens"
+    assert p.metadata()["settings"]["max_tokens"] == 100_000
+    with pytest.raises(UserError, match="--max-tokens: at least 81,920"):
+        prepare("hf:someone/big", cache, max_tokens=1000)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shards
+
+
+def _shard_files(p: PreparedData) -> list[bytes]:
+    return [(p.directory / name).read_bytes() for name, _ in p.shards] + [(p.directory / "val.bin").read_bytes()]
+
+
+def test_shards_resume_after_an_interrupt_and_match_an_uninterrupted_run(tmp_path: Path, cache: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from oneday.data import shards
+
+    f = write(tmp_path / "c.txt", make_text(1500, seed=31))
+    whole = prepare(f, tmp_path / "other", shard_tokens=30_000, workers=0)
+    assert len(whole.shards) >= 5 and all(n >= 30_000 for _, n in whole.shards[1:-1])
+    check_counts(whole)
+    real_close = shards.ShardWriter._close
+
+    def interrupted(self, *, final):  # Ctrl-C while the fourth shard is written
+        if len(self.progress.shards) >= 3:
+            raise KeyboardInterrupt
+        return real_close(self, final=final)
+
+    monkeypatch.setattr(shards.ShardWriter, "_close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(f, cache, shard_tokens=30_000, workers=0)
+    partial = next((cache / "data").glob(".partial-*"))
+    kept = sorted(p.name for p in partial.glob("train-*.bin"))
+    assert kept == ["train-00000.bin", "train-00001.bin", "train-00002.bin"]
+    monkeypatch.setattr(shards.ShardWriter, "_close", real_close)
+    encoded_docs = [0]
+    real_encoder = shards.batch_encoder
+
+    def counting_encoder(tok):
+        encode = real_encoder(tok)
+        return lambda docs: (encoded_docs.__setitem__(0, encoded_docs[0] + len(docs)), encode(docs))[1]
+
+    monkeypatch.setattr(shards, "batch_encoder", counting_encoder)
+    resumed = prepare(f, cache, shard_tokens=30_000, workers=0)
+    assert resumed.metadata()["shards_resumed"] == 3 and not partial.exists()
+    assert encoded_docs[0] < (resumed.train_documents + resumed.val_documents) * 0.8  # kept shards not encoded
+    assert resumed.key == whole.key and _shard_files(resumed) == _shard_files(whole)
+
+
+def test_a_pool_of_workers_writes_the_same_shards(tmp_path: Path) -> None:
+    f = write(tmp_path / "c.txt", make_text(1000, seed=32))
+    alone = prepare(f, tmp_path / "a", shard_tokens=30_000, workers=0)
+    pooled = prepare(f, tmp_path / "b", shard_tokens=30_000, workers=2)
+    assert pooled.metadata()["workers"] == 2 and _shard_files(pooled) == _shard_files(alone)
+
+
+def test_a_corrupt_shard_is_refused_in_one_line(tmp_path: Path, cache: Path) -> None:
+    p = prepare(write(tmp_path / "c.txt", make_text(1000, seed=33)), cache, shard_tokens=30_000, workers=0)
+    _shuffle(p.directory / "train-00001.bin")
+    with pytest.raises(UserError) as err:
+        load_prepared(p.directory)
+    assert "\n" not in str(err.value) and "train-00001.bin changed after it was prepared" in str(err.value)
+
+
+def test_sampler_resumes_exactly_across_shard_boundaries(tmp_path: Path) -> None:
+    """The shards read as one array: the same windows as the concatenated tokens, from any cursor."""
+    from oneday.data.shards import ShardedTokens
+    from oneday.data.windows import WindowSampler
+
+    rng = np.random.default_rng(5)
+    parts = [rng.integers(0, 5000, size=n).astype(np.uint16) for n in (1003, 517, 2049)]
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"train-{i:05d}.bin")
+        part.tofile(paths[-1])
+    sharded = ShardedTokens(paths, [len(x) for x in parts], "uint16")
+    flat = np.concatenate(parts)
+    assert len(sharded) == len(flat) and np.array_equal(np.asarray(sharded), flat)
+    one = WindowSampler(sharded, seq_len=64, seed=3)
+    ref = WindowSampler(flat, seq_len=64, seed=3)
+    run = [one.batch(c, 4) for c in range(0, 3 * one.windows_per_epoch, 4)]  # three epochs: every boundary
+    assert all(np.array_equal(b, ref.batch(c, 4)) for b, c in zip(run, range(0, 3 * one.windows_per_epoch, 4),
+                                                                    strict=True))
+    resumed = WindowSampler(sharded, seq_len=64, seed=3)  # a fresh sampler at a checkpoint's cursor
+    assert np.array_equal(resumed.batch(36, 4), run[9])
+
+
+def test_a_capped_corpus_is_estimated_from_its_sample(tmp_path: Path, cache: Path) -> None:
+    """--max-tokens on a larger corpus: the plan's reasons estimate the whole from the prepared sample."""
+    import re
+
+    from oneday.data.plan_data import capped_corpus_note
+
+    f = write(tmp_path / "c.txt", make_text(2500, seed=34))
+    capped = prepare(f, cache, max_tokens=90_000)
+    whole = prepare(f, cache)
+    assert capped_corpus_note(whole, planned_tokens=1e6) is None
+    note = capped_corpus_note(capped, planned_tokens=1e6)
+    assert note is not None and note.startswith("--max-tokens 90,000 took the first")
+    estimate = int(re.search(r"~([\d,]+) tokens", note)[1].replace(",", ""))
+    assert estimate == pytest.approx(whole.train_tokens + whole.val_tokens, rel=0.1)
+    assert "prepare more" in note
+
+
+def test_the_standard_error_reaches_metrics_and_mlflow(tmp_path: Path) -> None:
+    """`val_loss_se` is recorded wherever val_loss is: metrics.jsonl and the tracker (`val/loss_se`)."""
+    from oneday.runner.records import EvalRecord
+    from oneday.tracking.recorder import RunRecorder, read_metrics
+
+    sent: list = []
+
+    class Tracker:
+        def log_metrics(self, metrics, *, step, timestamp=None):
+            sent.append(metrics)
+
+    path = tmp_path / "metrics.jsonl"
+    recorder = RunRecorder(path, tracker=Tracker())
+    recorder.on_eval(EvalRecord(step=5, tokens=640, val_loss=5.5, val_bpb=2.0, train_elapsed=1.0, final=False,
+                                val_loss_se=0.025))
+    assert [r["val_loss_se"] for r in read_metrics(path) if r["kind"] == "eval"] == [0.025]
+    assert sent[-1]["val/loss_se"] == 0.025

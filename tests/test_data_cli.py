@@ -40,7 +40,7 @@ def test_prepare_json(tmp_path: Path) -> None:
     assert meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
     assert meta["from_cache"] is False
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
-    assert Path(meta["directory"], "train.bin").stat().st_size == 2 * meta["train_tokens"]
+    assert Path(meta["directory"], "train-00000.bin").stat().st_size == 2 * meta["train_tokens"]
     assert Path(meta["tokenizer_dir"]).is_dir()
     again = json.loads(runner.invoke(app, _args(tmp_path, "--json")).stdout)
     assert again["from_cache"] is True and again["key"] == meta["key"]
@@ -114,3 +114,43 @@ def test_a_corpus_that_fails_to_read_leaves_no_empty_cache_folders(tmp_path: Pat
                                  str(tmp_path / "cache")])
     assert result.exit_code == 2 and "not text" in one_error_line(result.stderr)
     assert not (tmp_path / "cache").exists()
+
+
+def test_plan_passes_hub_config_split_and_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`oneday plan --config --split --max-tokens` reach the planner (which records them in the plan's data)."""
+    from oneday.planner import make
+
+    seen: dict = {}
+
+    def fake_make_plan(**kwargs):
+        seen.update(kwargs)
+        raise make.UserError("stop here")
+
+    monkeypatch.setattr(make, "make_plan", fake_make_plan)
+    result = runner.invoke(app, ["plan", "--minutes", "5", "--data", "hf:someone/big", "--config", "en",
+                                 "--split", "train", "--max-tokens", "100000000", "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 2 and "stop here" in result.stderr
+    assert (seen["config"], seen["split"], seen["max_tokens"]) == ("en", "train", 100_000_000)
+    assert "--config en --split train --max-tokens 100000000" in seen["command"]
+
+
+def test_a_plan_prepares_its_hub_data_again_with_config_split_and_cap(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan made on one machine names config, split and cap, so another machine prepares the same tokens."""
+    from oneday.data import plan_data
+    from oneday.plan import DataInfo
+
+    info = DataInfo(source="hub:someone/big (en) split train", key="k", path=str(tmp_path / "cache/data/k"),
+                    tokenizer="t", vocab_size=8192, train_tokens=1000, val_tokens=100, bytes_per_token=4.0,
+                    spec="hf:someone/big", config="en", split="train", max_tokens=100_000_000)
+    asked: dict = {}
+
+    def fake_prepare(spec, **kwargs):
+        asked.update(spec=spec, **kwargs)
+        raise plan_data.UserError("offline")
+
+    monkeypatch.setattr(plan_data, "prepare_data", fake_prepare)
+    with pytest.raises(plan_data.UserError, match="preparing hf:someone/big again failed"):
+        plan_data.load_plan_data(info)
+    assert (asked["config"], asked["split"], asked["max_tokens"]) == ("en", "train", 100_000_000)
+    assert DataInfo(**{**info.__dict__, "config": None, "split": None, "max_tokens": None}).max_tokens is None

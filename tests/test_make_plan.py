@@ -149,9 +149,12 @@ def test_cuda_without_a_gpu(tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-def test_seq_len_longer_than_the_data(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_seq_len_longer_than_the_data(tmp_path: Path) -> None:
+    from tests.test_data import make_text, write
+
+    corpus = write(tmp_path / "small.txt", make_text(1000))  # ~110k tokens: ~11k held out, less than a window
     with pytest.raises(UserError, match="longer than the data allows"):
-        _plan(shared_cache(tmp_path_factory), seq_len=30000)
+        _plan(tmp_path / "cache", data=str(corpus), seq_len=30000)
 
 
 # --------------------------------------------------------------------------------------------------

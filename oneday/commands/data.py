@@ -37,6 +37,9 @@ def prepare(
     ] = None,
     config: Annotated[str | None, typer.Option("--config", help="Hub dataset configuration.")] = None,
     split: Annotated[str | None, typer.Option("--split", help="Hub dataset split (default: train).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", help="Take at most this many tokens: the first documents up to it; the source is read "
+                             "no further (a hub split is streamed, never downloaded whole).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", help="Cache directory (default: $ONEDAY_CACHE, else ~/.cache/oneday).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON on stdout, nothing else.")
@@ -48,7 +51,8 @@ def prepare(
 
     started = time.perf_counter()
     prepared = prepare_data(data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column,
-                            config=config, split=split, cache_dir=cache_dir, progress=RichProgress())
+                            config=config, split=split, max_tokens=max_tokens, cache_dir=cache_dir,
+                            progress=RichProgress())
     seconds = time.perf_counter() - started
     meta = prepared.metadata()
     meta["source"] = prepared.source

@@ -84,6 +84,11 @@ def plan(
     text_column: Annotated[
         str | None, typer.Option("--text-column", help="Text column of structured files.")
     ] = None,
+    config: Annotated[str | None, typer.Option("--config", help="Hub dataset configuration.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Hub dataset split (default: train).")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Take at most this many tokens of the corpus (streamed).")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", help="Sequence length (default: 1024 on GPUs, 256 on CPUs).")
@@ -176,8 +181,8 @@ def plan(
     out = check_output_path(out)  # fail fast: before any probing or data preparation
     command = _command_line(
         hours=hours, minutes=minutes, data=data, tokenizer=tokenizer,
-        vocab_size=vocab_size if vocab_size != 8192 else None, text_column=text_column,
-        device=device if device != "auto" else None, seq_len=seq_len, out=out, name=name,
+        vocab_size=vocab_size if vocab_size != 8192 else None, text_column=text_column, config=config, split=split,
+        max_tokens=max_tokens, device=device if device != "auto" else None, seq_len=seq_len, out=out, name=name,
         probe_seconds=probe_seconds, cache_dir=cache_dir, calibration=calibration, json=json_out,
         what_if=what_if, data_tokens=data_tokens, throughput=throughput, gpus=gpus if gpus != 1 else None,
     )
@@ -187,14 +192,16 @@ def plan(
         made = what_if_plan(
             what_if=what_if, hours=budget_hours, data=data,
             data_tokens=parse_token_count(data_tokens) if data_tokens is not None else None, tokenizer=tokenizer,
-            vocab_size=vocab_size, text_column=text_column, seq_len=seq_len, name=name, probe_seconds=probe_seconds,
+            vocab_size=vocab_size, text_column=text_column, config=config, split=split, max_tokens=max_tokens,
+            seq_len=seq_len, name=name, probe_seconds=probe_seconds,
             cache_dir=cache_dir, calibration=str(calibration) if calibration is not None else None,
             throughput=throughput, gpus=gpus, command=command, progress=RichProgress(),
         )
     else:
         made = make_plan(
             hours=budget_hours, data=data, tokenizer=tokenizer, vocab_size=vocab_size, text_column=text_column,
-            device=device, seq_len=seq_len, name=name, probe_seconds=probe_seconds, cache_dir=cache_dir,
+            config=config, split=split, max_tokens=max_tokens, device=device,
+            seq_len=seq_len, name=name, probe_seconds=probe_seconds, cache_dir=cache_dir,
             calibration=str(calibration) if calibration is not None else None, command=command, gpus=gpus,
             auto_calibrate=self_calibrate, progress=RichProgress(),
         )

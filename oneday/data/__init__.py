@@ -5,6 +5,8 @@
   hub row), and what to do with text that is not UTF-8;
 - `tokenizer`: a byte-level BPE trained on the corpus, or an existing tokenizer, and the batch encoder;
 - `prepare`: `prepare_data`, the content-keyed cache entry of token files (`PreparedData`);
+- `shards`: the token files as shards with a manifest, encoded by a pool of processes, resumable, and read back
+  as one flat array (`ShardedTokens`);
 - `plan_data`: the data a plan names, checked by its key, prepared again when missing;
 - `windows`: the seeded window sampler that training reads through one integer cursor, and the fixed
   validation windows.

@@ -43,7 +43,8 @@ def load_plan_data(info: DataInfo, *, progress: Progress | None = None,
     started = clock()
     try:
         data = prepare_data(info.spec, tokenizer=info.tokenizer_spec, vocab_size=info.vocab_size,
-                            text_column=info.text_column, cache_dir=_cache_root(info.path), progress=progress)
+                            text_column=info.text_column, config=info.config, split=info.split,
+                            max_tokens=info.max_tokens, cache_dir=_cache_root(info.path), progress=progress)
     except UserError as exc:
         raise UserError(
             f"data: {info.path} cannot be used and preparing {info.spec} again failed ({exc}); "
@@ -60,6 +61,29 @@ def load_plan_data(info: DataInfo, *, progress: Progress | None = None,
     return data, seconds
 
 
+def capped_corpus_note(data: PreparedData, *, planned_tokens: float) -> str | None:
+    """A sentence for the plan's reasons when `--max-tokens` stopped preparation before the corpus ended: the
+    whole corpus's tokens estimated from the prepared sample (its bytes per token × the source's bytes), and
+    what the plan's tokens are of it. None when the corpus was read whole."""
+    meta = data.metadata()
+    if not meta.get("capped"):
+        return None
+    cap = meta["settings"].get("max_tokens")
+    taken = data.train_tokens + data.val_tokens
+    head = (f"--max-tokens {cap:,} took the first {taken:,} tokens of {data.source}, "
+            f"{data.bytes_per_token():.2f} bytes/token")
+    source_bytes = meta.get("source_bytes")
+    if not source_bytes or meta.get("files_per_kind", {}).get("parquet"):
+        return head + ("; the whole corpus's size is not known before reading it (a hub split or compressed "
+                       "files), so the plan counts only these as unique tokens.")
+    estimate = source_bytes / data.bytes_per_token()
+    return (head + f"; the whole corpus ({source_bytes / 1e9:.2f} GB) is ~{estimate:,.0f} tokens at that "
+            f"rate (estimated from this sample, not tokenized), and the plan's {planned_tokens:,.0f} tokens "
+            f"would be {planned_tokens / estimate:.2f} epochs of it against {planned_tokens / data.train_tokens:.2f} "
+            "of what was prepared: " + ("prepare more (a larger --max-tokens) to train on fresh data."
+                                        if planned_tokens > data.train_tokens else "the cap costs nothing."))
+
+
 def _checked(data: PreparedData, info: DataInfo) -> PreparedData:
     if data.key != info.key:
         raise UserError(f"data: {info.path} holds data with key {data.key}, but the plan was made for {info.key}; "
@@ -73,4 +97,4 @@ def _cache_root(data_path: str) -> Path | None:
     return path.parent.parent if path.parent.name == "data" else None
 
 
-__all__ = ["load_plan_data"]
+__all__ = ["capped_corpus_note", "load_plan_data"]

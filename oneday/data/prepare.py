@@ -46,6 +46,16 @@ from typing import Any
 import numpy as np
 
 from oneday.data.documents import DOC_MAX_CHARS, DOC_TARGET_CHARS, ReadStats
+from oneday.data.shards import (
+    MANIFEST_FILE,
+    SHARD_TOKENS,
+    VAL_FILE,
+    open_tokens,
+    pool_workers,
+    shard_name,
+    tokenize_into_shards,
+)
+from oneday.data.shards import Progress as ShardProgress
 from oneday.data.sources import Source, resolve_source
 from oneday.data.token_files import (
     MIN_DOCUMENTS,
@@ -54,16 +64,13 @@ from oneday.data.token_files import (
     VAL_MAX_TOKENS,
     VAL_MIN_TOKENS,
     VAL_OVERSHOOT,
+    VAL_TARGET_TOKENS,
     choose_dtype,
-    choose_validation,
-    split_token_file,
-    tokenize_corpus,
 )
 from oneday.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     TokenizerRef,
     auto_tokenizer,
-    batch_encoder,
     check_vocab_fits_corpus,
     check_vocab_size,
     eot_id_of,
@@ -84,13 +91,14 @@ log = logging.getLogger(__name__)
 # entry a new key); FORMAT_VERSION is the entry's layout, checked by `load_prepared` (version 2 added the
 # checksums), so an entry of an older layout is prepared again under the same key and the plans that name it
 # keep working.
-TOKENS_VERSION = 1
-FORMAT_VERSION = 2
+TOKENS_VERSION = 2  # 2: shards, the validation set of 65,536 tokens where the corpus allows
+FORMAT_VERSION = 3  # 3: train-NNNNN.bin shards and manifest.json
 META_FILE = "meta.json"
-TOKEN_FILES = ("train.bin", "val.bin")
+OWNER_FILE = "owner"
 CHECKSUM_FIELD = "xxh3_64"
 CHECKSUM_CHUNK_BYTES = 8 << 20
 TOKENIZER_SUBDIR = "tokenizer"
+MIN_MAX_TOKENS = 81_920  # --max-tokens below this leaves a corpus too small to split (token_files)
 _TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]+-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
@@ -115,6 +123,7 @@ class PreparedData:
     val_documents: int
     text_bytes: int
     val_text_bytes: int
+    shards: tuple[tuple[str, int], ...] = ()  # (file name, tokens) of each training shard, in order
     from_cache: bool = field(default=False, compare=False)
 
     def bytes_per_token(self) -> float:
@@ -125,13 +134,15 @@ class PreparedData:
         """Validation text bytes per validation token: val bits per byte = val loss (nats) / ln 2 / this."""
         return self.val_text_bytes / self.val_tokens
 
-    def train_array(self) -> np.ndarray:
-        """The training tokens, memory-mapped read-only (nothing is loaded until indexed)."""
-        return np.memmap(self.directory / "train.bin", dtype=self.dtype, mode="r")
+    def train_array(self) -> Any:
+        """The training tokens, memory-mapped read-only (nothing is loaded until indexed): one memmap for one
+        shard, else the shards as one flat array (`oneday.data.shards.ShardedTokens`)."""
+        return open_tokens([self.directory / name for name, _ in self.shards], [n for _, n in self.shards],
+                           self.dtype)
 
     def val_array(self) -> np.ndarray:
         """The validation tokens, memory-mapped read-only."""
-        return np.memmap(self.directory / "val.bin", dtype=self.dtype, mode="r")
+        return np.memmap(self.directory / VAL_FILE, dtype=self.dtype, mode="r")
 
     def metadata(self) -> dict[str, Any]:
         """The entry's meta.json (counts, settings, timings), as written when it was prepared."""
@@ -203,6 +214,22 @@ def _cache_write_errors(cache: Path) -> Iterator[None]:
         raise UserError(f"cannot write to {cache}: {reason[:1].lower()}{reason[1:]}") from None
 
 
+def _work_dir(root: Path, key: str) -> Path:
+    """Where to build the entry: ``.partial-<key>`` (kept when interrupted, continued by the next call), or a
+    private temporary folder while another live process of this host owns the partial one."""
+    partial = root / f".partial-{key}"
+    owner = partial / OWNER_FILE
+    try:
+        partial.mkdir(exist_ok=True)
+        host, pid = owner.read_text().split() if owner.exists() else ("", "0")
+    except ValueError:
+        host, pid = "", "0"
+    if host and (host != _host() or (int(pid) != os.getpid() and pid_alive(int(pid)))):
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{_host()}-{os.getpid()}-", dir=root))
+    owner.write_text(f"{_host()} {os.getpid()}\n")
+    return partial
+
+
 def _publish(tmp: Path, entry: Path) -> None:
     """Rename the finished build into place; if another process got there first, keep theirs."""
     try:
@@ -230,16 +257,19 @@ def load_prepared(directory: str | os.PathLike[str]) -> PreparedData:
                         f"this oneday reads {FORMAT_VERSION}; prepare it again")
     try:
         itemsize = np.dtype(meta["dtype"]).itemsize
-        for name, count in zip(TOKEN_FILES, (meta["train_tokens"], meta["val_tokens"]), strict=True):
-            path = directory / name
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+        records = [*manifest["shards"], manifest["val"]]
+        for record in records:
+            path = directory / record["name"]
             size = path.stat().st_size if path.is_file() else None
-            if size != count * itemsize:
-                raise UserError(f"prepared data at {directory} is incomplete: {name} has "
-                                f"{'no file' if size is None else f'{size} bytes'}, expected {count * itemsize}")
-        for name in TOKEN_FILES:  # the same size is not the same tokens (a shuffled or overwritten file)
-            if file_checksum(directory / name) != meta[CHECKSUM_FIELD][name]:
-                raise UserError(f"{directory / name} changed after it was prepared (its {CHECKSUM_FIELD} checksum "
-                                f"is not the one in {META_FILE}); prepare the data again")
+            if size != record["tokens"] * itemsize:
+                raise UserError(f"prepared data at {directory} is incomplete: {record['name']} has "
+                                f"{'no file' if size is None else f'{size} bytes'}, "
+                                f"expected {record['tokens'] * itemsize}")
+        for record in records:  # the same size is not the same tokens (a shuffled or overwritten file)
+            if file_checksum(directory / record["name"]) != record[CHECKSUM_FIELD]:
+                raise UserError(f"{directory / record['name']} changed after it was prepared (its {CHECKSUM_FIELD} "
+                                f"checksum is not the one in {MANIFEST_FILE}); prepare the data again")
         tokenizer_dir = directory / meta["tokenizer"]["path"]
         if not tokenizer_dir.is_dir():
             raise UserError(f"prepared data at {directory} is incomplete: no tokenizer directory")
@@ -249,7 +279,10 @@ def load_prepared(directory: str | os.PathLike[str]) -> PreparedData:
             train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"],
             train_documents=meta["train_documents"], val_documents=meta["val_documents"],
             text_bytes=meta["text_bytes"], val_text_bytes=meta["val_text_bytes"],
+            shards=tuple((r["name"], int(r["tokens"])) for r in manifest["shards"]),
         )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"prepared data at {directory} is incomplete: cannot read {MANIFEST_FILE} ({exc})") from None
     except (KeyError, TypeError) as exc:
         raise UserError(f"{meta_path} lacks field {exc}; prepare the data again") from None
 
@@ -260,17 +293,25 @@ def load_prepared(directory: str | os.PathLike[str]) -> PreparedData:
 
 def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
                  text_column: str | None = None, config: str | None = None, split: str | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None,
-                 progress: Progress | None = None) -> PreparedData:
+                 max_tokens: int | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                 progress: Progress | None = None, shard_tokens: int = SHARD_TOKENS,
+                 workers: int | None = None) -> PreparedData:
     """Prepare `spec` into cached token files (module docstring), or return the cached entry at once.
 
     `tokenizer`: a local tokenizer directory or a hub name; None trains a byte-level BPE of `vocab_size`
     tokens on the data. `text_column` picks the column of structured files (default: a column named
     text/content/story/body/document..., else the only string column). `config` and `split` apply to hub
-    datasets. `cache_dir` overrides `$ONEDAY_CACHE` and ~/.cache/oneday.
+    datasets. `max_tokens` caps the tokens taken (the first documents up to it; the source is read no further,
+    so a streamed hub split is never downloaded whole). `cache_dir` overrides `$ONEDAY_CACHE` and ~/.cache/oneday.
+    `shard_tokens` sizes the training shards; `workers` the encoding processes (default: all cores for a corpus
+    of 64 MB or more, else none; `oneday.data.shards`). An interrupted preparation keeps its finished shards in
+    ``<cache>/data/.partial-<key>`` and the next call continues from them.
     """
     started = time.perf_counter()
     progress = progress or NULL_PROGRESS
+    if max_tokens is not None and max_tokens < MIN_MAX_TOKENS:
+        raise UserError(f"--max-tokens: at least {MIN_MAX_TOKENS:,} (the smallest corpus with a validation set), "
+                        f"got {max_tokens:,}")
     check_vocab_size(vocab_size, training=tokenizer is None)
     source = resolve_source(spec, text_column=text_column, config=config, split=split)
     if tokenizer is None:
@@ -289,11 +330,16 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
     hash_seconds = time.perf_counter() - t0
     settings = {
         "documents": {"target_chars": DOC_TARGET_CHARS, "max_chars": DOC_MAX_CHARS},
-        "validation": {"fraction": VAL_FRACTION, "min_tokens": VAL_MIN_TOKENS, "max_tokens": VAL_MAX_TOKENS,
+        "shard_tokens": shard_tokens,
+        "validation": {"fraction": VAL_FRACTION, "min_tokens": VAL_MIN_TOKENS, "target_tokens": VAL_TARGET_TOKENS,
+                       "max_tokens": VAL_MAX_TOKENS,
                        "max_share": VAL_MAX_SHARE, "overshoot": VAL_OVERSHOOT, "min_documents": MIN_DOCUMENTS},
     }
-    key = _content_key({"format": TOKENS_VERSION, "source": source_identity, "tokenizer": tok_ref.identity,
-                        "settings": settings})
+    key_parts = {"format": TOKENS_VERSION, "source": source_identity, "tokenizer": tok_ref.identity,
+                 "settings": settings}
+    if max_tokens is not None:  # only when given: uncapped entries keep the keys they had
+        key_parts["max_tokens"] = max_tokens
+    key = _content_key(key_parts)
 
     cache = resolve_cache_dir(cache_dir)
     root = cache / "data"
@@ -315,17 +361,29 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
     with _cache_write_errors(cache):
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{_host()}-{os.getpid()}-", dir=root))
+        tmp = _work_dir(root, key)
         try:
             meta = _build(source, tok_ref, spec=spec, key=key, vocab_size=vocab_size, settings=settings,
-                          work_dir=tmp, progress=progress)
+                          work_dir=tmp, progress=progress, max_tokens=max_tokens, shard_tokens=shard_tokens,
+                          workers=workers)
             meta["seconds"]["hash"] = round(hash_seconds, 3)
             meta["seconds"]["total"] = round(time.perf_counter() - started, 3)
             shutil.rmtree(tmp / "hf-datasets", ignore_errors=True)
+            for name in (OWNER_FILE, "progress.json"):
+                (tmp / name).unlink(missing_ok=True)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            for name in (*TOKEN_FILES, META_FILE, "."):
+            token_files = [*(shard_name(i) for i in range(meta["shards"])), VAL_FILE]
+            for name in (*token_files, MANIFEST_FILE, META_FILE, "."):
                 fsync(tmp / name)  # a crash after the rename must not leave a short token file
             _publish(tmp, entry)
+        except KeyboardInterrupt:
+            if tmp.name.startswith(".partial-") and (tmp / "progress.json").exists():
+                log.warning("data: interrupted; the finished shards stay in %s, and preparing %s again goes on "
+                            "from them", tmp, spec)
+                (tmp / OWNER_FILE).unlink(missing_ok=True)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             for folder in reversed(created):
@@ -340,12 +398,25 @@ def prepare_data(spec: str, *, tokenizer: str | None = None, vocab_size: int = D
 
 
 def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_size: int,
-           settings: dict[str, Any], work_dir: Path, progress: Progress) -> dict[str, Any]:
-    """Do the work into `work_dir`: tokenizer, token files; return the metadata (written by the caller)."""
+           settings: dict[str, Any], work_dir: Path, progress: Progress, max_tokens: int | None,
+           shard_tokens: int, workers: int | None) -> dict[str, Any]:
+    """Do the work into `work_dir`: tokenizer, token shards; return the metadata (written by the caller).
+
+    A `work_dir` left by an interrupted preparation of the same key (`shards.Progress`) is continued: its
+    tokenizer and finished shards are kept.
+    """
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    if tok_ref.origin == "trained":
-        tok = train_tokenizer(source, vocab_size=vocab_size, work_dir=work_dir, progress=progress)
+    resumed = ShardProgress.load(work_dir, key) if (work_dir / TOKENIZER_SUBDIR).is_dir() else None
+    if resumed is None:
+        for leftover in work_dir.iterdir():  # a partial preparation that cannot be continued: ours, start over
+            if leftover.name not in (OWNER_FILE, "hf-datasets"):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    if resumed is not None:
+        tok = auto_tokenizer(str(work_dir / TOKENIZER_SUBDIR))
+    elif tok_ref.origin == "trained":
+        tok = train_tokenizer(source, vocab_size=vocab_size, work_dir=work_dir, progress=progress,
+                              max_tokens=max_tokens)
     elif tok_ref.loaded is not None:
         tok = tok_ref.loaded
     else:
@@ -353,7 +424,8 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
     name = tok_ref.name or "trained byte-level BPE"
     eot_id = eot_id_of(tok, name)
     tokenizer_dir = work_dir / TOKENIZER_SUBDIR
-    save_tokenizer(tok, tokenizer_dir)
+    if resumed is None:
+        save_tokenizer(tok, tokenizer_dir)
     backend = getattr(tok, "backend_tokenizer", None)
     id_space = max(len(tok), backend.get_vocab_size(with_added_tokens=True) if backend is not None else 0)
     dtype = choose_dtype(id_space)
@@ -361,30 +433,30 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
 
     t0 = time.perf_counter()
     stats = ReadStats()
-    all_path = work_dir / "all.bin"
-    table = tokenize_corpus(source, batch_encoder(tok), eot_id=eot_id, dtype=dtype, out_path=all_path,
-                             work_dir=work_dir, stats=stats, progress=progress)
+    state = resumed if resumed is not None else ShardProgress(key=key)
+    shards_before = len(state.shards)
+    tokenize_into_shards(source, tok, state, eot_id=eot_id, dtype=dtype, work_dir=work_dir, stats=stats,
+                          progress=progress, max_tokens=max_tokens, shard_tokens=shard_tokens, workers=workers)
     seconds["tokenize"] = round(time.perf_counter() - t0, 3)
     vocab = len(tok)
-    if table.max_id >= vocab:
+    if state.max_id >= vocab:
         log.warning("data: the tokenizer produced id %d, beyond its length %d; reporting vocab size %d",
-                    table.max_id, vocab, table.max_id + 1)
-        vocab = table.max_id + 1
-
-    t0 = time.perf_counter()
-    val_idx = choose_validation(table.tokens, table.hashes)
-    split_token_file(all_path, train_path=work_dir / "train.bin", val_path=work_dir / "val.bin",
-                      doc_tokens=table.tokens, val_idx=val_idx, dtype=dtype)
-    seconds["split"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    checksums = {name: file_checksum(work_dir / name) for name in TOKEN_FILES}
-    seconds["checksum"] = round(time.perf_counter() - t0, 3)
-
-    total_tokens = int(table.tokens.sum(dtype=np.int64))
-    val_tokens = int(table.tokens[val_idx].sum(dtype=np.int64))
-    text_bytes = int(table.text_bytes.sum(dtype=np.int64))
-    val_text_bytes = int(table.text_bytes[val_idx].sum(dtype=np.int64))
-    ndocs = len(table.tokens)
+                    state.max_id, vocab, state.max_id + 1)
+        vocab = state.max_id + 1
+    assert state.val is not None
+    val = state.val
+    train_tokens = sum(r.tokens for r in state.shards)
+    total_tokens = train_tokens + val.tokens
+    val_tokens = val.tokens
+    text_bytes = sum(r.text_bytes for r in state.shards) + val.text_bytes
+    val_text_bytes = val.text_bytes
+    train_documents = sum(r.documents for r in state.shards)
+    ndocs = train_documents + val.documents
+    manifest = {"format_version": FORMAT_VERSION, "dtype": dtype, "eot_id": eot_id, "shard_tokens": shard_tokens,
+                "shards": [r.as_dict() for r in state.shards], "val": val.as_dict()}
+    (work_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    if shards_before:
+        log.info("data: resumed an interrupted preparation: kept %d finished shard(s)", shards_before)
     if stats.invalid_bytes:
         log.warning("data: %d invalid UTF-8 bytes in %d file(s) were replaced with U+FFFD",
                     stats.invalid_bytes, stats.files_with_invalid_bytes)
@@ -400,10 +472,14 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
         "files": len(source.files),
         "files_per_kind": source.files_per_kind,
         "text_columns": dict(stats.text_columns),
-        "train_tokens": total_tokens - val_tokens,
+        "train_tokens": train_tokens,
         "val_tokens": val_tokens,
-        "train_documents": ndocs - len(val_idx),
-        "val_documents": len(val_idx),
+        "train_documents": train_documents,
+        "val_documents": val.documents,
+        "shards": len(state.shards),
+        "source_bytes": source.total_bytes,  # on disk (compressed for parquet); None for a hub split
+        "capped": max_tokens is not None and total_tokens >= max_tokens,
+        "shards_resumed": shards_before,
         "text_bytes": text_bytes,
         "val_text_bytes": val_text_bytes,
         "bytes_per_token": text_bytes / total_tokens,
@@ -411,7 +487,6 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
         "vocab_size": vocab,
         "eot_id": eot_id,
         "dtype": dtype,
-        CHECKSUM_FIELD: checksums,
         "tokenizer": {"path": TOKENIZER_SUBDIR, "origin": tok_ref.origin, "name": tok_ref.name,
                       "class": type(tok).__name__},
         "invalid_bytes_replaced": stats.invalid_bytes,
@@ -419,6 +494,7 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
         "settings": {
             "vocab_size_requested": vocab_size if tok_ref.origin == "trained" else None,
             "text_column": source.text_column,
+            "max_tokens": max_tokens,
             "hub": {"name": source.hub_name, "config": source.hub_config, "split": source.hub_split,
                     "revision": source.hub_revision} if source.kind == "hub" else None,
             "tokenizer_training": tok_ref.identity if tok_ref.origin == "trained" else None,
@@ -426,6 +502,8 @@ def _build(source: Source, tok_ref: TokenizerRef, *, spec: str, key: str, vocab_
         },
         "seconds": seconds,
         "tokens_per_second": round(total_tokens / max(seconds["tokenize"], 1e-9)),
+        "workers": pool_workers(workers, source.total_bytes),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "oneday_version": package_version("oneday"),
     }
+

@@ -3,7 +3,8 @@
 Spec syntax (checked in this order, see `resolve_source`):
 
 1. ``builtin:NAME`` -- a corpus shipped with Python. Only ``builtin:pydoc`` exists: the prose of Python's
-   bundled documentation (`pydoc_data.topics.topics`, one document per topic), always available offline.
+   bundled documentation (`pydoc_data.topics.topics`, one document per topic) and of its standard library
+   (docstrings and comments, `oneday.data.documents.iter_builtin`), always available offline.
 2. ``hf:NAME`` -- a Hugging Face hub dataset, explicitly (``hf:roneneldan/TinyStories``).
 3. An existing path -- a file (``.txt``/``.raw``/``.md`` plain text, ``.jsonl``/``.json``/``.parquet``/``.csv``
    structured; a file named explicitly with another suffix is read as plain text, with a warning) or a
@@ -42,8 +43,8 @@ from oneday.data.documents import (
     STRUCTURED_KINDS,
     ReadStats,
     SourceFile,
-    builtin_texts,
-    clean_document,
+    builtin_identity,
+    iter_builtin,
     read_hub,
     read_plain,
     read_structured,
@@ -93,7 +94,7 @@ class Source:
         if self.kind == "local":
             return sum(f.size for f in self.files)
         if self.kind == "builtin":
-            return sum(len(t.encode("utf-8")) for t in builtin_texts(self.hub_name or "pydoc"))
+            return builtin_identity(self.hub_name or "pydoc")[1]
         return None
 
     def identity(self, progress_task: Any | None = None) -> dict[str, Any]:
@@ -101,11 +102,7 @@ class Source:
         import xxhash
 
         if self.kind == "builtin":
-            h = xxhash.xxh3_128()
-            for text in builtin_texts(self.hub_name or "pydoc"):
-                h.update(text.encode("utf-8"))
-                h.update(b"\0")
-            return {"builtin": self.hub_name, "xxh3_128": h.hexdigest()}
+            return {"builtin": self.hub_name, "xxh3_128": builtin_identity(self.hub_name or "pydoc")[0]}
         if self.kind == "hub":
             return {"hub": self.hub_name, "config": self.hub_config, "split": self.hub_split,
                     "revision": self.hub_revision, "text_column": self.text_column}
@@ -136,22 +133,20 @@ class Source:
         consumed = 0
         for docs, nbytes in self._iter_documents(work_dir=work_dir, stats=stats, quiet=quiet):
             consumed += nbytes
-            for doc in docs:
+            stats.documents += len(docs)
+            for doc in docs:  # a 16 MB block of a text file makes many batches: encoding memory follows a batch
                 batch.append(doc)
                 chars += len(doc)
-            stats.documents += len(docs)
-            if chars >= batch_chars:
-                yield batch, consumed
-                batch, chars, consumed = [], 0, 0
+                if chars >= batch_chars:
+                    yield batch, consumed
+                    batch, chars, consumed = [], 0, 0
         if batch or consumed:
             yield batch, consumed
 
     def _iter_documents(self, *, work_dir: Path, stats: ReadStats,
                         quiet: bool) -> Iterator[tuple[list[str], int]]:
         if self.kind == "builtin":
-            texts = builtin_texts(self.hub_name or "pydoc")
-            docs = [d for d in (clean_document(t) for t in texts) if d]
-            yield docs, sum(len(t.encode("utf-8")) for t in texts)
+            yield from iter_builtin(self.hub_name or "pydoc")
             return
         if self.kind == "hub":
             yield from read_hub(self, work_dir=work_dir, stats=stats)
@@ -283,9 +278,10 @@ def resolve_source(spec: str, *, text_column: str | None = None, config: str | N
             raise UserError(f"unknown builtin corpus {spec!r}; available: "
                             + ", ".join(f"builtin:{b}" for b in BUILTINS))
         _warn_hub_only(config, split, spec)
-        texts = builtin_texts(name)
+        modules = builtin_identity(name)[2]
         py = f"{sys.version_info.major}.{sys.version_info.minor}"
-        return Source(spec=spec, kind="builtin", description=f"builtin:{name} ({len(texts)} topics, Python {py})",
+        return Source(spec=spec, kind="builtin",
+                      description=f"builtin:{name} (docs topics and {modules} stdlib modules' prose, Python {py})",
                       files_per_kind={"builtin": 1}, hub_name=name)
     if spec.startswith("hf:"):
         return _hub_source(spec, spec.removeprefix("hf:"), text_column=text_column, config=config, split=split)

@@ -2,11 +2,15 @@
 
 Validation split: documents are ordered by a hash of their text (so the choice is deterministic, does not
 depend on file order, and identical documents land on the same side) and taken in that order until the
-validation set holds ``clamp(0.5% of all tokens, 8,192, 10,000,000)`` tokens, skipping documents that would
-overshoot that target by more than half. 0.5% is plenty for a 10 GB corpus (~12M tokens, capped at 10M:
-evaluation reads a fixed subset anyway); 8,192 tokens is the least that gives a usable loss estimate
-(32 windows of 256) on a 0.75 MB corpus. A corpus with fewer than 10 documents or fewer than 81,920
-tokens (where 8,192 would exceed 10%) is refused as too small to split.
+validation set holds ``min(max(65,536, 0.5% of all tokens), 10% of all tokens, 10,000,000)`` tokens, skipping
+documents that would overshoot that target by more than half. The 65,536 is for the standard error of a val loss:
+the loss of a window of 256 tokens varies between windows by about 0.3-0.5 nats on small models, so 256 windows
+(65,536 tokens) give a mean with a standard error of about 0.02-0.03 nats -- small enough to tell apart two runs
+whose losses differ by 0.1 -- where 8,192 tokens (32 windows) gave 0.05-0.09; every evaluation logs its own
+standard error (`val_loss_se`, over the validation batches: `oneday.runner.step.evaluate_with_se`). The 10%
+keeps a small corpus mostly for training; 0.5% is plenty for a 10 GB corpus (~12M tokens, capped at 10M:
+evaluation reads a fixed subset anyway). A corpus with fewer than 10 documents or fewer than 81,920 tokens
+(where even 8,192 validation tokens would exceed 10%) is refused as too small to split.
 
 Speed: documents are encoded in batches of ~2M characters with the `tokenizers` library's
 `encode_batch_fast` (Rust, all cores), and each batch becomes one numpy array (ids flattened with
@@ -19,25 +23,23 @@ of wall time, 376k against 342k per CPU-second, on a 2-core machine under load).
 
 from __future__ import annotations
 
-import itertools
+import logging
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from oneday.data.documents import ReadStats
-from oneday.data.sources import Source
-from oneday.data.tokenizer import BATCH_CHARS, MAX_VOCAB_SIZE
+from oneday.data.tokenizer import MAX_VOCAB_SIZE
 from oneday.errors import UserError
-from oneday.progress import Progress
+
+log = logging.getLogger(__name__)
 
 UINT16_MAX_VOCAB = 2**16
 
 VAL_FRACTION = 0.005
-VAL_MIN_TOKENS = 8192
+VAL_MIN_TOKENS = 8192  # the least held out (at 10% of the smallest corpus that is split)
+VAL_TARGET_TOKENS = 65536  # held out where the corpus allows (module docstring: the standard error)
 VAL_MAX_TOKENS = 10_000_000
 VAL_MAX_SHARE = 0.10
 VAL_OVERSHOOT = 1.5
@@ -55,12 +57,18 @@ def choose_dtype(vocab_size: int) -> str:
     raise UserError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
 
 
-def _val_target(total_tokens: int) -> int:
-    return min(VAL_MAX_TOKENS, max(VAL_MIN_TOKENS, math.ceil(VAL_FRACTION * total_tokens)))
+def val_target(total_tokens: int) -> int:
+    """Validation tokens to hold out of a corpus of `total_tokens` (module docstring)."""
+    wanted = max(VAL_TARGET_TOKENS, math.ceil(VAL_FRACTION * total_tokens))
+    return max(VAL_MIN_TOKENS, min(VAL_MAX_TOKENS, wanted, int(VAL_MAX_SHARE * total_tokens)))
 
 
-def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndarray:
+def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray, *,
+                      corpus_tokens: int | None = None) -> np.ndarray:
     """Indices (ascending) of the documents held out for validation; the rules are in the module docstring.
+
+    `corpus_tokens`: the whole corpus's (estimated) size when these documents are only its first shard; the
+    target is then `val_target(corpus_tokens)`, at most half of these documents.
 
     Raises UserError when the corpus is too small to split, or its documents too large to hold out about
     the target without taking much more.
@@ -68,10 +76,10 @@ def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndar
     ndocs = len(doc_tokens)
     total = int(doc_tokens.sum(dtype=np.int64))
     min_total = math.ceil(VAL_MIN_TOKENS / VAL_MAX_SHARE)
-    if ndocs < MIN_DOCUMENTS or total < min_total:
+    if ndocs < MIN_DOCUMENTS or max(total, corpus_tokens or 0) < min_total:
         raise UserError(f"corpus too small to hold out a validation set: {ndocs:,} documents, {total:,} tokens; "
                         f"need at least {MIN_DOCUMENTS} documents and {min_total:,} tokens")
-    target = _val_target(total)
+    target = val_target(total) if corpus_tokens is None else min(val_target(corpus_tokens), total // 2)
     cap = int(target * VAL_OVERSHOOT)
     order = np.argsort(doc_hashes, kind="stable")
     chosen: list[int] = []
@@ -88,44 +96,6 @@ def choose_validation(doc_tokens: np.ndarray, doc_hashes: np.ndarray) -> np.ndar
                     f"large (largest {int(doc_tokens.max()):,} of {total:,} tokens); split them into smaller ones")
 
 
-
-
-@dataclass
-class _DocTable:
-    tokens: np.ndarray  # per document, including its end-of-text token
-    text_bytes: np.ndarray
-    hashes: np.ndarray
-    max_id: int
-
-
-def tokenize_corpus(source: Source, encode: Callable[[list[str]], list[list[int]]], *, eot_id: int,
-                     dtype: str, out_path: Path, work_dir: Path, stats: ReadStats,
-                     progress: Progress) -> _DocTable:
-    """Tokenize every document into `out_path` (each followed by `eot_id`); return per-document numbers."""
-    import xxhash
-
-    tokens: list[np.ndarray] = []
-    nbytes: list[np.ndarray] = []
-    hashes: list[np.ndarray] = []
-    max_id = eot_id
-    with open(out_path, "wb") as out, \
-            progress.task("tokenizing", total=source.total_bytes, unit="B") as task:
-        for docs, consumed in source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=stats):
-            if docs:
-                ids = encode(docs)
-                lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lens.sum()))
-                if flat.size:
-                    max_id = max(max_id, int(flat.max()))
-                out.write(np.insert(flat, np.cumsum(lens), eot_id).data)  # not tofile(): it drops the errno
-                raw = [d.encode("utf-8") for d in docs]
-                tokens.append((lens + 1).astype(np.uint32))
-                nbytes.append(np.fromiter(map(len, raw), dtype=np.uint32, count=len(raw)))
-                hashes.append(np.fromiter(map(xxhash.xxh3_64_intdigest, raw), dtype=np.uint64, count=len(raw)))
-            task.advance(consumed)
-    if not tokens:
-        raise UserError(f"no text in {source.description}")
-    return _DocTable(np.concatenate(tokens), np.concatenate(nbytes), np.concatenate(hashes), max_id)
 
 
 def _move(mm: np.ndarray, src: int, end: int, dst: int) -> None:
@@ -165,4 +135,5 @@ def split_token_file(all_path: Path, *, train_path: Path, val_path: Path, doc_to
 
 
 __all__ = ["MIN_DOCUMENTS", "VAL_FRACTION", "VAL_MAX_SHARE", "VAL_MAX_TOKENS", "VAL_MIN_TOKENS", "VAL_OVERSHOOT",
-           "choose_dtype", "choose_validation", "split_token_file", "tokenize_corpus"]
+           "VAL_TARGET_TOKENS", "choose_dtype", "choose_validation", "split_token_file",
+           "val_target"]

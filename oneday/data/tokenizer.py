@@ -40,6 +40,7 @@ DEFAULT_VOCAB_SIZE = 8192
 TOKENIZER_SAMPLE_CHARS = 200_000_000
 BPE_MIN_FREQUENCY = 2
 BATCH_CHARS = 2 << 20
+CAPPED_BYTES_PER_TOKEN = 6  # --max-tokens: bytes read to train the tokenizer per token taken (BPE text: ~3.5-4.5)
 # Files of a tokenizer directory that do not decide the tokenizer and may be huge (model weights).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt"})
@@ -157,24 +158,34 @@ def eot_id_of(tok: Any, name: str) -> int:
     raise UserError(f"tokenizer {name} has no end-of-text token (no eos token and no {EOT})")
 
 
-def _training_texts(source: Source, *, work_dir: Path, task: Task) -> Iterator[str]:
-    """Documents for tokenizer training: evenly spaced batches, at most TOKENIZER_SAMPLE_CHARS in all."""
+def _training_texts(source: Source, *, work_dir: Path, task: Task, max_tokens: int | None = None) -> Iterator[str]:
+    """Documents for tokenizer training: evenly spaced batches, at most TOKENIZER_SAMPLE_CHARS in all.
+
+    With `max_tokens`, only the part of the corpus the cap takes is read: the first
+    `max_tokens × CAPPED_BYTES_PER_TOKEN` bytes (an upper bound of a byte-level BPE's bytes per token on text).
+    """
     total = source.total_bytes
-    stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total else 1
+    limit = min(max_tokens * CAPPED_BYTES_PER_TOKEN, TOKENIZER_SAMPLE_CHARS) if max_tokens is not None else None
+    stride = max(1, math.ceil(total / TOKENIZER_SAMPLE_CHARS)) if total and limit is None else 1
     taken = 0
-    batches = source.iter_batches(batch_chars=BATCH_CHARS, work_dir=work_dir, stats=ReadStats(), quiet=True)
+    batch_chars = BATCH_CHARS if limit is None else min(BATCH_CHARS, max(1 << 16, limit // 8))
+    batches = source.iter_batches(batch_chars=batch_chars, work_dir=work_dir, stats=ReadStats(), quiet=True)
     for i, (docs, nbytes) in enumerate(batches):
         task.advance(nbytes)
         if i % stride:
             continue
-        yield from docs
-        taken += sum(len(d) for d in docs)
+        for doc in docs:
+            yield doc
+            taken += len(doc)
+            if limit is not None and taken >= limit:  # the head of the corpus that the cap takes
+                return
         if taken >= TOKENIZER_SAMPLE_CHARS:
             log.info("data: tokenizer trained on a %d-character sample of the corpus", taken)
             break
 
 
-def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress: Progress) -> Any:
+def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress: Progress,
+                    max_tokens: int | None = None) -> Any:
     """Train a byte-level BPE (GPT-2 style pre-tokenization, `<|endoftext|>` special) on the corpus.
 
     Returned wrapped as a transformers `PreTrainedTokenizerFast` (eos = bos = unk = pad = `<|endoftext|>`;
@@ -198,7 +209,7 @@ def train_tokenizer(source: Source, *, vocab_size: int, work_dir: Path, progress
     def texts(task: Task) -> Iterator[str]:
         # Exceptions raised inside an iterator consumed by Rust come back re-wrapped; keep the original.
         try:
-            for doc in _training_texts(source, work_dir=work_dir, task=task):
+            for doc in _training_texts(source, work_dir=work_dir, task=task, max_tokens=max_tokens):
                 seen[0] += 1
                 yield doc
         except BaseException as exc:

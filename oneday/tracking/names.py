@@ -52,6 +52,7 @@ KINDS = (KIND_RUN, KIND_TUNE_STUDY, KIND_TUNE_TRIAL, KIND_CALIBRATION, KIND_PROB
 METRIC_TRAIN_LOSS = "train/loss"
 METRIC_VAL_LOSS = "val/loss"
 METRIC_VAL_BPB = "val/bpb"
+METRIC_VAL_LOSS_SE = "val/loss_se"  # the standard error of val/loss over the validation batches
 METRIC_LR = "lr"
 METRIC_TOKENS = "tokens"
 METRIC_TOKENS_PER_S = "tokens_per_s"
@@ -80,7 +81,7 @@ STEP_METRICS = {
     "budget_fraction": METRIC_BUDGET_FRACTION,
     "epoch": METRIC_EPOCH,
 }
-EVAL_METRICS = {"val_loss": METRIC_VAL_LOSS, "val_bpb": METRIC_VAL_BPB}
+EVAL_METRICS = {"val_loss": METRIC_VAL_LOSS, "val_bpb": METRIC_VAL_BPB, "val_loss_se": METRIC_VAL_LOSS_SE}
 
 # -- params the comparison reads (keys of `Plan.flat_params()`) ---------------------------------------------
 PARAM_BUDGET_HOURS = "budget.hours"

@@ -121,7 +121,7 @@ class RunRecorder:
         now = self._time()
         self.write({"kind": "eval", **data, "time": now})
         if self.tracker is not None:
-            metrics = {name: data.get(key) for key, name in names.EVAL_METRICS.items()}
+            metrics = {name: data[key] for key, name in names.EVAL_METRICS.items() if data.get(key) is not None}
             self.tracker.log_metrics(metrics, step=int(data.get("step", self.last_step)), timestamp=now)
 
     def on_event(self, kind: str, message: str, *, step: int) -> None:
