@@ -173,9 +173,10 @@ class MlflowServer:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, *, crash: bool = False) -> None:
+        """SIGTERM (a graceful stop), or with `crash` SIGKILL: the server dies with connections open."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGKILL if crash else signal.SIGTERM)
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:

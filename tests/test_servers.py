@@ -114,3 +114,120 @@ def test_workers_share_a_postgresql_study_and_a_dead_machines_trial_goes_stale(p
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) >= len(finished) + 1, outputs["coordinator"]  # the parent run and a run per trial
     print(f"tune on PostgreSQL: {time.monotonic() - started:.1f} s")
+
+
+def _runs(client, plan):
+    from oneday.tracking.names import experiment_name
+
+    experiment = client.get_experiment_by_name(experiment_name(plan))
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+def _steps_logged(run_dir: Path) -> int:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()[-5:] if line.endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def served_run(prepared, mlflow_server, tmp_path_factory):
+    """`oneday run` logging to the MLflow server, which is stopped for a while mid-run and started again."""
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("served")
+    plan = tiny_plan(prepared, name="served", budget_seconds=75.0)  # room for a slow restart under load
+    plan = replace(plan, train=replace(plan.train, eval_every_seconds=3.0, checkpoint_every_seconds=20.0))
+    plan_path = write_plan(plan, root)
+    run_dir = root / "run"
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    process = subprocess.Popen([ONEDAY, "run", str(plan_path), "--run-dir", str(run_dir), "--tracking-uri",
+                                mlflow_server.uri], env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    outage: dict[str, float] = {}
+    started = time.monotonic()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:  # the run is on the server, with metrics
+            runs = _runs(client, plan)
+            if runs and "train/loss" in runs[0].data.metrics and _steps_logged(run_dir) > 0:
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, process.communicate()[0]
+        outage["step_down"] = _steps_logged(run_dir)
+        outage["down_at"] = time.monotonic() - started
+        mlflow_server.stop(crash=True)
+        outage["stopped_at"] = time.monotonic() - started
+        time.sleep(3.0)  # down for ~3 s plus the restart (seconds to tens of seconds under load)
+        mlflow_server.start()
+        outage["step_up"] = _steps_logged(run_dir)
+        outage["up_at"] = time.monotonic() - started
+        output = process.communicate(timeout=300)[0]
+        outage["ended_at"] = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        if mlflow_server.process is None:
+            mlflow_server.start()
+    assert process.returncode == 0, output
+    return {"plan": plan, "run_dir": run_dir, "output": output, "client": client, "outage": outage}
+
+
+def test_a_run_logs_to_an_mlflow_server_through_an_outage(served_run, mlflow_server):
+    import json
+
+    from mlflow.entities import LoggedModelStatus
+
+    plan, run_dir, client, outage = (served_run[k] for k in ("plan", "run_dir", "client", "outage"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tracking_error"] is None, (list(outage.items()), served_run["output"][-3000:])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params == plan.flat_params()
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(run.data.tags)
+    # every step's loss arrived, those logged while the server was down included
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    local = sorted({r["step"] for r in logged if r.get("kind") == "step"})
+    during = [step for step in local if outage["step_down"] < step <= outage["step_up"]]
+    assert len(during) >= 3, outage  # training went on (and logged) while the server was down
+    assert set(during) <= set(steps), outage
+    assert sorted(set(steps)) == local
+    # the artifacts were uploaded through the server into its artifact root, not written beside the run
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    stored = {p.name for p in mlflow_server.artifacts.rglob("*") if p.is_file()}
+    assert {"plan.json", "summary.json", "loss.png", "metrics.jsonl"} <= stored
+    (logged_model,) = client.search_logged_models([run.info.experiment_id],
+                                                  filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert logged_model.status == LoggedModelStatus.READY
+    files = {Path(f.path).name for f in client.list_logged_model_artifacts(logged_model.model_id)}
+    assert {"MLmodel", "config.json", "model.safetensors", "tokenizer.json"} <= files
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == plan.data.key
+    version = client.create_model_version("served", f"models:/{logged_model.model_id}", run_id=run.info.run_id) \
+        if client.create_registered_model("served") else None
+    assert version is not None and version.version == "1"
+
+
+def test_compare_and_ui_against_the_server(served_run, mlflow_server):
+    import json
+
+    from typer.testing import CliRunner
+
+    from oneday.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["compare", "--tracking-uri", mlflow_server.uri, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["runs"]
+    assert any(r["name"].startswith("served") and r["val_loss"] is not None for r in rows), rows
+    result = runner.invoke(app, ["ui", "--tracking-uri", mlflow_server.uri])
+    assert result.exit_code == 0, result.output
+    assert f"{mlflow_server.uri}/#/experiments/" in result.stdout
+    assert f"{mlflow_server.uri}/#/compare-runs?runs=" in result.stdout

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import oneday
-
 from oneday.runner.records import FanOut
 from oneday.runner.summary import RunSummary, load_summary
 from oneday.tracking.names import default_experiment

@@ -15,7 +15,9 @@ A store that cannot be reached, or fails part way, never stops or slows training
 warning (MLflow's and urllib3's own log lines are silenced while the tracker runs), and `metrics.jsonl`
 (`oneday.tracking.recorder`) keeps everything. The writer keeps what it could not send (metrics up to
 `MAX_BUFFERED_METRICS` values, the oldest dropped first; tags and artifacts in order) and tries again after 5 s,
-10 s, 20 s, … up to every 5 minutes, sleeping in between: a store that comes back gets the backlog, in order.
+10 s, 20 s, … up to every 5 minutes, sleeping in between: a store that comes back gets the backlog, in order. An
+HTTP server's port is also probed every `PROBE_SECONDS` (a refused connection costs nothing): a server that was
+restarted gets the backlog within seconds of answering, not at the next backoff step.
 `close(timeout=…)` bounds the end: what a dead or hung store has not taken by then is left unsent, so the run
 ends on time; the MLflow run is ended with the caller's status (FINISHED, KILLED, FAILED) whenever the store
 answers.
@@ -37,7 +39,7 @@ from typing import Any
 from oneday.errors import first_line
 from oneday.formats import finite_or_none
 from oneday.logs import quieted
-from oneday.tracking.store import open_experiment, standard_run_tags
+from oneday.tracking.store import open_experiment, standard_run_tags, unreachable_reason
 from oneday.tracking.system import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 MAX_BUFFERED_METRICS = 500_000  # metric values kept for a store that is down (~100 MB at most)
 RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
+PROBE_SECONDS = 2.0  # how often the port of an HTTP store that is down is probed
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ class MlflowTracker:
         self._buffered_values = 0
         self._others: list[_Tags | _Artifact | _Model] = []  # not yet sent, in order
         self._retry_at: float | None = None  # set while the store is down
+        self._probe_at: float | None = None  # the next probe of a down HTTP store's port
+        self._http = uri.startswith(("http://", "https://"))
         self._backoff = retry_first
         self._warned = False
         self.run_id: str | None = None
@@ -202,6 +207,7 @@ class MlflowTracker:
         now = time.monotonic()
         self._backoff = self._retry_first if self._retry_at is None else min(2 * self._backoff, RETRY_MAX_SECONDS)
         self._retry_at = now + self._backoff
+        self._probe_at = now + PROBE_SECONDS if self._http else None
         if not self._warned:
             self._warned = True
             log.warning("%s; training goes on, metrics.jsonl in the run folder has everything, and the metrics are "
@@ -210,7 +216,7 @@ class MlflowTracker:
     def _came_back(self, sent: int) -> None:
         if self._retry_at is not None:
             log.info("MLflow tracking at %s answers again: sent %d buffered metric values", self.uri, sent)
-        self._retry_at, self.error, self._warned = None, None, False
+        self._retry_at, self._probe_at, self.error, self._warned = None, None, None, False
 
     def _setup(self) -> None:
         from mlflow.entities import Param, RunTag
@@ -338,6 +344,8 @@ class MlflowTracker:
         next_system = now + min(self._system_every, 2.0)
         while True:
             send_at = self._retry_at if self._retry_at is not None else next_flush
+            if self._probe_at is not None:
+                send_at = min(send_at, self._probe_at)
             try:
                 item = self._queue.get(timeout=max(0.0, min(send_at, next_system) - time.monotonic()))
             except queue.Empty:
@@ -353,12 +361,19 @@ class MlflowTracker:
                 self._add_system(sampler)
                 next_system = now + self._system_every
             if self._retry_at is not None:
-                if now >= self._retry_at:
+                if now >= self._retry_at or self._answers_again(now):
                     self._send()
             elif (now >= next_flush or self._buffered_values >= MAX_METRICS_PER_BATCH
                   or isinstance(item, (_Artifact, _Model))):
                 self._send()
                 next_flush = now + self._flush_every
+
+    def _answers_again(self, now: float) -> bool:
+        """At probe time, whether the down HTTP store's port accepts a connection again (then: retry now)."""
+        if self._probe_at is None or now < self._probe_at:
+            return False
+        self._probe_at = now + PROBE_SECONDS
+        return unreachable_reason(self.uri, timeout=1.0) is None
 
     def _add_system(self, sampler: SystemSampler) -> None:
         try:
