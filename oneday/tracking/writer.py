@@ -290,6 +290,7 @@ class MlflowTracker:
                     raise
                 self._buffered_values -= len(metrics)
                 sent += len(metrics)
+                self.error = None  # it answers again: the rest of the backlog is on its way, not given up
             while self._others:
                 item = self._others[0]
                 doing = "setting tags" if isinstance(item, _Tags) else f"uploading {Path(item.path).name}"
