@@ -233,3 +233,16 @@ def test_compare_and_ui_against_the_server(served_run, mlflow_server):
     assert result.exit_code == 0, result.output
     assert f"{mlflow_server.uri}/#/experiments/" in result.stdout
     assert f"{mlflow_server.uri}/#/compare-runs?runs=" in result.stdout
+
+
+def test_a_bad_heartbeat_setting_is_one_line(monkeypatch):
+    from oneday.errors import UserError
+    from oneday.studies.storage import HEARTBEAT_ENV, heartbeat_seconds
+
+    monkeypatch.setenv(HEARTBEAT_ENV, "soon")
+    with pytest.raises(UserError, match=r"\$ONEDAY_TUNE_HEARTBEAT='soon': must be a whole number of seconds"):
+        heartbeat_seconds()
+    monkeypatch.setenv(HEARTBEAT_ENV, "5")
+    assert heartbeat_seconds() == 5
+    monkeypatch.delenv(HEARTBEAT_ENV)
+    assert heartbeat_seconds() == 60
