@@ -49,7 +49,7 @@ from oneday.tracking import names
 from oneday.tracking.plots import plot_loss_curve
 from oneday.tracking.recorder import RunRecorder, read_metrics
 from oneday.tracking.store import resolve_tracking_uri
-from oneday.tracking.writer import MlflowTracker
+from oneday.tracking.writer import DatasetRecord, MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ def _start_tracking(session: Session) -> MlflowTracker:
     tracker = MlflowTracker(
         uri=uri, experiment=experiment, run_name=names.run_name(plan), params=plan.flat_params(), tags=tags,
         resume_run_id=known.get("run_id") if known.get("uri") == uri else None,
+        dataset=DatasetRecord(name=plan.data.spec or plan.data.source, digest=plan.data.key, source=plan.data.source),
         gpu=dev == "cuda", gpu_indices=[dist.local_rank] if dist is not None and dev == "cuda" else None,
         on_ready=lambda run_id: ledger.record_mlflow(uri=uri, experiment=experiment, run_id=run_id),
     ).start()
@@ -341,7 +342,7 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     for artifact in (paths.plan, paths.summary, paths.plot, paths.metrics):
         if artifact.exists():
             tracker.log_artifact(artifact)
-    tracker.log_artifacts(paths.final, "model")
+    tracker.log_model(paths.final, step=result.steps)  # a LoggedModel with an MLmodel file: the registry takes it
     tracker.set_tags({names.TAG_INTERRUPTED: str(bool(result.interrupted)).lower()})
     t_outputs = clock()
     # MLflow gets what is left of the budget (a few seconds at least): a dead or hung store cannot hold the run

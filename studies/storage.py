@@ -2,10 +2,13 @@
 
 By default a journal file beside the plan (`<plan>.tune.journal`, Optuna's `JournalFileBackend`: appends under a
 file lock, so several local processes share it safely). `--storage` takes an RDB URL (`postgresql://…`,
-`mysql://…`, `sqlite:///…`) or a journal file path; an RDB storage also runs Optuna's heartbeat (60 s, stale after
-180 s), which fails the trials of dead workers on other machines. A trial whose process died on this host
-(killed, power loss) stays RUNNING in the storage: every start marks such trials FAIL (`fail_dead_trials`: host,
-pid and process start time are trial attributes).
+`mysql://…`, `sqlite:///…`) or a journal file path; an RDB storage also runs Optuna's heartbeat: each running trial
+writes a heartbeat every `$ONEDAY_TUNE_HEARTBEAT` seconds (default 60) and one silent for three times that is
+stale. A trial whose process died (killed, power loss, a machine gone) stays RUNNING in the storage until
+`fail_dead_trials` marks it FAIL: on this host at once (host, pid and process start time are trial attributes),
+on other machines once its heartbeat is stale (`optuna.storages.fail_stale_trials`). It runs before every trial
+and while `oneday tune` waits for its workers. `postgresql://` URLs need the `postgres` extra: SQLAlchemy 2.1
+takes psycopg (3) for them (`postgresql+psycopg2://` names the older driver).
 
 A storage that does not exist yet (a journal or SQLite file) is only opened, and so created, once a study is
 about to be written into it (`storage_exists`): a refusal before that leaves no empty file behind.
@@ -30,8 +33,9 @@ from oneday.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_ENV = "ONEDAY_TUNE_HEARTBEAT"
 HEARTBEAT_SECONDS = 60
-GRACE_SECONDS = 180
+STALE_HEARTBEATS = 3  # a trial silent for this many heartbeats is stale (Optuna's grace_period)
 HOST = socket.gethostname()
 
 
@@ -92,6 +96,20 @@ def check_storage(storage: str) -> None:
         raise UserError(f"--storage {shown}: is a folder; give a journal file name or an RDB URL")
 
 
+def heartbeat_seconds() -> int:
+    """`$ONEDAY_TUNE_HEARTBEAT` (whole seconds, at least 1), else 60; a `UserError` for anything else."""
+    raw = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not raw:
+        return HEARTBEAT_SECONDS
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise UserError(f"${HEARTBEAT_ENV}={raw!r}: must be a whole number of seconds, at least 1")
+    return seconds
+
+
 def open_storage(storage: str) -> BaseStorage:
     """An Optuna storage for `storage` (RDB URL or journal file path), created when it does not exist; a
     `UserError` (one line) when it cannot be opened: no driver, no server, a bad URL, a folder that does not
@@ -107,21 +125,23 @@ def open_storage(storage: str) -> BaseStorage:
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if storage.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 5}
+    heartbeat = heartbeat_seconds()
     try:
         with warnings.catch_warnings():  # heartbeat_interval is "experimental" since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(storage, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                              grace_period=GRACE_SECONDS)
+            return RDBStorage(storage, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                              grace_period=STALE_HEARTBEATS * heartbeat)
     except ModuleNotFoundError as exc:
         raise UserError(f"--storage {shown}: the database driver is not installed ({exc}); install it, e.g. "
-                        "`pip install psycopg2-binary` for PostgreSQL") from None
+                        "`pip install 'oneday[postgres]'` for PostgreSQL") from None
     except Exception as exc:
         raise UserError(f"--storage {shown}: cannot open the study storage ({first_line(exc)})") from None
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials whose process (on this host) is gone as FAIL; their numbers."""
-    failed = []
+    """Mark RUNNING trials whose process is gone as FAIL: on this host by pid, elsewhere by a stale heartbeat
+    (RDB storages); their numbers."""
+    failed = _fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
         pid = attrs.get("pid")
@@ -141,5 +161,18 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-__all__ = ["HOST", "check_storage", "default_storage", "describe_storage", "fail_dead_trials", "open_storage",
-           "storage_exists"]
+def _fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Optuna's own heartbeat check (a no-op without a heartbeat); the numbers of the running trials it failed
+    (a finished trial takes no attributes, so these carry no `error`)."""
+    running = {t._trial_id: t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not running:
+        return []
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    now = {t._trial_id: t.state for t in study.get_trials(deepcopy=False)}
+    return [number for trial_id, number in running.items() if now.get(trial_id) == TrialState.FAIL]
+
+
+__all__ = ["HEARTBEAT_ENV", "HOST", "check_storage", "default_storage", "describe_storage", "fail_dead_trials",
+           "heartbeat_seconds", "open_storage", "storage_exists"]

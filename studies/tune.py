@@ -200,7 +200,8 @@ def tune_plan(
     completed = False
     try:
         run_trials(study, ctx, deadline=deadline)
-        _wait_for_workers(study, settings, stage=stage, clock=clock)
+        if _wait_for_workers(study, settings, stage=stage, clock=clock):
+            run_trials(study, ctx, deadline=deadline)  # a worker died while we waited: its trial is run here
         result = finish_study(
             study, plan, settings, data, out=out_path, storage=describe_storage(storage_url), study_name=name,
             tracker=tracker, parent_run_id=parent, command=command, started=started, stage=stage, clock=clock)
@@ -239,20 +240,23 @@ def prepare_study(
 
 
 def _wait_for_workers(study: optuna.Study, settings: StudySettings, *, stage: Callable[[str], None],
-                      clock: Callable[[], float]) -> None:
-    """Wait (bounded) for trials other workers are still running, so the choice sees them."""
+                      clock: Callable[[], float]) -> bool:
+    """Wait (bounded) for trials other workers are still running, so the choice sees them. True when one of
+    them was failed meanwhile (its process died here, or its heartbeat went stale on another machine)."""
     limit = clock() + 2 * settings.proxy.trial_seconds() + 30.0
     said = False
+    died = False
     while clock() < limit:
-        fail_dead_trials(study)
+        died = bool(fail_dead_trials(study)) or died
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
-            return
+            return died
         if not said:
             stage(f"waiting for {len(running)} trial(s) of other workers to finish")
             said = True
         time.sleep(1.0)
     log.warning("going on without the trials still running in other workers")
+    return died
 
 
 __all__ = ["prepare_study", "run_worker", "tune_plan"]

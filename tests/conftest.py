@@ -40,3 +40,23 @@ def hung_server():
     server = HungServer()
     yield server.uri
     server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the whole session (tests/servers.py); skips without PostgreSQL, fails in CI."""
+    from tests.servers import PostgresServer, postgres_or_skip
+
+    server = PostgresServer(postgres_or_skip())
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """One `mlflow server` (PostgreSQL backend, served local artifact root) for the whole session."""
+    from tests.servers import MlflowServer
+
+    server = MlflowServer(postgres.create_database("mlflow"), tmp_path_factory.mktemp("mlflow-server") / "artifacts")
+    yield server
+    server.stop()

@@ -136,6 +136,7 @@ def test_metrics_jsonl(trained):
 
 
 def test_mlflow_run(trained):
+    from mlflow.entities import LoggedModelStatus
     from mlflow.tracking import MlflowClient
 
     plan, summary = trained["plan"], trained["summary"]
@@ -162,9 +163,16 @@ def test_mlflow_run(trained):
         assert name in metrics, name
     assert metrics["gap/loss"] == pytest.approx(summary.final_val_loss - plan.prediction.loss)
     top = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"plan.json", "summary.json", "loss.png", "metrics.jsonl", "model"} <= top
-    model_files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "model")}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= model_files
+    assert {"plan.json", "summary.json", "loss.png", "metrics.jsonl"} <= top
+    # the final model: a LoggedModel of the run (MLmodel file included), which the registry can take
+    (logged,) = client.search_logged_models([run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert logged.status == LoggedModelStatus.READY
+    model_files = {Path(f.path).name for f in client.list_logged_model_artifacts(logged.model_id)}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "MLmodel"} <= model_files
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
+    (dataset,) = run.inputs.dataset_inputs  # a record of the data (its key as digest), no upload
+    assert dataset.dataset.digest == plan.data.key and dataset.dataset.source == plan.data.source
 
 
 def test_final_model_loads_and_generates(trained, prepared):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import oneday
 from oneday.runner.records import FanOut
 from oneday.runner.summary import RunSummary, load_summary
 from oneday.tracking.names import default_experiment
@@ -162,6 +163,11 @@ def test_mlflow_tracker_sqlite(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "tiny-1m-0.4M"
     assert run.data.tags["oneday.kind"] == "run"
+    # the tags mlflow.start_run would have set, though the run was made with MlflowClient.create_run
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.name"]
+    if (Path(oneday.__file__).resolve().parents[1] / ".git").exists():  # a git checkout: its commit
+        assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     assert len(run.data.params) == 230 and len(run.data.params["section.key000"]) == 6000
     history = client.get_metric_history(run_id, "train/loss")
     assert len(history) == 1200 and history[-1].step == 1200 and history[0].timestamp > 0

@@ -36,13 +36,30 @@ def ui(
     last: Annotated[int, typer.Option("--last", min=1, help="How many of the newest runs the compare link shows.")
                     ] = 5,
 ) -> None:
-    """Serve the MLflow UI on the local store until Ctrl-C."""
-    from oneday.compare.ui import server_failure, start_ui
+    """Serve the MLflow UI on the local store until Ctrl-C (for an MLflow server: print its links)."""
+    from oneday.compare.ui import server_failure, server_links, start_ui
+    from oneday.tracking.store import resolve_tracking_uri
 
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        links = server_links(uri, experiment=experiment, last=last)
+        console.print(f"MLflow UI    {links.url}  (a server: nothing started)", highlight=False, soft_wrap=True)
+        _print_links(links)
+        return
     with err_console.status("starting the MLflow UI ..."):
         server = start_ui(tracking_uri, host=host, port=port, experiment=experiment, last=last)
     console.print(f"MLflow UI    {server.url}  (store {server.tracking_uri}; answering after "
                   f"{server.startup_seconds:.1f} s)", highlight=False, soft_wrap=True)
+    _print_links(server)
+    console.print("Ctrl-C stops it.")
+    code = server.serve_forever()
+    if code not in (0, None):
+        from oneday.errors import UserError
+
+        raise UserError(server_failure(f"the MLflow server stopped by itself (exit code {code})", server.log_path))
+    err_console.print("MLflow UI stopped")
+
+def _print_links(server: Any) -> None:
     if server.experiment_url:
         console.print(f"experiment   {server.experiment_url}  ({server.experiment})", highlight=False, soft_wrap=True)
         count = len(server.run_names)
@@ -51,13 +68,7 @@ def ui(
         console.print(f"train/loss   {server.metric_url}", highlight=False, soft_wrap=True)
     elif server.note:
         console.print(f"[yellow]{server.note}[/yellow]", highlight=False, soft_wrap=True)
-    console.print("Ctrl-C stops it.")
-    code = server.serve_forever()
-    if code not in (0, None):
-        from oneday.errors import UserError
 
-        raise UserError(server_failure(f"the MLflow server stopped by itself (exit code {code})", server.log_path))
-    err_console.print("MLflow UI stopped")
 
 def _count(value: float | None) -> str:
     return "" if value is None else human_count(value)

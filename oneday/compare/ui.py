@@ -1,5 +1,8 @@
 """`oneday ui`: the links into the MLflow UI, a free port, and a lean `mlflow server` started and stopped.
 
+Given an MLflow server (`--tracking-uri http://host:5000`), nothing is started: `server_links` only lists the
+links into that server's UI (it must answer).
+
 The server runs in its own process group with one worker and MLflow's job runner switched off (it answers in
 seconds instead of starting 15 processes); `serve_forever` stops the whole group on Ctrl-C, SIGTERM or SIGHUP,
 and the group ends by itself when `oneday ui` is killed outright (`oneday.compare.tether`).
@@ -32,7 +35,7 @@ from oneday.compare.tether import group_members, start_tethered
 from oneday.errors import UserError, first_line
 from oneday.signals import handling, raise_interrupt
 from oneday.tracking import names
-from oneday.tracking.store import resolve_tracking_uri
+from oneday.tracking.store import resolve_tracking_uri, unreachable_reason
 
 DEFAULT_UI_PORT = 5000
 DEFAULT_UI_HOST = "127.0.0.1"
@@ -304,7 +307,32 @@ def start_ui(
     return server
 
 
-def _add_links(server: UiServer, *, experiment: str | None, last: int) -> None:
+@dataclass
+class ServerLinks:
+    """The links into a running MLflow server's UI that `oneday ui` prints (no server of its own)."""
+
+    url: str
+    experiment: str | None = None
+    experiment_url: str | None = None
+    compare_url: str | None = None
+    metric_url: str | None = None
+    run_names: tuple[str, ...] = ()
+    note: str | None = None
+
+
+def server_links(uri: str, *, experiment: str | None = None, last: int = 5) -> ServerLinks:
+    """The links (experiment, compare view, train/loss) of the newest oneday runs on the MLflow server at `uri`;
+    `UserError` when it does not answer."""
+    reason = unreachable_reason(uri)
+    if reason is not None:
+        raise UserError(f"{uri} is an MLflow server already (oneday ui only lists its links), and it does not "
+                        f"answer: {reason}")
+    links = ServerLinks(url=uri.rstrip("/"))
+    _add_links(links, experiment=experiment, last=last)
+    return links
+
+
+def _add_links(server: UiServer | ServerLinks, *, experiment: str | None, last: int) -> None:
     reader = RestReader(server.url)
     try:
         selection = select_runs(reader, experiment=experiment, last=last)
@@ -328,6 +356,7 @@ def _add_links(server: UiServer, *, experiment: str | None, last: int) -> None:
 __all__ = [
     "BROWSER_BLOCKED_PORTS",
     "DEFAULT_UI_PORT",
+    "ServerLinks",
     "UiServer",
     "compare_url",
     "experiment_url",
@@ -337,5 +366,6 @@ __all__ = [
     "process_group_alive",
     "server_command",
     "server_failure",
+    "server_links",
     "start_ui",
 ]

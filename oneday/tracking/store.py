@@ -5,6 +5,8 @@
 - `open_experiment`: the client and the experiment, created (with its artifacts beside a sqlite database) or
   restored; an HTTP store that does not accept a connection fails at once, and MLflow's HTTP retries are
   capped, so an outage costs seconds, not minutes of retries.
+- `standard_run_tags`: the tags `mlflow.start_run` would set (user, source name and type, git commit and branch
+  of oneday's own source when it is a git checkout); runs made with `MlflowClient.create_run` get them too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import re
 import socket
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -100,4 +103,30 @@ def open_experiment(uri: str, experiment: str) -> tuple[Any, str]:
     return client, found.experiment_id
 
 
-__all__ = ["DEFAULT_DB", "open_experiment", "resolve_tracking_uri", "sqlite_path", "unreachable_reason"]
+@lru_cache(maxsize=1)
+def standard_run_tags() -> dict[str, str]:
+    """MLflow's context tags (`mlflow.user`, `mlflow.source.name`, `mlflow.source.type`, and from oneday's own
+    source folder `mlflow.source.git.commit`/`.branch` when it is a git checkout), as `mlflow.start_run` sets them;
+    empty if MLflow cannot tell. Once per process: the git look-up costs seconds."""
+    tags: dict[str, str] = {}
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.utils.git_utils import get_git_branch, get_git_commit
+        from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT
+
+        import oneday
+
+        tags.update(resolve_tags({}))
+        commit = get_git_commit(oneday.__file__)
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+            branch = get_git_branch(oneday.__file__)
+            if branch:
+                tags[MLFLOW_GIT_BRANCH] = branch
+    except Exception as exc:  # tags are a courtesy: never a reason to fail tracking
+        logging.getLogger(__name__).debug("standard run tags: %s", exc)
+    return {k: str(v) for k, v in tags.items()}
+
+
+__all__ = ["DEFAULT_DB", "open_experiment", "resolve_tracking_uri", "sqlite_path", "standard_run_tags",
+           "unreachable_reason"]

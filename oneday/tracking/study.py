@@ -38,7 +38,7 @@ from oneday.tracking.names import (
     TAG_STUDY,
     run_tags,
 )
-from oneday.tracking.store import open_experiment
+from oneday.tracking.store import open_experiment, standard_run_tags
 from oneday.tracking.writer import MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class StudyTracker:
                         return resume_run_id
                 except Exception:
                     pass
-            tags = {**self._base_tags, "oneday.kind": KIND_TUNE_STUDY, TAG_MLFLOW_RUN_NAME: run_name}
+            tags = {**standard_run_tags(), **self._base_tags, "oneday.kind": KIND_TUNE_STUDY,
+                    TAG_MLFLOW_RUN_NAME: run_name}
             run = self._client.create_run(self._experiment_id, run_name=run_name, tags=tags)
             self._batch(run.info.run_id, params=params)
             return run.info.run_id
@@ -129,10 +130,12 @@ class StudyTracker:
         if not self._ensure():
             return None
         try:
-            all_tags = {**self._base_tags, TAG_MLFLOW_RUN_NAME: run_name, **(tags or {})}
+            all_tags = {**standard_run_tags(), **self._base_tags, TAG_MLFLOW_RUN_NAME: run_name, **(tags or {})}
             if parent_run_id:
                 all_tags[TAG_MLFLOW_PARENT] = parent_run_id
-            run = self._client.create_run(self._experiment_id, run_name=run_name, tags=all_tags)
+            # str(): an HTTP server's protobuf takes only strings (a store on disk took the int trial number)
+            run = self._client.create_run(self._experiment_id, run_name=run_name,
+                                          tags={k: str(v) for k, v in all_tags.items()})
             self._batch(run.info.run_id, params=params)
             return run.info.run_id
         except Exception as exc:

@@ -4,13 +4,20 @@ The training thread only puts items on a queue; a daemon thread creates the expe
 flattened plan as params (in batches of at most 100, values cut to 6000 characters: MLflow's limits), then
 sends metrics with `MlflowClient.log_batch` every few seconds (at most 1000 per batch), samples system metrics
 every ~10 s (`oneday.tracking.system`), sets tags and uploads artifacts. mlflow is imported inside that
-thread: ~2.5 s of import that does not hold up training.
+thread: ~2.5 s of import that does not hold up training. A new run gets MLflow's standard tags (user, source,
+git commit: `standard_run_tags`) and, when given, the dataset as a run input (`log_inputs`: name, digest = the
+prepared data's key, source; a record, no data uploaded). `log_model` logs the final model folder as an MLflow
+LoggedModel with an MLmodel file (flavor `oneday`: a transformers `save_pretrained` folder), linked to the run
+as its output, so `mlflow.register_model("models:/<model_id>", name)` can take it. (`mlflow.transformers.log_model`
+is not used: with transformers 5 it fails on a local checkpoint, and it would load the model in the tracker.)
 
 A store that cannot be reached, or fails part way, never stops or slows training: the first failure logs ONE
 warning (MLflow's and urllib3's own log lines are silenced while the tracker runs), and `metrics.jsonl`
 (`oneday.tracking.recorder`) keeps everything. The writer keeps what it could not send (metrics up to
 `MAX_BUFFERED_METRICS` values, the oldest dropped first; tags and artifacts in order) and tries again after 5 s,
-10 s, 20 s, … up to every 5 minutes, sleeping in between: a store that comes back gets the backlog, in order.
+10 s, 20 s, … up to every 5 minutes, sleeping in between: a store that comes back gets the backlog, in order. An
+HTTP server's port is also probed every `PROBE_SECONDS` (a refused connection costs nothing): a server that was
+restarted gets the backlog within seconds of answering, not at the next backoff step.
 `close(timeout=…)` bounds the end: what a dead or hung store has not taken by then is left unsent, so the run
 ends on time; the MLflow run is ended with the caller's status (FINISHED, KILLED, FAILED) whenever the store
 answers.
@@ -32,7 +39,7 @@ from typing import Any
 from oneday.errors import first_line
 from oneday.formats import finite_or_none
 from oneday.logs import quieted
-from oneday.tracking.store import open_experiment
+from oneday.tracking.store import open_experiment, standard_run_tags, unreachable_reason
 from oneday.tracking.system import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 MAX_BUFFERED_METRICS = 500_000  # metric values kept for a store that is down (~100 MB at most)
 RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
+PROBE_SECONDS = 2.0  # how often the port of an HTTP store that is down is probed
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,24 @@ class _Artifact:
     path: str
     artifact_path: str | None
     directory: bool
+
+
+@dataclass(frozen=True)
+class _Model:
+    path: str
+    name: str
+    step: int
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """What MLflow records of the training data (`mlflow.entities.Dataset`): no data is uploaded."""
+
+    name: str
+    digest: str
+    source: str
+    source_type: str = "oneday"
+    context: str = "training"
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,7 @@ class MlflowTracker:
         params: Mapping[str, str] | None = None,
         tags: Mapping[str, str] | None = None,
         resume_run_id: str | None = None,
+        dataset: DatasetRecord | None = None,
         gpu: bool = False,
         gpu_indices: Iterable[int] | None = None,
         system_every: float = 10.0,
@@ -101,6 +128,7 @@ class MlflowTracker:
         self._params = dict(params or {})
         self._tags = dict(tags or {})
         self._resume_run_id = resume_run_id
+        self._dataset = dataset
         self._gpu = gpu
         self._gpu_indices = list(gpu_indices) if gpu_indices is not None else None
         self._system_every = system_every
@@ -114,8 +142,10 @@ class MlflowTracker:
         self._last_step = 0
         self._metrics: deque[_Metrics] = deque()  # not yet sent, oldest first
         self._buffered_values = 0
-        self._others: list[_Tags | _Artifact] = []  # not yet sent, in order
+        self._others: list[_Tags | _Artifact | _Model] = []  # not yet sent, in order
         self._retry_at: float | None = None  # set while the store is down
+        self._probe_at: float | None = None  # the next probe of a down HTTP store's port
+        self._http = uri.startswith(("http://", "https://"))
         self._backoff = retry_first
         self._warned = False
         self.run_id: str | None = None
@@ -123,6 +153,7 @@ class MlflowTracker:
         self.resumed = False
         self.error: str | None = None
         self.dropped = 0
+        self.model_id: str | None = None
 
     # -- training-thread side ----------------------------------------------------------------------------
     @property
@@ -148,6 +179,10 @@ class MlflowTracker:
     def log_artifacts(self, directory: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         self._queue.put(_Artifact(str(directory), artifact_path, directory=True))
 
+    def log_model(self, directory: str | os.PathLike[str], *, name: str = "model", step: int = 0) -> None:
+        """The final model folder as a LoggedModel of this run (module docstring); `model_id` once sent."""
+        self._queue.put(_Model(str(directory), name, int(step)))
+
     def wait_ready(self, timeout: float | None = None) -> str | None:
         """Wait until the first attempt to set the run up has ended; the run id, or None if it failed."""
         self._ready.wait(timeout)
@@ -172,6 +207,7 @@ class MlflowTracker:
         now = time.monotonic()
         self._backoff = self._retry_first if self._retry_at is None else min(2 * self._backoff, RETRY_MAX_SECONDS)
         self._retry_at = now + self._backoff
+        self._probe_at = now + PROBE_SECONDS if self._http else None
         if not self._warned:
             self._warned = True
             log.warning("%s; training goes on, metrics.jsonl in the run folder has everything, and the metrics are "
@@ -180,7 +216,7 @@ class MlflowTracker:
     def _came_back(self, sent: int) -> None:
         if self._retry_at is not None:
             log.info("MLflow tracking at %s answers again: sent %d buffered metric values", self.uri, sent)
-        self._retry_at, self.error, self._warned = None, None, False
+        self._retry_at, self._probe_at, self.error, self._warned = None, None, None, False
 
     def _setup(self) -> None:
         from mlflow.entities import Param, RunTag
@@ -197,11 +233,14 @@ class MlflowTracker:
             except Exception:
                 run_id = None
         if run_id is None:
-            run = client.create_run(experiment_id, run_name=self.run_name, tags=self._tags)
+            tags = {**standard_run_tags(), **{k: str(v) for k, v in self._tags.items()}}
+            run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             run_id = run.info.run_id
             params = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in sorted(self._params.items())]
             for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
                 client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH], synchronous=True)
+            if self._dataset is not None:
+                _log_dataset(client, run_id, self._dataset)
         else:
             tags = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in self._tags.items()]
             for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
@@ -251,9 +290,12 @@ class MlflowTracker:
                     raise
                 self._buffered_values -= len(metrics)
                 sent += len(metrics)
+                self.error = None  # it answers again: the rest of the backlog is on its way, not given up
             while self._others:
                 item = self._others[0]
                 doing = "setting tags" if isinstance(item, _Tags) else f"uploading {Path(item.path).name}"
+                if isinstance(item, _Model):
+                    doing = f"logging the model {Path(item.path).name}"
                 self._send_other(item)
                 self._others.pop(0)
         except Exception as exc:
@@ -263,10 +305,13 @@ class MlflowTracker:
         finally:
             self._ready.set()
 
-    def _send_other(self, item: _Tags | _Artifact) -> None:
+    def _send_other(self, item: _Tags | _Artifact | _Model) -> None:
         from mlflow.entities import RunTag
 
-        if isinstance(item, _Tags):
+        if isinstance(item, _Model):
+            self.model_id = _log_model(self._client, run_id=self.run_id, experiment_id=self.experiment_id,
+                                       item=item, tags=self._tags)
+        elif isinstance(item, _Tags):
             tags = [RunTag(k, v) for k, v in item.tags.items()]
             for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
                 self._client.log_batch(self.run_id, tags=tags[i : i + MAX_PARAMS_PER_BATCH], synchronous=True)
@@ -300,6 +345,8 @@ class MlflowTracker:
         next_system = now + min(self._system_every, 2.0)
         while True:
             send_at = self._retry_at if self._retry_at is not None else next_flush
+            if self._probe_at is not None:
+                send_at = min(send_at, self._probe_at)
             try:
                 item = self._queue.get(timeout=max(0.0, min(send_at, next_system) - time.monotonic()))
             except queue.Empty:
@@ -315,11 +362,19 @@ class MlflowTracker:
                 self._add_system(sampler)
                 next_system = now + self._system_every
             if self._retry_at is not None:
-                if now >= self._retry_at:
+                if now >= self._retry_at or self._answers_again(now):
                     self._send()
-            elif now >= next_flush or self._buffered_values >= MAX_METRICS_PER_BATCH or isinstance(item, _Artifact):
+            elif (now >= next_flush or self._buffered_values >= MAX_METRICS_PER_BATCH
+                  or isinstance(item, (_Artifact, _Model))):
                 self._send()
                 next_flush = now + self._flush_every
+
+    def _answers_again(self, now: float) -> bool:
+        """At probe time, whether the down HTTP store's port accepts a connection again (then: retry now)."""
+        if self._probe_at is None or now < self._probe_at:
+            return False
+        self._probe_at = now + PROBE_SECONDS
+        return unreachable_reason(self.uri, timeout=1.0) is None
 
     def _add_system(self, sampler: SystemSampler) -> None:
         try:
@@ -331,4 +386,45 @@ class MlflowTracker:
             self._buffer(_Metrics(values, self._last_step, int(time.time() * 1000)))
 
 
-__all__ = ["MAX_BUFFERED_METRICS", "MAX_PARAMS_PER_BATCH", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MlflowTracker"]
+def _log_dataset(client: Any, run_id: str, record: DatasetRecord) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(name=record.name, digest=record.digest, source_type=record.source_type, source=record.source)
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, record.context)])])
+
+
+def _log_model(client: Any, *, run_id: str | None, experiment_id: str | None, item: _Model,
+               tags: Mapping[str, str]) -> str:
+    """A LoggedModel of `run_id`: the folder's files and an MLmodel file; READY once uploaded. Its id."""
+    import tempfile
+
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    model = client.create_logged_model(experiment_id, name=item.name, source_run_id=run_id,
+                                       tags={k: str(v) for k, v in tags.items()})
+    try:
+        import transformers
+
+        versions = {"transformers_version": transformers.__version__}
+    except ImportError:
+        versions = {}
+    description = Model(artifact_path=item.name, run_id=run_id, model_id=model.model_id, flavors={
+        "oneday": {"format": "transformers save_pretrained", "task": "text-generation",
+                   "load": "transformers.AutoModelForCausalLM.from_pretrained(<this folder>)",
+                   "mlflow_version": mlflow.__version__, **versions}})
+    client.log_model_artifacts(model.model_id, item.path)
+    with tempfile.TemporaryDirectory(prefix="oneday-mlmodel-") as folder:
+        mlmodel = Path(folder) / "MLmodel"
+        description.save(str(mlmodel))
+        client.log_model_artifact(model.model_id, str(mlmodel))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    if run_id is not None:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, item.step)])
+    return model.model_id
+
+
+__all__ = ["MAX_BUFFERED_METRICS", "MAX_PARAMS_PER_BATCH", "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "DatasetRecord",
+           "MlflowTracker"]
