@@ -530,10 +530,13 @@ def test_nothing_half_written_after_failure(tmp_path: Path, cache: Path, monkeyp
 
     good = write(tmp_path / "good.txt", make_text())
 
-    def fail(*args, **kwargs):
+    tokenize_into_shards = data_mod.tokenize_into_shards
+
+    def fail(*args, **kwargs):  # fails after the token shards are written
+        tokenize_into_shards(*args, **kwargs)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(data_mod, "split_token_file", fail)  # fails after the token file is written
+    monkeypatch.setattr(data_mod, "tokenize_into_shards", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(good, cache)
     assert not cache.exists()
