@@ -27,8 +27,9 @@ Prints, section by section (each section reports FAILED with its reason and the 
 
 Data travels with the check: prepare it on a CPU machine first, then pass the same spec and cache folder:
 
-    oneday data prepare --data ../shared/data/tinyshakespeare.txt --cache-dir .gpucheck/cache
-    python bench/gpu_check.py --data .gpucheck/tinyshakespeare.txt --data-cache .gpucheck/cache
+    mkdir -p .gpucheck && cp /path/to/corpus.txt .gpucheck/corpus.txt
+    oneday data prepare --data .gpucheck/corpus.txt --cache-dir .gpucheck/cache
+    python bench/gpu_check.py --data .gpucheck/corpus.txt --data-cache .gpucheck/cache
 
 (`--data` must name the same content as when prepared — the cache key hashes the files —; the GPU machine
 needs the source files only to compute that key). README.md, "Checking a GPU", says how to carry the data,
