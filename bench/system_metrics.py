@@ -6,7 +6,8 @@ training loop while each samples in its own thread (docs/design.md, Tracking).
 MLflow's monitor needs psutil (`pip install psutil`). Its loop also asks the store for the run (`get_run`) after
 every sample, so its cost per sample is measured with and without that call (a sqlite store in a temp folder).
 The training comparison runs the loop alone, with oneday's sampler, and with MLflow's monitor, `--seconds` each,
-in that order, twice; it prints the median tok/s of each and `uptime` (the machine may be shared).
+in that order, twice; it prints the median tok/s and tokens per CPU-second of this process (the sampler's
+thread included; what other processes take is not) of each, and `uptime` (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def cpu_seconds_per_call(call: Callable[[], object], samples: int) -> float:
     return (time.process_time() - start) / samples
 
 
-def train_tok_per_s(seconds: float, background: Callable[[threading.Event], None] | None) -> float:
+def train_tok_per_s(seconds: float, background: Callable[[threading.Event], None] | None) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second of this process: the sampler thread's CPU included, other
+    processes' load not)."""
     import torch
 
     torch.manual_seed(0)
@@ -42,7 +45,7 @@ def train_tok_per_s(seconds: float, background: Callable[[threading.Event], None
     thread = threading.Thread(target=background, args=(stop,), daemon=True) if background else None
     if thread:
         thread.start()
-    done, start = 0, time.perf_counter()
+    done, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         logits = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
@@ -50,11 +53,11 @@ def train_tok_per_s(seconds: float, background: Callable[[threading.Event], None
         loss.backward()
         opt.step()
         done += batch * seq
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     stop.set()
     if thread:
         thread.join()
-    return done / elapsed
+    return done / elapsed, done / cpu
 
 
 def main() -> None:
@@ -99,15 +102,16 @@ def main() -> None:
         stop.wait()
         mon.finish()
 
-    results: dict[str, list[float]] = {"none": [], "oneday": [], "mlflow": []}
+    results: dict[str, list[tuple[float, float]]] = {"none": [], "oneday": [], "mlflow": []}
     for _ in range(args.rounds):
         for name, background in (("none", None), ("oneday", run_own), ("mlflow", run_mlflow)):
             results[name].append(train_tok_per_s(args.seconds, background))
-    base = statistics.median(results["none"])
+    base = [statistics.median(v[i] for v in results["none"]) for i in (0, 1)]
     for name, values in results.items():
-        value = statistics.median(values)
-        print(f"train tok/s with {name:6s} sampler every {args.interval:g} s: {value:9.0f}  ratio {value / base:.3f}  "
-              f"(runs: {', '.join(f'{v:.0f}' for v in values)})")
+        wall, cpu = (statistics.median(v[i] for v in values) for i in (0, 1))
+        print(f"sampler {name:6s} every {args.interval:g} s: {wall:7.0f} tok/s (ratio {wall / base[0]:.3f}), "
+              f"{cpu:7.0f} tok/CPU-s (ratio {cpu / base[1]:.3f})  runs: "
+              f"{', '.join(f'{w:.0f}/{c:.0f}' for w, c in values)}")
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), f"cpus={os.cpu_count()}")
 
 
