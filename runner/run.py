@@ -46,6 +46,7 @@ from oneday.runner.run_dir import (
 from oneday.runner.session import Session, SessionInfo
 from oneday.runner.summary import RunSummary
 from oneday.tracking import names
+from oneday.tracking.nodes import start_node_metrics
 from oneday.tracking.plots import plot_loss_curve
 from oneday.tracking.recorder import RunRecorder, read_metrics
 from oneday.tracking.store import resolve_tracking_uri
@@ -175,7 +176,10 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
     # -- tracking (starts early: MLflow's import and set-up overlap with building the model) ---------------
     try:
         tracker = _start_tracking(session) if rank0 else None
-        try:
+        node_metrics = None
+        try:  # every other node's system metrics into rank 0's run (multi-node: the run id is broadcast)
+            node_metrics = start_node_metrics(dist, group, tracker=tracker, uri=session.tracking_uri,
+                                              gpu=dev == "cuda")
             return _train_and_finish(session, data=data, prep_seconds=prep_seconds, tracker=tracker,
                                      observer=observer, eval_request=eval_request)
         except BaseException as exc:
@@ -183,6 +187,9 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
                 tracker.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                               timeout=MIN_CLOSE_SECONDS)
             raise
+        finally:
+            if node_metrics is not None:
+                node_metrics.stop()
     finally:
         if lock is not None:
             lock.release()
@@ -224,12 +231,11 @@ def _start_tracking(session: Session) -> MlflowTracker:
     tags[names.TAG_RUN_DIR] = str(session.paths.root.resolve())
     known = ledger.data["mlflow"]
     uri, experiment = session.tracking_uri, session.experiment
-    dist = session.dist
     tracker = MlflowTracker(
         uri=uri, experiment=experiment, run_name=names.run_name(plan), params=plan.flat_params(), tags=tags,
         resume_run_id=known.get("run_id") if known.get("uri") == uri else None,
         dataset=DatasetRecord(name=plan.data.spec or plan.data.source, digest=plan.data.key, source=plan.data.source),
-        gpu=dev == "cuda", gpu_indices=[dist.local_rank] if dist is not None and dev == "cuda" else None,
+        gpu=dev == "cuda",  # every GPU of rank 0's node (oneday.tracking.nodes: the other nodes)
         on_ready=lambda run_id: ledger.record_mlflow(uri=uri, experiment=experiment, run_id=run_id),
     ).start()
     threading.Thread(target=_preimport_plotting, name="oneday-preimport", daemon=True).start()
