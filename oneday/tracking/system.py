@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ class SystemSampler:
     NVML is optional: with no driver `nvmlInit()` raises `NVMLError_LibraryNotFound`, and GPU sampling is off.
     """
 
-    def __init__(self, *, gpu: bool, gpu_indices: Iterable[int] | None = None) -> None:
+    def __init__(self, *, gpu: bool) -> None:
         self._handles: list[tuple[int, Any]] = []
         self._nvml: Any = None
         if gpu:
@@ -32,8 +31,7 @@ class SystemSampler:
 
                 pynvml.nvmlInit()
                 count = pynvml.nvmlDeviceGetCount()
-                indices = list(gpu_indices) if gpu_indices is not None else list(range(count))
-                self._handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in indices if i < count]
+                self._handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]  # this node's
                 self._nvml = pynvml
             except Exception as exc:  # no driver, no library: just no GPU metrics
                 log.debug("NVML unavailable, no GPU system metrics: %s", exc)

@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +116,6 @@ class MlflowTracker:
         resume_run_id: str | None = None,
         dataset: DatasetRecord | None = None,
         gpu: bool = False,
-        gpu_indices: Iterable[int] | None = None,
         system_every: float = 10.0,
         flush_every: float = 3.0,
         retry_first: float = RETRY_FIRST_SECONDS,
@@ -130,7 +129,6 @@ class MlflowTracker:
         self._resume_run_id = resume_run_id
         self._dataset = dataset
         self._gpu = gpu
-        self._gpu_indices = list(gpu_indices) if gpu_indices is not None else None
         self._system_every = system_every
         self._flush_every = flush_every
         self._retry_first = retry_first
@@ -324,7 +322,7 @@ class MlflowTracker:
         # MLflow and urllib3 log their own retries and tracebacks; the one warning of `_went_down` says it all.
         with quieted("mlflow", logging.CRITICAL), quieted("urllib3", logging.CRITICAL):
             self._send()
-            sampler = SystemSampler(gpu=self._gpu, gpu_indices=self._gpu_indices)
+            sampler = SystemSampler(gpu=self._gpu)
             try:
                 closing = self._loop(sampler)
                 self._add_system(sampler)
