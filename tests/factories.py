@@ -113,3 +113,16 @@ class HungServer:
         for conn in self._held:
             conn.close()
         self._socket.close()
+
+
+def invoke_cli(*args: str) -> tuple[int, str, str]:
+    """`oneday ARGS` through Typer's CliRunner: (exit code, stdout, stderr); an exception other than the exit
+    is raised, so a traceback never passes for a one-line error."""
+    from typer.testing import CliRunner
+
+    from oneday.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr

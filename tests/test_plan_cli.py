@@ -7,22 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from oneday.cli import app
 from oneday.plan import SCHEMA_VERSION, Plan, load_plan, save_plan
+from tests.factories import invoke_cli, no_gpu, one_error_line
 from tests.factories import make_plan as factory_plan
-from tests.factories import no_gpu, one_error_line
-
-runner = CliRunner()
-
-
-def _invoke(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,7 @@ def _plan_args(cache: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def written(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("cli") / "plan.json"
-    code, stdout, stderr = _invoke(*_plan_args(cache, out))
+    code, stdout, stderr = invoke_cli(*_plan_args(cache, out))
     assert code == 0, stderr
     return out, stdout
 
@@ -64,7 +52,7 @@ def test_plan_prints_the_table_and_writes_the_file(written: tuple[Path, str]) ->
 
 def test_json_prints_only_the_plan(cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    code, stdout, stderr = _invoke(*_plan_args(cache, out, "--json", "--probe-seconds", "1", "--name", "js"))
+    code, stdout, stderr = invoke_cli(*_plan_args(cache, out, "--json", "--probe-seconds", "1", "--name", "js"))
     assert code == 0, stderr
     plan = Plan.from_dict(json.loads(stdout))
     assert plan.name == "js"
@@ -83,7 +71,7 @@ def test_explain_reprints_without_measuring(written: tuple[Path, str], monkeypat
     monkeypatch.setattr(measure, "probe_throughput", boom)
     out, first = written
     started = time.perf_counter()
-    code, stdout, stderr = _invoke("plan", "--explain", str(out))
+    code, stdout, stderr = invoke_cli("plan", "--explain", str(out))
     assert code == 0, stderr
     assert time.perf_counter() - started < 10
     def rows(text: str) -> list[str]:
@@ -91,7 +79,7 @@ def test_explain_reprints_without_measuring(written: tuple[Path, str], monkeypat
 
     assert rows(stdout) == rows(first)
     assert "• Chose" in stdout and "predicted loss" in stdout
-    code, stdout, _ = _invoke("plan", "--explain", str(out), "--json")
+    code, stdout, _ = invoke_cli("plan", "--explain", str(out), "--json")
     assert code == 0 and Plan.from_dict(json.loads(stdout)) == load_plan(out)
 
 
@@ -124,21 +112,21 @@ def no_probing(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_budget_flags(tmp_path: Path, no_probing: None, args: list[str], message: str) -> None:
     out = tmp_path / "plan.json"
-    code, stdout, stderr = _invoke("plan", *args, "--data", "builtin:pydoc", "--out", str(out))
+    code, stdout, stderr = invoke_cli("plan", *args, "--data", "builtin:pydoc", "--out", str(out))
     assert code == 2
     assert message in one_error_line(stderr)
     assert not out.exists() and stdout == ""
 
 
 def test_data_is_required(tmp_path: Path, no_probing: None) -> None:
-    code, _, stderr = _invoke("plan", "--minutes", "5", "--out", str(tmp_path / "plan.json"))
+    code, _, stderr = invoke_cli("plan", "--minutes", "5", "--out", str(tmp_path / "plan.json"))
     assert code == 2 and "--data is required" in one_error_line(stderr)
 
 
 def _fails(cache: Path, tmp_path: Path, *args: str) -> str:
     out = tmp_path / "plan.json"
     started = time.perf_counter()
-    code, _, stderr = _invoke("plan", "--cache-dir", str(cache), "--out", str(out), *args)
+    code, _, stderr = invoke_cli("plan", "--cache-dir", str(cache), "--out", str(out), *args)
     assert code == 2, stderr
     assert not out.exists()
     assert time.perf_counter() - started < 20
@@ -181,7 +169,7 @@ def test_unwritable_out_fails_fast(tmp_path: Path, no_probing: None, where: str)
         out = Path("/proc/oneday-plan.json")  # read-only even for root
     cache = tmp_path / "cache"
     started = time.perf_counter()
-    code, stdout, stderr = _invoke("plan", "--minutes", "5", "--data", "builtin:pydoc", "--device", "cpu",
+    code, stdout, stderr = invoke_cli("plan", "--minutes", "5", "--data", "builtin:pydoc", "--device", "cpu",
                                    "--cache-dir", str(cache), "--out", str(out))
     assert code == 2
     assert "--out" in one_error_line(stderr)
@@ -194,7 +182,7 @@ def test_explain_newer_schema(tmp_path: Path) -> None:
     raw["schema_version"] = SCHEMA_VERSION + 1
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(raw))
-    code, _, stderr = _invoke("plan", "--explain", str(path))
+    code, _, stderr = invoke_cli("plan", "--explain", str(path))
     assert code == 2
     assert "made by a newer oneday" in one_error_line(stderr)
 
@@ -204,27 +192,27 @@ def test_explain_hand_edited_plan(tmp_path: Path) -> None:
     raw["train"]["micro_batch"] = 0
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(raw))
-    code, _, stderr = _invoke("plan", "--explain", str(path))
+    code, _, stderr = invoke_cli("plan", "--explain", str(path))
     assert code == 2
     assert "train.micro_batch: must be >= 1" in one_error_line(stderr)
 
 
 def test_explain_a_factory_plan(tmp_path: Path) -> None:
     path = save_plan(factory_plan(), tmp_path / "plan.json")
-    code, stdout, stderr = _invoke("plan", "--explain", str(path))
+    code, stdout, stderr = invoke_cli("plan", "--explain", str(path))
     assert code == 0, stderr
     assert "▶" in stdout and "2×64" in stdout
 
 
 def test_explain_takes_no_budget(tmp_path: Path) -> None:
     path = save_plan(factory_plan(), tmp_path / "plan.json")
-    code, _, stderr = _invoke("plan", "--explain", str(path), "--hours", "1")
+    code, _, stderr = invoke_cli("plan", "--explain", str(path), "--hours", "1")
     assert code == 2 and "--explain shows a saved plan" in one_error_line(stderr)
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs/plan", ".hidden"])
 def test_a_name_that_is_not_one_folder_name_is_refused_before_any_work(tmp_path: Path, name: str) -> None:
-    code, _, err = _invoke("plan", "--minutes", "5", "--data", "builtin:pydoc", "--name", name,
+    code, _, err = invoke_cli("plan", "--minutes", "5", "--data", "builtin:pydoc", "--name", name,
                            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "plan.json"))
     assert code == 2 and "--name: must " in one_error_line(err)
     assert list(tmp_path.iterdir()) == []

@@ -10,9 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from oneday.cli import app
 from oneday.devices import GPU_MODELS, match_gpu, peak_flops
 from oneday.errors import UserError
 from oneday.plan import Plan, load_plan, save_plan
@@ -22,28 +20,19 @@ from oneday.planner.settle import split_batch
 from oneday.planner.throughput import DATA_PARALLEL_EFFICIENCY, MFU_CLASSES
 from oneday.planner.what_if import parse_token_count, parse_what_if, what_if_plan
 from oneday.runner.preflight import check_hardware
-from tests.factories import one_error_line, tiny_model
-
-runner = CliRunner()
-
-
-def _invoke(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
+from tests.factories import invoke_cli, one_error_line, tiny_model
 
 
 def _what_if(tmp_path: Path, *args: str) -> Plan:
     out = tmp_path / "plan.json"
-    code, _, stderr = _invoke("plan", "--out", str(out), *args)
+    code, _, stderr = invoke_cli("plan", "--out", str(out), *args)
     assert code == 0, stderr
     return load_plan(out)
 
 
 def _fails(tmp_path: Path, *args: str) -> str:
     out = tmp_path / "plan.json"
-    code, _, stderr = _invoke("plan", "--out", str(out), *args)
+    code, _, stderr = invoke_cli("plan", "--out", str(out), *args)
     assert code == 2, stderr
     assert not out.exists()
     return one_error_line(stderr)
@@ -250,7 +239,7 @@ def test_run_refuses_a_what_if_plan_on_other_hardware(tmp_path_factory: pytest.T
     plan = _what_if(tmp_path, "--minutes", "3", "--what-if", "l4", "--data", "builtin:pydoc", "--vocab-size", "512",
                     "--cache-dir", str(cache))
     run_dir = tmp_path / "run"
-    code, _, stderr = _invoke("run", str(tmp_path / "plan.json"), "--device", "cpu", "--run-dir", str(run_dir))
+    code, _, stderr = invoke_cli("run", str(tmp_path / "plan.json"), "--device", "cpu", "--run-dir", str(run_dir))
     assert code == 2, stderr
     line = one_error_line(stderr)
     assert "what-if plan for 1 × NVIDIA L4; this machine has 1 × CPU" in line and "--force" in line
@@ -267,7 +256,7 @@ def test_run_refuses_a_what_if_plan_on_other_hardware(tmp_path_factory: pytest.T
 def test_run_refuses_a_plan_on_assumed_data_even_with_force(tmp_path: Path) -> None:
     _what_if(tmp_path, "--hours", "1", "--what-if", "l4", "--data-tokens", "1B")
     run_dir = tmp_path / "run"
-    code, _, stderr = _invoke("run", str(tmp_path / "plan.json"), "--force", "--run-dir", str(run_dir))
+    code, _, stderr = invoke_cli("run", str(tmp_path / "plan.json"), "--force", "--run-dir", str(run_dir))
     assert code == 2 and "the tokens were assumed" in one_error_line(stderr)
     assert not run_dir.exists()
 

@@ -159,20 +159,26 @@ def server_failure(what: str, log_path: Path) -> str:
 
 
 @dataclass
-class UiServer:
-    """A running `mlflow server` (its own process group), with the links `oneday ui` prints."""
+class ServerLinks:
+    """The links into a running MLflow server's UI that `oneday ui` prints (no server of its own)."""
 
     url: str
-    tracking_uri: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    startup_seconds: float
     experiment: str | None = None
     experiment_url: str | None = None
     compare_url: str | None = None
     metric_url: str | None = None
     run_names: tuple[str, ...] = ()
     note: str | None = None
+
+
+@dataclass(kw_only=True)
+class UiServer(ServerLinks):
+    """A running `mlflow server` (its own process group), with the links `oneday ui` prints."""
+
+    tracking_uri: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    startup_seconds: float
 
     def __enter__(self) -> UiServer:
         return self
@@ -307,19 +313,6 @@ def start_ui(
     return server
 
 
-@dataclass
-class ServerLinks:
-    """The links into a running MLflow server's UI that `oneday ui` prints (no server of its own)."""
-
-    url: str
-    experiment: str | None = None
-    experiment_url: str | None = None
-    compare_url: str | None = None
-    metric_url: str | None = None
-    run_names: tuple[str, ...] = ()
-    note: str | None = None
-
-
 def server_links(uri: str, *, experiment: str | None = None, last: int = 5) -> ServerLinks:
     """The links (experiment, compare view, train/loss) of the newest oneday runs on the MLflow server at `uri`;
     `UserError` when it does not answer."""
@@ -332,7 +325,7 @@ def server_links(uri: str, *, experiment: str | None = None, last: int = 5) -> S
     return links
 
 
-def _add_links(server: UiServer | ServerLinks, *, experiment: str | None, last: int) -> None:
+def _add_links(server: ServerLinks, *, experiment: str | None, last: int) -> None:
     reader = RestReader(server.url)
     try:
         selection = select_runs(reader, experiment=experiment, last=last)
