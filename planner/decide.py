@@ -256,17 +256,18 @@ def choose(
     rows = [r if i != chosen_i else _with_chosen(r) for i, r in enumerate(rows)]
     c = rows[chosen_i]
 
+    other = f", {c.band_loss:.3f} under {band_law.name}" if band_law != law else ""
     reasons = [
         f"Chose {c.label()} (N = {human_count(c.params())}): {human_count(c.tokens)} tokens in "
         f"{train_seconds / 3600:.3g} h at "
         f"{human_count(c.tokens_per_s)} tok/s (MFU {c.mfu:.1%}, {'measured' if c.measured else 'predicted'}), "
         f"{c.tokens_per_param():.3g} tokens per parameter; predicted loss {c.predicted_loss:.3f} "
-        f"({law.name}), {c.band_loss:.3f} under {band_law.name}.",
+        f"({law.name}){other}.",
     ]
     uniform = math.log(c.spec.vocab_size)
     if c.predicted_loss > uniform:  # the law's figure ranks the shapes; as a loss it is outside the law's range
         reasons[0] = reasons[0].replace(
-            f"predicted loss {c.predicted_loss:.3f} ({law.name}), {c.band_loss:.3f} under {band_law.name}.",
+            f"predicted loss {c.predicted_loss:.3f} ({law.name}){other}.",
             f"the law's loss {c.predicted_loss:.3f} ({law.name}; {c.band_loss:.3f} under {band_law.name}) ranks the "
             f"shapes, but is above ln(vocab) = {uniform:.2f}: not a prediction at this scale (see below).",
         )

@@ -17,7 +17,7 @@ __all__ = ["COLUMNS", "CandidateRow", "candidate_rows", "summary_lines"]
 COLUMNS = ("", "shape", "N", "total", "tok/s", "MFU", "how", "micro", "tokens", "epochs", "loss (band)")
 """Column headers: chosen mark, L×d, N (non-embedding + head), all parameters, tokens/s, MFU, whether the
 tokens/s was measured or modelled, micro-batch, tokens in the budget, epochs of the data, predicted loss
-(default law) with the band of both laws."""
+(default law) with the band of both laws (none for a calibrated law: the plan's summary gives the fit's band)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _row(c: Candidate) -> CandidateRow:
         str(c.micro_batch) if fits else "does not fit",
         human_count(c.tokens) if fits else "–",
         f"{c.epochs:.2f}" if fits else "–",
-        f"{c.predicted_loss:.3f} ({lo:.2f}–{hi:.2f})" if fits else "–",
+        ("–" if not fits else f"{c.predicted_loss:.3f}" if lo == hi else f"{c.predicted_loss:.3f} ({lo:.2f}–{hi:.2f})"),
     )
     return CandidateRow(cells=cells, chosen=c.chosen, fits=fits)
 
@@ -96,8 +96,9 @@ def summary_lines(plan: Plan) -> list[tuple[str, str]]:
     else:
         lines.append((
             "predicted loss",
-            f"{p.loss:.3f} (band {lo:.3f}–{hi:.3f}; {p.law}, band {p.band_law}"
-            f"{', calibrated' if p.calibrated else ', not calibrated to this data'})",
+            f"{p.loss:.3f} (band {lo:.3f}–{hi:.3f}; {p.law}, "
+            + ("the fit's 95% prediction interval)" if p.basis == "calibrated" else
+               f"band {p.band_law}{', calibrated' if p.calibrated else ', not calibrated to this data'})"),
         ))
     probe = plan.provenance.probe_seconds
     evals = max(1, math.ceil(t.budget_seconds / t.eval_every_seconds))

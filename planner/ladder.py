@@ -8,6 +8,7 @@ choice falls on an end); `shape_key` identifies a shape for throughput and memor
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from oneday.errors import UserError
 from oneday.models.spec import ModelSpec, Parametrization
@@ -95,7 +96,8 @@ def next_rung(
     """The shape one rung beyond the smallest (`below`) or largest end of `ladder`, by the rules of
     `candidate_shapes` (same vocabulary, sequence length, head size, tying, parametrization): N near
     end / `ladder_ratio` (or × it) with the aspect nearest `aspect_target`, else the valid shape nearest the
-    end that is at least ladder_ratio^0.5 beyond it. None when no valid shape lies beyond (below 1×64)."""
+    end that is at least ladder_ratio^0.5 beyond it. Below the narrowest such shape (1×64 with heads of 64),
+    `narrow_rung`: one head as wide as the model. None when nothing valid lies beyond."""
     end = ladder[0] if below else ladder[-1]
     make = dict(head_dim=end.head_dim, vocab_size=end.vocab_size, seq_len=end.seq_len,
                 tied_embeddings=end.tied_embeddings, parametrization=end.parametrization)
@@ -106,13 +108,32 @@ def next_rung(
                        aspect_target=aspect_target, max_layers=max_layers)
     beyond = [p for p in pool if (p[0] * spacing <= n if below else p[0] >= n * spacing)]
     if not beyond:
-        return None
+        return narrow_rung(end, ladder_ratio=ladder_ratio) if below else None
     near = [p for p in beyond if target / spacing <= p[0] <= target * spacing]
     if near:
         pick = min(near, key=lambda p: (p[1], abs(math.log(p[0] / target))))
     else:
         pick = min(beyond, key=lambda p: abs(math.log(p[0] / n)))
     return _make_spec(pick[2], pick[3], **make)
+
+
+NARROW_WIDTH_STEP = 16
+"""Widths below the head size step by this much, down to it (`narrow_rung`)."""
+
+
+def narrow_rung(end: ModelSpec, *, ladder_ratio: float = 1.6) -> ModelSpec | None:
+    """A rung below `end` narrower than the ladder's head size: `end`'s depth, one head as wide as the model (a
+    multiple of `NARROW_WIDTH_STEP`), N at most end / ladder_ratio^0.5 and nearest end / `ladder_ratio`. On a
+    CPU's minutes with a vocabulary of thousands the LM head dominates N, and 2×32 can beat the ladder's
+    narrowest 2×64 by 10% (bench/plan_quality.py, a 3-minute budget), so the smallest end must be able to
+    go there. None below `NARROW_WIDTH_STEP` wide."""
+    n, spacing = float(end.params_scaling()), ladder_ratio**0.5
+    shapes = [replace(end, d_model=w, n_head=1, d_ff=swiglu_ff(w))
+              for w in range(NARROW_WIDTH_STEP, end.d_model, NARROW_WIDTH_STEP)]
+    beyond = [s for s in shapes if s.params_scaling() * spacing <= n]
+    if not beyond:
+        return None
+    return min(beyond, key=lambda s: abs(math.log(s.params_scaling() * ladder_ratio / n)))
 
 
 def candidate_shapes(
@@ -182,4 +203,5 @@ def candidate_shapes(
     return [_make_spec(p[2], p[3], **make) for p in chosen]
 
 
-__all__ = ["ShapeKey", "candidate_shapes", "next_rung", "pad_vocab", "shape_key", "swiglu_ff"]
+__all__ = ["NARROW_WIDTH_STEP", "ShapeKey", "candidate_shapes", "narrow_rung", "next_rung", "pad_vocab", "shape_key",
+           "swiglu_ff"]

@@ -73,8 +73,15 @@ class LossLaw:
         """(N_opt, D_opt) minimizing L under C = 6·N·D (Hoffmann et al. 2022, eq. 4 / appendix D.2).
 
         G = (αA/(βB))^(1/(α+β)), N_opt = G·(C/6)^(β/(α+β)), D_opt = (C/6)/N_opt.
+
+        A calibration may fit A = 0 (size buys nothing on this data at these scales: every token to the
+        smallest model, N_opt = 1) or B = 0 (tokens buy nothing: D_opt = 1); non-negative least squares finds
+        such fits when the runs say so.
         """
         _positive("c_flops", c_flops)
+        if self.A <= 0 or self.B <= 0:
+            n_opt = 1.0 if self.A <= 0 else c_flops / 6.0
+            return n_opt, (c_flops / 6.0) / n_opt
         a, b = self.alpha, self.beta
         g = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
         n_opt = g * (c_flops / 6.0) ** (b / (a + b))
@@ -86,8 +93,12 @@ class LossLaw:
         From N_opt = G·(C/6)^(β/(α+β)) and D_opt = G⁻¹·(C/6)^(α/(α+β)): N = G·(D·G)^(β/α). Muennighoff et
         al. 2023 (Scaling data-constrained language models, eq. 5; `D_to_N` in their code) take this as U_N,
         the parameters the unique data supports: D/30 at 100M tokens, D/24 at 10B under the default law.
+        Unbounded (inf) for a law with A = 0 or B = 0: no size is in excess of what the data supports when size
+        does not move the loss, or when the tokens do not.
         """
         _positive("tokens", tokens)
+        if self.A <= 0 or self.B <= 0:
+            return math.inf
         a, b = self.alpha, self.beta
         g = (a * self.A / (b * self.B)) ** (1.0 / (a + b))
         return g * (tokens * g) ** (b / a)

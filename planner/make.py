@@ -290,6 +290,8 @@ def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request:
     entropy = _unigram_entropy(prepared)
     law, fit, reused = _calibrated_law(law, calibration=calibration, data_dir=getattr(prepared, "directory", None),
                                        entropy=entropy)
+    if fit is not None:  # the published laws' spread says nothing about a law fitted on this data: the fit's band does
+        band_law = law
     choice = throughput.choose(hw, setup=setup, prepared=prepared, seq=seq, request=request, floor=floor, law=law,
                                band_law=band_law)
     setup, settled, peak = choice.setup, choice.settled, choice.peak

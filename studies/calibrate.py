@@ -2,18 +2,20 @@
 (docs/design.md, Calibration).
 
 The planner predicts a final loss with a published law (Epoch AI 2024) whose absolute values belong to its
-own data and tokenizer. Calibration trains short runs of the plan's model family at two or three widths
-(each the previous one doubled, the widest chosen so the runs fit the calibration budget, by default
+own data and tokenizer. Calibration trains the plan's recipe at two or three smaller widths (`calibration_widths`:
+the plan's width halved, and halved again; the widest chosen so the runs fit the calibration budget, by default
 `CALIBRATION_SHARE` of the plan's budget) and two token horizons each (a quarter of the plan's tokens per
 parameter and the full ratio, at least `min_trial_steps` steps), reads each run's final validation loss, and
-fits L = E + A/N^α + B/D^β with α, β fixed at the Epoch values (`planner.laws.fit_law_eab`: non-negative
-least squares). `oneday plan ... --calibration FILE` then predicts with the fitted law.
+fits L = E + A/N^α + B/D^β with α, β fixed at the Epoch values (`planner.calibration.fit_law`: E bounded by the
+data's unigram entropy, held when the points are few; a band from the fit's uncertainty). `oneday plan ...
+--calibration FILE`, or any later plan on the same prepared data, then predicts with the fitted law.
 
-Every run has the plan's depth, head size, sequence length, batch and schedule shape, under μP with the plan's
-base width (its `mup_base_width` when it is already μP, its width otherwise), and the plan's LR moved to the
-run's horizon by (D/D_plan)^−0.32 (Bjorck et al. 2025): the plan's LR, tuned or not, is the best guess of a
-good LR at every size, so the losses are those of reasonably tuned runs, as the law assumes. A diverged
-run is left out of the fit (with a warning); at least three points are needed.
+Every run is the plan's model at a smaller width (its depth, sequence length, parametrization and schedule
+shape; its head size, or one head below it) trained with the batch, LR, β₂, warmup and cooldown the planner's
+own rule (`planner.decide.batch_and_lr`) gives that size and horizon: the fitted law describes the recipe that
+will run, not a proxy's. The schedule is keyed to steps (a calibration run has no deadline of its own). A
+diverged run is left out of the fit (with a warning); at least three points are needed, and the runs stop early
+once the band at the plan's size is narrow enough (`DECISIVE_NATS`).
 
 The file (the format `planner.make.load_calibration` reads):
 
@@ -47,7 +49,6 @@ from oneday.studies.proxy import (
     TrialParams,
     measure_step,
     min_trial_steps,
-    proxy_model,
     tokens_per_param,
     warm_up,
 )
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_SHARE = 0.1
 HORIZON_FRACTIONS = (0.25, 1.0)
 MAX_SIZES = 3
+MIN_WIDTH = 16
 FORMAT_VERSION = 1
 
 
@@ -99,22 +101,32 @@ def _base_width(plan: Plan) -> int:
 
 
 def _model(plan: Plan, width: int) -> ModelSpec:
-    """The plan's model at `width`: same depth, head size, vocabulary, sequence length, d_ff proportion and
-    parametrization (a μP plan keeps its base width, so its width multiplier scales as the run's would)."""
-    narrow = proxy_model(plan.model, width)
-    return replace(narrow, parametrization=plan.model.parametrization, mup_base_width=_base_width(plan))
+    """The plan's model at `width`: same depth, vocabulary, sequence length, d_ff proportion and parametrization
+    (a μP plan keeps its base width, so its width multiplier scales as the run's would); the plan's head size,
+    or one head as wide as the model below it (as the planner's ladder does)."""
+    t = plan.model
+    return replace(t, d_model=width, n_head=max(1, width // t.head_dim), d_ff=max(1, round(t.d_ff * width / t.d_model)),
+                   mup_base_width=_base_width(plan))
+
+
+def calibration_widths(plan: Plan) -> list[int]:
+    """Every width a calibration run may have, narrowest first: the plan's width halved, and halved again, down
+    to `MIN_WIDTH` -- a multiple of the head size at or above it, of 8 below it. Never the plan's own width: at the
+    plan's tokens per parameter that run would cost as much as the plan."""
+    h = plan.model.head_dim
+    widths: list[int] = []
+    w = plan.model.d_model / 2
+    while w >= MIN_WIDTH:
+        rounded = int(w // h) * h if w >= h else max(MIN_WIDTH, int(w // 8) * 8)
+        if rounded < plan.model.d_model and rounded not in widths:
+            widths.append(rounded)
+        w /= 2
+    return sorted(widths)
 
 
 def _sizes(plan: Plan, widest: int) -> list[int]:
-    h = plan.model.head_dim
-    widths = []
-    w = widest
-    while w >= h and len(widths) < MAX_SIZES:
-        rounded = max(h, round(w / h) * h)
-        if rounded not in widths:
-            widths.append(rounded)
-        w //= 2
-    return sorted(widths)
+    """The widths of a calibration whose widest run is `widest`: it and up to `MAX_SIZES` − 1 narrower ones."""
+    return [w for w in calibration_widths(plan) if w <= widest][-MAX_SIZES:]
 
 
 @dataclass(frozen=True)
@@ -171,16 +183,15 @@ def calibrate_plan(
     path = Path(plan_path).expanduser()
     plan = load_plan(path)
     out_path = check_output_path(out if out is not None else path.with_name(f"{path.stem}.calibration.json"))
-    if plan.model.n_head < 2:
-        raise UserError(f"{path}: calibration needs at least two model sizes of the same head size; this plan's "
-                        f"model has a single head of {plan.model.head_dim}")
+    candidates = calibration_widths(plan)
+    if len(candidates) < 2:
+        raise UserError(f"{path}: calibration needs at least two model sizes narrower than the plan's and at least "
+                        f"{MIN_WIDTH} wide; this plan's model is {plan.model.d_model} wide")
     data = load_run_data(plan)
     budget = hours * 3600.0 if hours is not None else CALIBRATION_SHARE * plan.train.budget_seconds
 
     # -- sizing: time the narrowest width, estimate the others by FLOPs per token --------------------------
-    h = plan.model.head_dim
-    candidates = [k * h for k in range(2, plan.model.n_head + 1)]
-    narrow = _model(plan, h)
+    narrow = _model(plan, candidates[0])
     warm_up(plan, data, threads=plan.train.threads)
     timing = measure_step(narrow, plan, data, eval_tokens=min(plan.train.eval_tokens, 8 * plan.model.seq_len),
                           threads=plan.train.threads, clock=clock)
@@ -191,12 +202,12 @@ def calibrate_plan(
         return sum(timing.overhead_seconds + r.tokens * per_token * r.model.flops_per_token() / narrow.flops_per_token()
                    for r in recipe_runs(plan, widths))
 
-    fitting = [w for w in candidates if cost(_sizes(plan, w)) <= budget]
+    fitting = [w for w in candidates[1:] if cost(_sizes(plan, w)) <= budget]
     if not fitting:
-        need = cost(_sizes(plan, candidates[0]))
+        need = cost(_sizes(plan, candidates[1]))
         raise UserError(f"calibration budget too small: {budget:.0f} s, the smallest calibration "
-                        f"({len(_sizes(plan, candidates[0])) * len(HORIZON_FRACTIONS)} runs of widths "
-                        f"{_sizes(plan, candidates[0])}) needs ~{need:.0f} s; give more --hours")
+                        f"({len(_sizes(plan, candidates[1])) * len(HORIZON_FRACTIONS)} runs of widths "
+                        f"{_sizes(plan, candidates[1])}) needs ~{need:.0f} s; give more --hours")
     widths = _sizes(plan, fitting[-1])
     log.info("calibration: widths %s × horizons %s of the plan's tokens/parameter, ~%.0f s of %.0f s",
              widths, HORIZON_FRACTIONS, cost(widths), budget)

@@ -21,7 +21,7 @@ def test_calibration_writes_what_the_planner_reads(prepared, tmp_path):
     from oneday.planner.calibration import load_calibration
     from oneday.studies.calibrate import HORIZON_FRACTIONS, calibrate_plan
 
-    # 4 heads of 16: calibration widths 16, 32, 64 (budget permitting)
+    # 4 heads of 16: calibration widths 16 and 32, never the plan's own 64
     plan = tiny_plan(prepared, d_model=64, n_head=4, budget_seconds=3600.0)
     plan_path = write_plan(plan, tmp_path)
     runs = []
@@ -29,7 +29,7 @@ def test_calibration_writes_what_the_planner_reads(prepared, tmp_path):
                             on_run=runs.append)
     assert result.out == tmp_path / "plan.calibration.json"
     widths = sorted({r.d_model for r in runs})
-    assert len(widths) >= 2 and widths[-1] <= 64
+    assert widths == [16, 32]
     assert len(runs) == len(widths) * len(HORIZON_FRACTIONS)
     for width in widths:  # two horizons per size, a factor 4 apart
         tokens = sorted(r.tokens for r in runs if r.d_model == width)
@@ -48,7 +48,7 @@ def test_calibration_writes_what_the_planner_reads(prepared, tmp_path):
 def test_calibration_needs_two_sizes(prepared, tmp_path):
     from oneday.cli import app
 
-    plan = tiny_plan(prepared, d_model=32, n_head=1)
+    plan = tiny_plan(prepared, d_model=32, n_head=1)  # only 16 is narrower and at least 16 wide
     plan_path = write_plan(plan, tmp_path)
     result = CliRunner().invoke(app, ["tune", str(plan_path), "--calibrate"])
     assert result.exit_code == 2
@@ -255,6 +255,25 @@ def test_calibration_runs_are_the_plans_recipe_at_smaller_sizes(prepared):
                                                                   r.recipe.warmup_fraction)
         assert train.cooldown_shape == plan.train.cooldown_shape
     assert runs[1].tokens >= 3.9 * runs[0].tokens
+
+
+def test_calibration_widths_are_narrower_than_the_plan_down_to_one_head(prepared):
+    from dataclasses import replace
+
+    from oneday.studies.calibrate import _model, calibration_widths
+
+    plan = tiny_plan(prepared, d_model=64, n_head=4, budget_seconds=3600.0)
+
+    def widths(d_model: int, n_head: int) -> list[int]:
+        return calibration_widths(replace(plan, model=replace(plan.model, d_model=d_model, n_head=n_head)))
+
+    assert widths(1024, 16) == [16, 32, 64, 128, 256, 512]  # a GPU plan: halvings, all multiples of its head 64
+    assert widths(192, 3) == [24, 48, 64]  # 96 is not a multiple of 64: the head size below it
+    assert widths(64, 1) == [16, 32]  # the CPU's smallest plans: one head as wide as the model below 64
+    assert widths(32, 1) == [16]  # too narrow to calibrate (refused below)
+    cpu = replace(plan, model=replace(plan.model, d_model=192, n_head=3))
+    assert [(m.d_model, m.n_head, m.head_dim) for m in (_model(cpu, 64), _model(cpu, 48))] == [(64, 1, 64),
+                                                                                              (48, 1, 48)]
 
 
 # --- `oneday plan` calibrating on its own ------------------------------------------------------------------

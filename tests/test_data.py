@@ -233,22 +233,32 @@ def test_builtin_pydoc(cache: Path, auto_tokenizer) -> None:
     assert any("json.decoder" in tok.decode(s.tolist()) for s in segments(p))
 
 
-def test_module_prose_reads_docstrings_and_comments_without_importing() -> None:
+def test_module_prose_reads_docstrings_comments_and_messages_without_importing() -> None:
     from oneday.data.documents import module_prose
 
     source = b'''"""The module says hello."""
 raise SystemExit("imported!")
 # A comment about the
 # next function, in two lines.
-def f():
+def f(x):
     """F does things."""
     x = 1  # trailing comments are code's
     # ----------
     #x=compute(y)
+    if x:
+        raise ValueError("x must be a positive number of seconds")
+    pattern = r"^(?P<name>[a-z_]+)\\s*=\\s*(?P<value>.*)$ for each line"
+    log(f"could not read the file {x} because it is locked")
+    raise ValueError("x must be a positive number of seconds")
+def g():
+    """Decodes \\udc80 alone."""
+    return "a lone \\udc80 is what this string has"
 '''
     text = module_prose(source, name="pkg.mod")
+    assert text.encode("utf-8")  # no lone surrogate (the codecs' tests spell them): the tokenizer could not encode it
+    # a message once; not a one-word string, a regular expression, or the pieces of an f-string
     assert text == ("pkg.mod\n\nThe module says hello.\n\nA comment about the next function, in two lines.\n\n"
-                    "f: F does things.")
+                    "f: F does things.\n\nx must be a positive number of seconds\n\ng: Decodes ? alone.")
     assert module_prose(b"def (:", name="broken") == ""
 
 

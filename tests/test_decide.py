@@ -95,6 +95,26 @@ def test_candidate_shapes_include_classic_small_shapes() -> None:
     assert all(s.vocab_size == 8000 for s in shapes)  # 8000 = 125 × 64
 
 
+def test_the_smallest_end_goes_below_the_head_size_with_one_narrow_head() -> None:
+    """bench/plan_quality.py, 3 CPU minutes on ../shared/data: the planner's smallest shape, 2×64, lost 10% to a
+    2×32 the ladder could not reach (heads of 64 end at 64 wide). Below it, a rung has one head as wide as the
+    model, the end's depth, and N at least ladder_ratio^0.5 smaller, down to 16 wide."""
+    from oneday.planner.ladder import NARROW_WIDTH_STEP, next_rung
+
+    ladder = [s for s in candidate_shapes(vocab_size=8192, seq_len=128, min_params=6e5, max_params=6e6)
+              if s.n_layer == 2 or s.d_model > 64]
+    end = ModelSpec(n_layer=2, d_model=64, n_head=1, d_ff=192, vocab_size=8192, seq_len=128)
+    ladder = [end, *(s for s in ladder if s.params_scaling() > end.params_scaling())]
+    rungs = []
+    while (rung := next_rung(ladder, below=True)) is not None:
+        assert (rung.n_layer, rung.n_head, rung.head_dim) == (2, 1, rung.d_model)
+        assert rung.params_scaling() * 1.6**0.5 <= ladder[0].params_scaling()
+        rungs.append(rung.d_model)
+        ladder = [rung, *ladder]
+    assert rungs == [48, 32, 16] and rungs[-1] == NARROW_WIDTH_STEP
+    assert next_rung(ladder, below=False).d_model > 64  # the largest end is as before
+
+
 def test_candidate_shapes_errors() -> None:
     with pytest.raises(UserError, match="model size range"):
         candidate_shapes(vocab_size=50257, seq_len=1024, min_params=1e9, max_params=1e8)

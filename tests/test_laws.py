@@ -102,6 +102,21 @@ def test_data_optimal_params_inverts_compute_optimal(law: LossLaw) -> None:
         law.data_optimal_params(0.0)
 
 
+def test_a_calibration_with_a_zero_term_still_plans() -> None:
+    """bench/predictions.py: a calibration on ../shared/data fitted A = 0 (four runs of 16 and 32 wide: size
+    bought nothing at 3 CPU minutes), and the next `oneday plan` died dividing by zero in `compute_optimal`."""
+    no_size = EPOCH_2024.calibrated(E=5.08, A=0.0, B=96.3, source="fit")
+    no_data = EPOCH_2024.calibrated(E=5.08, A=50.0, B=0.0, source="fit")
+    assert no_size.compute_optimal(6e12) == (1.0, 1e12)  # every token to the smallest model
+    assert no_data.compute_optimal(6e12) == (1e12, 1.0)
+    for law in (no_size, no_data):
+        assert law.data_optimal_params(1e6) == math.inf  # no size is in excess
+        assert effective_params(1e6, 1e5, law=law) == 1e6
+        assert math.isfinite(data_constrained_loss(law, params=1e6, tokens=1e7, unique_tokens=1e5))
+    small, large = (no_size.loss(n, 1e6) for n in (1e5, 1e7))
+    assert small == large  # A = 0: the shapes differ only by the tokens they train
+
+
 def test_data_optimal_params_of_the_default_law() -> None:
     # U_N of Muennighoff et al. 2023: about D/30 at 100M tokens, D/24 at 10B under the default law
     assert EPOCH_2024.data_optimal_params(1e8) == pytest.approx(1e8 / 30, rel=0.01)
