@@ -15,6 +15,7 @@ best mean in % (goal: within 2%).
     python bench/plan_quality.py                               # 5 minutes per run, the default corpus
     python bench/plan_quality.py --minutes 3 --threads 1 --workdir /tmp/pq
     python bench/plan_quality.py --minutes 0.5 --alternatives 0 --threads 1   # the smallest grid: 5 shapes × 2
+    python bench/plan_quality.py --minutes 3 --calibration plan.calibration.json  # the plan a calibrated law makes
 
 The default corpus is the development machines' English text (`../shared/data` beside the checkout, outside
 this repository); pass `--data` anywhere else. The whole benchmark takes about (1 + shapes × seeds) × the
@@ -51,7 +52,7 @@ def _reshape(spec: ModelSpec, *, n_layer: int, d_model: int) -> ModelSpec:
 def bracket_shapes(chosen: ModelSpec) -> list[ModelSpec]:
     """One shape shallower and one deeper at the planned width, one narrower and one wider at the planned depth:
     about a third of the depth (at least one layer) and a quarter of the width (a multiple of 32) each way. A
-    one-layer plan has no shallower shape; a 32-wide one no narrower."""
+    one-layer plan has no shallower shape; one under 48 wide no narrower (16 wide is the narrowest)."""
     layers, width = chosen.n_layer, chosen.d_model
     step_l = max(1, round(layers / 3))
     step_w = max(32, round(width / 4 / 32) * 32)
@@ -59,7 +60,7 @@ def bracket_shapes(chosen: ModelSpec) -> list[ModelSpec]:
            _reshape(chosen, n_layer=layers, d_model=width + step_w)]
     if layers - step_l >= 1:
         out.append(_reshape(chosen, n_layer=layers - step_l, d_model=width))
-    if width - step_w >= 32:
+    if width - step_w >= 16:
         out.append(_reshape(chosen, n_layer=layers, d_model=width - step_w))
     return out
 
@@ -112,6 +113,8 @@ def main() -> None:
                         help="validation tokens each run is scored on (default 65,536, or what the corpus has)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every run (default: plan's)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="plan with this calibration file (`oneday tune plan.json --calibrate`), as a user would")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error(f"--seeds: at least 2 (a grid point is a mean over seeds), got {args.seeds}")
@@ -122,7 +125,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     plan = make_plan(hours=args.minutes / 60, data=args.data, vocab_size=args.vocab_size, device="cpu",
-                     name="planned", cache_dir=workdir / "cache", command="bench/plan_quality.py")
+                     name="planned", cache_dir=workdir / "cache", command="bench/plan_quality.py",
+                     calibration=args.calibration)
     val_tokens = min(args.val_tokens, plan.data.val_tokens)
     # only the final evaluation, on the same validation tokens for every run
     train = replace(plan.train, eval_tokens=val_tokens, eval_every_seconds=plan.train.budget_seconds)
@@ -136,8 +140,10 @@ def main() -> None:
           f"workdir {workdir}", flush=True)
 
     shapes = grid_shapes(plan, count=args.alternatives)
-    for axis, below in (("depth", plan.model.n_layer == 1), ("width", plan.model.d_model - 32 < 32)):
-        if below:
+    m = plan.model
+    for axis, below in (("depth", any(s.n_layer < m.n_layer and s.d_model == m.d_model for s in shapes)),
+                        ("width", any(s.d_model < m.d_model and s.n_layer == m.n_layer for s in shapes))):
+        if not below:
             print(f"note: no shape below the plan's {axis} exists ({plan.model.label()}): the grid reaches above only")
     seeds = [plan.train.seed + k for k in range(args.seeds)]
     print(f"grid: {len(shapes)} shapes × {len(seeds)} seeds = {len(shapes) * len(seeds)} runs of "

@@ -32,6 +32,13 @@ CHECK_HEADROOM = 1.1
 # The measurements after the probe (a rung beyond the ladder, the chosen shape at its micro-batch) may run past
 # the probe's time by this share of it: they are what the choice rests on, and cost about one shape each.
 EXTRA_PROBE_SHARE = 0.5
+# A measurement the choice rests on (a rung beyond a winning end, a check of the chosen shape) always gets at
+# least this long: on a CPU's minutes the probe's share is gone by then, and a rung was skipped for time (a
+# calibrated plan on ../shared/data kept 2×64 while 2×32 did 10% better).
+SETTLE_MIN_SECONDS = 2.0
+# On a CPU a measurement of the chosen shape stands for any micro-batch, but only if it timed this long: two
+# steps of 0.3 s measured 2×48 at 9.0k tok/s where the run trained at 5.5k (bench/predictions.py, 5 minutes).
+CPU_CHECK_MIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,10 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
         cap = max(1, chosen.micro_batch, ran.get(shape_key(chosen.spec), 0))
         bl = split_batch(batch_and_lr(spec=chosen.spec, tokens=chosen.tokens, max_micro_batch=cap), ranks=ranks,
                          max_micro_batch=cap)
+        timed = probe.timing_for(chosen.spec)
         wanted = _next_measurement(decision, bl, ladder=ladder, setup=setup, tried=tried, micro_cap=cap,
-                                   extend=extensions < MAX_LADDER_EXTENSIONS, check=checks < MAX_PLAN_CHECKS)
+                                   extend=extensions < MAX_LADDER_EXTENSIONS, check=checks < MAX_PLAN_CHECKS,
+                                   timed_seconds=timed.measurement.seconds_measured if timed is not None else 0.0)
         if wanted is None:
             return Settled(ladder=ladder, probe=probe, decision=decision, reserve=reserve, cadence=cadence, bl=bl,
                             probe_seconds=spent)
@@ -90,7 +99,7 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
         tried.add((shape_key(spec), micro))
         extensions += rung
         checks += not rung
-        probe = measure_more(probe, spec, micro_batch=micro, deadline=deadline,
+        probe = measure_more(probe, spec, micro_batch=micro, deadline=max(deadline, clock() + SETTLE_MIN_SECONDS),
                              memory_limit_bytes=setup.memory_limit_bytes, peak_flops=peak, progress=progress,
                              clock=clock)
         timing = probe.timing_for(spec)
@@ -105,17 +114,17 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
 
 def _next_measurement(decision: Decision, bl: BatchLR, *, ladder: list[ModelSpec], setup: Setup,
                       tried: set[tuple[Any, int | None]], micro_cap: int, extend: bool,
-                      check: bool) -> tuple[ModelSpec, int | None, bool] | None:
+                      check: bool, timed_seconds: float = math.inf) -> tuple[ModelSpec, int | None, bool] | None:
     """(shape, micro-batch or None for the probe's own rule, whether it is a new rung) to measure next, or None.
 
     A new rung when the chosen shape is the smallest or the largest of the ladder (a larger shape left out
     for memory is still on the ladder, so a memory-bound choice is not extended). Else the chosen shape at
     the plan's micro-batch p when no measurement stands for it: on CUDA a measurement at m stands for p when
     p ≤ m ≤ `MICRO_BATCH_SLACK`·p (less memory than measured, a step at least 80% as large); on a CPU any
-    measurement of the shape does (tok/s barely depends on the micro-batch there; `timing` module
-    docstring). The check runs at `CHECK_HEADROOM`·p (at most `micro_cap`, what memory allows): the measured
-    speed moves the tokens, hence the batch and p a little, and the measurement must still stand for the
-    plan made on it."""
+    measurement of the shape that timed `timed_seconds` ≥ `CPU_CHECK_MIN_SECONDS` does (tok/s barely depends
+    on the micro-batch there, `timing` module docstring; but a couple of short steps do not predict a run).
+    The check runs at `CHECK_HEADROOM`·p (at most `micro_cap`, what memory allows): the measured speed moves
+    the tokens, hence the batch and p a little, and the measurement must still stand for the plan made on it."""
     chosen = decision.chosen()
     if extend:
         below, above = chosen.spec == ladder[0], chosen.spec == ladder[-1]
@@ -125,7 +134,11 @@ def _next_measurement(decision: Decision, bl: BatchLR, *, ladder: list[ModelSpec
     if not check:
         return None
     planned = bl.micro_batch
-    if chosen.measured and (setup.device == "cpu" or planned <= chosen.micro_batch <= MICRO_BATCH_SLACK * planned):
+    if setup.device == "cpu":
+        stands = timed_seconds >= CPU_CHECK_MIN_SECONDS
+    else:
+        stands = planned <= chosen.micro_batch <= MICRO_BATCH_SLACK * planned
+    if chosen.measured and stands:
         return None
     micro = min(micro_cap, math.ceil(CHECK_HEADROOM * planned))
     if (shape_key(chosen.spec), micro) in tried:
@@ -198,5 +211,16 @@ def _cadence_for(
                     forward_tokens_per_s=forward, compile_seconds=compile_s)
 
 
-__all__ = ["CHECK_HEADROOM", "EXTRA_PROBE_SHARE", "MAX_LADDER_EXTENSIONS", "MAX_PLAN_CHECKS", "MICRO_BATCH_SLACK",
-           "Settled", "choose_with_reserves", "settle", "split_batch"]
+__all__ = [
+    "CHECK_HEADROOM",
+    "CPU_CHECK_MIN_SECONDS",
+    "EXTRA_PROBE_SHARE",
+    "MAX_LADDER_EXTENSIONS",
+    "MAX_PLAN_CHECKS",
+    "MICRO_BATCH_SLACK",
+    "SETTLE_MIN_SECONDS",
+    "Settled",
+    "choose_with_reserves",
+    "settle",
+    "split_batch",
+]

@@ -422,6 +422,27 @@ def test_ladder_is_extended_when_an_end_wins(monkeypatch: pytest.MonkeyPatch, wi
     assert next(c for c in plan.candidates if c.chosen).measured
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_briefly_timed_choice_is_timed_again_on_a_cpu(monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    """Issue 17: two steps of 0.3 s measured 2×48 at 9.0k tok/s where the run trained at 5.5k, and the plan
+    promised 69% more tokens than it trained. On a CPU a measurement of the chosen shape stood for any
+    micro-batch, however short; now one that timed under `CPU_CHECK_MIN_SECONDS` is timed again at the plan's
+    micro-batch before the plan is committed. A long enough one is not."""
+    from oneday.planner.settle import CPU_CHECK_MIN_SECONDS
+    from tests.simulated_device import SimulatedCpu
+
+    cpu = SimulatedCpu(tokens_per_s=lambda spec: (3e11 if fast else 3e9) / spec.flops_per_token())
+    _simulate(monkeypatch, cpu, name="cpu", train_tokens=10**9)
+    plan = make_plan(hours=1 / 12, data="simulated", vocab_size=8192, device="cpu", clock=cpu.clock)
+    timed = [micro for label, micro in cpu.calls if label == plan.model.label()]
+    first_seconds = 3 * max(1, 2048 // plan.model.seq_len) * plan.model.seq_len / cpu.tokens_per_s(plan.model)
+    assert (first_seconds < CPU_CHECK_MIN_SECONDS) == fast
+    if fast:
+        assert len(timed) >= 2 and timed[-1] is not None and timed[-1] >= plan.train.micro_batch
+    else:
+        assert all(micro is None for micro in timed)
+
+
 def test_probe_share_grows_with_the_budget() -> None:
     """Issue 12: the probe had at most 3 minutes whatever the budget; now about 1% of a 24 h budget, while the
     CPU's small budgets keep theirs."""

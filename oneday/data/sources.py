@@ -4,7 +4,8 @@ Spec syntax (checked in this order, see `resolve_source`):
 
 1. ``builtin:NAME`` -- a corpus shipped with Python. Only ``builtin:pydoc`` exists: the prose of Python's
    bundled documentation (`pydoc_data.topics.topics`, one document per topic) and of its standard library
-   (docstrings and comments, `oneday.data.documents.iter_builtin`), always available offline.
+   (docstrings, comments and messages, test suites included, `oneday.data.documents.iter_builtin`), always
+   available offline.
 2. ``hf:NAME`` -- a Hugging Face hub dataset, explicitly (``hf:roneneldan/TinyStories``).
 3. An existing path -- a file (``.txt``/``.raw``/``.md`` plain text, ``.jsonl``/``.json``/``.parquet``/``.csv``
    structured; a file named explicitly with another suffix is read as plain text, with a warning) or a
