@@ -34,8 +34,13 @@ CHECK_HEADROOM = 1.1
 EXTRA_PROBE_SHARE = 0.5
 # A measurement the choice rests on (a rung beyond a winning end, a check of the chosen shape) always gets at
 # least this long: on a CPU's minutes the probe's share is gone by then, and a rung was skipped for time (a
-# calibrated plan on ../shared/data kept 2×64 while 2×32 did 10% better).
-SETTLE_MIN_SECONDS = 2.0
+# calibrated plan on ../shared/data kept 2×64 while 2×32 did 10% better). `measure_more` gives a shape half the
+# time left, less build and warm-up: 3 s leave a check about `CPU_CHECK_MIN_SECONDS` of timed steps (2 s left
+# it two steps of 0.25 s, as short as the timing it was checking).
+SETTLE_MIN_SECONDS = 3.0
+# ... but never past this share of the budget from the probe's start (or the probe's own allowance, when larger):
+# a 1-minute plan asked for 2 s of probing, not 14.
+SETTLE_MAX_BUDGET_SHARE = 0.05
 # On a CPU a measurement of the chosen shape stands for any micro-batch, but only if it timed this long: two
 # steps of 0.3 s measured 2×48 at 9.0k tok/s where the run trained at 5.5k (bench/predictions.py, 5 minutes).
 CPU_CHECK_MIN_SECONDS = 1.0
@@ -62,11 +67,13 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
     ladder, one rung beyond it (at most `MAX_LADDER_EXTENSIONS`: the optimum may lie outside the range); then
     the chosen shape at its planned micro-batch when that was not measured (at most `MAX_PLAN_CHECKS`). These
     measurements count as probing, and run while their predicted cost fits in the probe's time plus
-    `EXTRA_PROBE_SHARE` of it. On `ranks` GPUs the choice rests on `ranks` × the measured throughput ×
+    `EXTRA_PROBE_SHARE` of it; each gets at least `SETTLE_MIN_SECONDS`, within `SETTLE_MAX_BUDGET_SHARE` of the
+    budget. On `ranks` GPUs the choice rests on `ranks` × the measured throughput ×
     `dp_efficiency` (`throughput.data_parallel`), and the batch is split across them (`split_batch`)."""
     from oneday.planner.measure import measure_more
 
     deadline = probe_started + (1.0 + EXTRA_PROBE_SHARE) * setup.probe_seconds
+    latest = max(deadline, probe_started + SETTLE_MAX_BUDGET_SHARE * budget_seconds)
     tried: set[tuple[Any, int | None]] = set()
     # The largest micro-batch that ran per shape: a check at a smaller one replaces the shape's timing, but the
     # plan may still use up to this (else `batch_and_lr`'s rounding would move the micro-batch at each check).
@@ -99,7 +106,8 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
         tried.add((shape_key(spec), micro))
         extensions += rung
         checks += not rung
-        probe = measure_more(probe, spec, micro_batch=micro, deadline=max(deadline, clock() + SETTLE_MIN_SECONDS),
+        probe = measure_more(probe, spec, micro_batch=micro,
+                             deadline=max(deadline, min(latest, clock() + SETTLE_MIN_SECONDS)),
                              memory_limit_bytes=setup.memory_limit_bytes, peak_flops=peak, progress=progress,
                              clock=clock)
         timing = probe.timing_for(spec)
@@ -218,6 +226,7 @@ __all__ = [
     "MAX_LADDER_EXTENSIONS",
     "MAX_PLAN_CHECKS",
     "MICRO_BATCH_SLACK",
+    "SETTLE_MAX_BUDGET_SHARE",
     "SETTLE_MIN_SECONDS",
     "Settled",
     "choose_with_reserves",
