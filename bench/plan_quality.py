@@ -40,13 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from oneday.models.spec import ModelSpec  # noqa: E402
 from oneday.plan import Plan, save_plan  # noqa: E402
-from oneday.planner.ladder import candidate_shapes, swiglu_ff  # noqa: E402
+from oneday.planner.ladder import candidate_shapes, reshape  # noqa: E402
 from oneday.planner.make import make_plan  # noqa: E402
-
-
-def _reshape(spec: ModelSpec, *, n_layer: int, d_model: int) -> ModelSpec:
-    """`spec` at another depth and width: head size 64 (as the ladder), or one head below 64 wide."""
-    return replace(spec, n_layer=n_layer, d_model=d_model, n_head=max(1, d_model // 64), d_ff=swiglu_ff(d_model))
 
 
 def bracket_shapes(chosen: ModelSpec) -> list[ModelSpec]:
@@ -56,12 +51,12 @@ def bracket_shapes(chosen: ModelSpec) -> list[ModelSpec]:
     layers, width = chosen.n_layer, chosen.d_model
     step_l = max(1, round(layers / 3))
     step_w = max(32, round(width / 4 / 32) * 32)
-    out = [_reshape(chosen, n_layer=layers + step_l, d_model=width),
-           _reshape(chosen, n_layer=layers, d_model=width + step_w)]
+    out = [reshape(chosen, n_layer=layers + step_l, d_model=width),
+           reshape(chosen, n_layer=layers, d_model=width + step_w)]
     if layers - step_l >= 1:
-        out.append(_reshape(chosen, n_layer=layers - step_l, d_model=width))
+        out.append(reshape(chosen, n_layer=layers - step_l, d_model=width))
     if width - step_w >= 16:
-        out.append(_reshape(chosen, n_layer=layers, d_model=width - step_w))
+        out.append(reshape(chosen, n_layer=layers, d_model=width - step_w))
     return out
 
 
@@ -72,12 +67,12 @@ def grid_shapes(plan: Plan, *, count: int) -> list[ModelSpec]:
     key = (chosen.n_layer, chosen.d_model)
     grid = {(s.n_layer, s.d_model): s for s in bracket_shapes(chosen)}
     pool = {
-        (c.n_layer, c.d_model): _reshape(chosen, n_layer=c.n_layer, d_model=c.d_model) for c in plan.candidates
+        (c.n_layer, c.d_model): reshape(chosen, n_layer=c.n_layer, d_model=c.d_model) for c in plan.candidates
     }
     n = chosen.params_scaling()
     for spec in candidate_shapes(vocab_size=plan.data.vocab_size, seq_len=chosen.seq_len, min_params=n / 8,
                                  max_params=n * 16):
-        pool.setdefault((spec.n_layer, spec.d_model), _reshape(chosen, n_layer=spec.n_layer, d_model=spec.d_model))
+        pool.setdefault((spec.n_layer, spec.d_model), reshape(chosen, n_layer=spec.n_layer, d_model=spec.d_model))
     for k in [*grid, key]:
         pool.pop(k, None)
     # Nearest in log-size, so the grid brackets the plan on both sides where the ladder allows.

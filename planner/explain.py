@@ -30,6 +30,7 @@ class CandidateRow:
 def _row(c: Candidate) -> CandidateRow:
     fits = c.micro_batch >= 1
     lo, hi = sorted((c.predicted_loss, c.band_loss))
+    loss = f"{c.predicted_loss:.3f}" if fits else "–"
     cells = (
         "▶" if c.chosen else "",
         f"{c.n_layer}×{c.d_model}",
@@ -41,7 +42,7 @@ def _row(c: Candidate) -> CandidateRow:
         str(c.micro_batch) if fits else "does not fit",
         human_count(c.tokens) if fits else "–",
         f"{c.epochs:.2f}" if fits else "–",
-        ("–" if not fits else f"{c.predicted_loss:.3f}" if lo == hi else f"{c.predicted_loss:.3f} ({lo:.2f}–{hi:.2f})"),
+        loss if not fits or lo == hi else f"{loss} ({lo:.2f}–{hi:.2f})",
     )
     return CandidateRow(cells=cells, chosen=c.chosen, fits=fits)
 

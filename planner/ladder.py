@@ -121,6 +121,12 @@ NARROW_WIDTH_STEP = 16
 """Widths below the head size step by this much, down to it (`narrow_rung`)."""
 
 
+def reshape(spec: ModelSpec, *, n_layer: int, d_model: int, head_dim: int = 64) -> ModelSpec:
+    """`spec` at another depth and width, by the ladder's rules: heads of `head_dim` (one head as wide as the
+    model below it) and the SwiGLU d_ff of that width."""
+    return replace(spec, n_layer=n_layer, d_model=d_model, n_head=max(1, d_model // head_dim), d_ff=swiglu_ff(d_model))
+
+
 def narrow_rung(end: ModelSpec, *, ladder_ratio: float = 1.6) -> ModelSpec | None:
     """A rung below `end` narrower than the ladder's head size: `end`'s depth, one head as wide as the model (a
     multiple of `NARROW_WIDTH_STEP`), N at most end / ladder_ratio^0.5 and nearest end / `ladder_ratio`. On a
@@ -128,7 +134,7 @@ def narrow_rung(end: ModelSpec, *, ladder_ratio: float = 1.6) -> ModelSpec | Non
     narrowest 2×64 by 10% (bench/plan_quality.py, a 3-minute budget), so the smallest end must be able to
     go there. None below `NARROW_WIDTH_STEP` wide."""
     n, spacing = float(end.params_scaling()), ladder_ratio**0.5
-    shapes = [replace(end, d_model=w, n_head=1, d_ff=swiglu_ff(w))
+    shapes = [reshape(end, n_layer=end.n_layer, d_model=w, head_dim=end.head_dim)
               for w in range(NARROW_WIDTH_STEP, end.d_model, NARROW_WIDTH_STEP)]
     beyond = [s for s in shapes if s.params_scaling() * spacing <= n]
     if not beyond:
@@ -203,5 +209,5 @@ def candidate_shapes(
     return [_make_spec(p[2], p[3], **make) for p in chosen]
 
 
-__all__ = ["NARROW_WIDTH_STEP", "ShapeKey", "candidate_shapes", "narrow_rung", "next_rung", "pad_vocab", "shape_key",
-           "swiglu_ff"]
+__all__ = ["NARROW_WIDTH_STEP", "ShapeKey", "candidate_shapes", "narrow_rung", "next_rung", "pad_vocab", "reshape",
+           "shape_key", "swiglu_ff"]

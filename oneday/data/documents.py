@@ -186,6 +186,7 @@ def module_prose(source: bytes, *, name: str) -> str:
         return ""
     pieces: list[tuple[int, str]] = []
     not_messages: set[int] = set()  # docstrings (already taken) and the pieces of f-strings
+    seen: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node)
@@ -196,9 +197,8 @@ def module_prose(source: bytes, *, name: str) -> str:
                 not_messages.add(id(node.body[0].value))  # type: ignore[attr-defined]
         elif isinstance(node, ast.JoinedStr):
             not_messages.update(id(v) for v in node.values)
-    seen: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in not_messages:
+        # ast.walk visits a node before its children: a docstring or f-string piece is marked before it comes
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in not_messages:
             text = node.value.strip()
             if text not in seen and _is_message(text):
                 seen.add(text)
