@@ -428,9 +428,14 @@ def _log_timing(timing: ShapeTiming, *, compile: bool) -> None:
 
 @contextlib.contextmanager
 def _torch_settings(*, device: str, threads: int | None) -> Iterator[None]:
-    """The run's thread count and, on CUDA, TF32 matmuls; restored afterwards."""
+    """The run's thread count and, on CUDA, TF32 matmuls, restored afterwards; on the CPU, the run's allocator
+    setting (`runner.step.keep_freed_memory`, process-wide), without which the probe times page faults."""
     import torch
 
+    from oneday.runner.step import keep_freed_memory
+
+    if device == "cpu":
+        keep_freed_memory()
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))

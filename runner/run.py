@@ -105,6 +105,7 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
         init_distributed,
         long_wait_group,
     )
+    from oneday.runner.step import keep_freed_memory
 
     if process_start is None:
         process_start = clock()
@@ -132,6 +133,7 @@ def _run(plan: Plan, *, run_dir: Path | None, device: str | None, threads: int |
     if dev == "cpu":
         spec = replace(spec, threads=int(threads or spec.threads or plan.hardware.threads))
         torch.set_num_threads(spec.threads or 1)
+        keep_freed_memory()  # as the probe timed the step (runner.step)
     device_name = dev
     if dist is not None and dev == "cuda":
         torch.cuda.set_device(dist.local_rank)

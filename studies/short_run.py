@@ -141,6 +141,7 @@ def short_run(
     from oneday.models.build import build_model, param_groups
     from oneday.runner.checkpoint import CheckpointStore
     from oneday.runner.loop import DivergedError, train
+    from oneday.runner.step import keep_freed_memory
 
     if train_spec.max_steps is None:
         raise ValueError("short_run needs a step-keyed TrainSpec (max_steps)")
@@ -158,8 +159,10 @@ def short_run(
     relay_thread = threading.Thread(target=relay, name="oneday-trial-stop", daemon=True)
     relay_thread.start()
     device = train_spec.device
-    if device == "cpu" and train_spec.threads:
-        torch.set_num_threads(train_spec.threads)
+    if device == "cpu":
+        keep_freed_memory()  # as the probe timed the step (runner.step)
+        if train_spec.threads:
+            torch.set_num_threads(train_spec.threads)
     torch.manual_seed(train_spec.seed)
     model = build_model(model_spec, seed=train_spec.seed, eos_token_id=data.eot_id, device=device)
     groups = param_groups(model, model_spec, lr=train_spec.lr, weight_decay=train_spec.weight_decay)

@@ -349,3 +349,27 @@ def test_the_warm_up_frees_memory_after_an_out_of_memory_step_not_inside_the_exc
         reference=[], hard_deadline=None, clock=time.perf_counter, micro_batch=4)
     assert shape.measurement.micro_batch == 1 and "halved" in shape.micro_batch_reason
     assert len(handling) == 2 and all(exc is None for exc in handling)
+
+
+def test_cpu_micro_batch_by_memory_counts_the_kept_activations_twice() -> None:
+    from oneday.planner.timing import CPU_MEMORY_MARGIN, cpu_max_micro_batch
+
+    spec = ModelSpec(n_layer=2, d_model=64, n_head=1, d_ff=192, vocab_size=8192, seq_len=256)
+    one = spec.estimate_train_memory_bytes(micro_batch=1)
+    activations = spec.estimate_train_memory_bytes(micro_batch=2) - one  # per sequence
+    state = one - activations
+    for micro in (1, 7):
+        need = CPU_MEMORY_MARGIN * (state + 2 * micro * activations)
+        assert cpu_max_micro_batch(spec, need) == micro
+        assert cpu_max_micro_batch(spec, need - 1) == micro - 1
+
+
+def test_the_cpu_probe_trains_under_the_runs_allocator_setting(ladder: list[ModelSpec],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import oneday.runner.step
+
+    calls = []
+    monkeypatch.setattr(oneday.runner.step, "keep_freed_memory", lambda: calls.append(1) or True)
+    probe_throughput(ladder[:1], device="cpu", dtype="fp32", compile=False, seconds=0.5,
+                     memory_limit_bytes=4 << 30, threads=1)
+    assert calls

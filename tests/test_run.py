@@ -521,3 +521,12 @@ def test_torchrun_two_ranks_rank0_writes(prepared, tmp_path):
     experiment = client.get_experiment_by_name("oneday/pydoc")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [summary.mlflow_run_id]
+
+
+def test_the_cpu_run_trains_under_the_probes_allocator_setting(prepared, tmp_path, monkeypatch):
+    import oneday.runner.step
+
+    calls = []
+    monkeypatch.setattr(oneday.runner.step, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert run_quick(quick(prepared, steps=2), tmp_path / "run").finished
+    assert calls
