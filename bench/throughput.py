@@ -75,7 +75,7 @@ def main() -> None:
     from oneday.runner.checkpoint import CheckpointStore
     from oneday.runner.loop import train
     from oneday.runner.records import FanOut
-    from oneday.runner.step import LMLoss, TrainStep, autocast, make_optimizer
+    from oneday.runner.step import LMLoss, TrainStep, autocast, keep_freed_memory, make_optimizer
     from oneday.tracking.recorder import RunRecorder
     from oneday.tracking.writer import MlflowTracker
 
@@ -103,6 +103,7 @@ def main() -> None:
         from oneday.data.prepare import prepare_data
 
         torch.set_num_threads(args.threads)
+        keep_freed_memory()  # what `oneday run` does on a CPU
         prepared = prepare_data("builtin:pydoc", vocab_size=512, cache_dir=Path(tempfile.gettempdir()) / "oneday-bench")
         spec = ModelSpec(n_layer=4, d_model=256, n_head=4, d_ff=768, vocab_size=512, seq_len=256)
         micro_batch = args.micro_batch or 8

@@ -15,7 +15,7 @@ model is a line in log-log space, and its two ends plus interior points pin it d
 then its neighbours outwards, one above before one below: what decides the choice is the throughput near
 the optimum, and the probe's time seldom reaches far from it (a GPU shape costs a compile). At most
 `MAX_SHAPES`. A shape whose estimated memory at micro-batch 1 does not fit is never built (CPU: with
-`timing.CPU_MEMORY_MARGIN`; CUDA: within `decide.SAFE_MEMORY_FRACTION` of the limit, corrected by the
+`timing.cpu_memory_need_bytes`; CUDA: within `decide.SAFE_MEMORY_FRACTION` of the limit, corrected by the
 measured/estimated ratio once a shape is measured), and neither is anything larger.
 
 The time bound decides how many: before each shape the cost of building, warming up and timing it is
@@ -41,7 +41,6 @@ from oneday.planner.decide import SAFE_MEMORY_FRACTION, estimate_memory_bytes, m
 from oneday.planner.ladder import shape_key
 from oneday.planner.throughput import Measurement
 from oneday.planner.timing import (
-    CPU_MEMORY_MARGIN,
     CPU_MIN_TOKENS_PER_MICRO_BATCH,
     CUDA_MAX_TOKENS_PER_MICRO_BATCH,
     MIN_TIMED_STEPS,
@@ -49,6 +48,7 @@ from oneday.planner.timing import (
     ShapeTiming,
     SkipShape,
     cpu_max_micro_batch,
+    cpu_memory_need_bytes,
     measure_one,
 )
 from oneday.progress import NULL_PROGRESS, Progress
@@ -173,8 +173,8 @@ def probe_throughput(
         if s not in ladder:
             skipped.append(f"{s.label()}: estimated not to fit in {_allowed_text(device, memory_limit_bytes)}")
     if not ladder:
-        margin = CPU_MEMORY_MARGIN if device == "cpu" else 1 / SAFE_MEMORY_FRACTION
-        need = margin * estimate_memory_bytes(specs[0], 1, activation_bytes=activation_bytes)
+        need = (cpu_memory_need_bytes(specs[0], 1) if device == "cpu"
+                else estimate_memory_bytes(specs[0], 1, activation_bytes=activation_bytes) / SAFE_MEMORY_FRACTION)
         raise UserError(
             f"not even the smallest shape, {specs[0].label()}, fits in {memory_limit_bytes / 2**30:.2f} GiB "
             f"of memory (it needs about {need / 2**30:.2f} GiB)"

@@ -97,17 +97,23 @@ class ShapeTiming:
         return self.spec.label()
 
 
-def cpu_max_micro_batch(spec: ModelSpec, memory_limit_bytes: float) -> int:
-    """Largest micro-batch whose estimated memory × CPU_MEMORY_MARGIN fits, with the activations counted twice:
-    the CPU step keeps freed memory in the heap (`runner.step.keep_freed_memory`), and the heap's holes hold up
-    to about one more step's activations (measured: 2×64 at micro-batch 10 × 2, peak RSS 704 → 986 MB over
-    388 MB of imports). The estimate is affine in the micro-batch."""
+def cpu_memory_need_bytes(spec: ModelSpec, micro_batch: int) -> float:
+    """Memory a CPU training step needs: the estimate with its activations counted twice, × CPU_MEMORY_MARGIN.
+    The CPU step keeps freed memory in the heap (`runner.step.keep_freed_memory`), whose holes hold up to about
+    one more step's activations (measured: 2×64 at micro-batch 10 × 2, peak RSS 704 → 986 MB over 388 MB of
+    imports)."""
     one = spec.estimate_train_memory_bytes(micro_batch=1)
-    per = spec.estimate_train_memory_bytes(micro_batch=2) - one
-    budget = memory_limit_bytes / CPU_MEMORY_MARGIN
-    if one + per > budget:
+    per = spec.estimate_train_memory_bytes(micro_batch=2) - one  # the estimate is affine in the micro-batch
+    return CPU_MEMORY_MARGIN * (one + (2 * micro_batch - 1) * per)
+
+
+def cpu_max_micro_batch(spec: ModelSpec, memory_limit_bytes: float) -> int:
+    """Largest micro-batch whose `cpu_memory_need_bytes` fits in `memory_limit_bytes` (0 when none does)."""
+    one = cpu_memory_need_bytes(spec, 1)
+    per = cpu_memory_need_bytes(spec, 2) - one
+    if one > memory_limit_bytes:
         return 0
-    return int((budget - one + per) // (2 * per))
+    return int(1 + (memory_limit_bytes - one) // per)
 
 
 def _achieved_flops_guess(
@@ -478,6 +484,7 @@ __all__ = [
     "ShapeTiming",
     "SkipShape",
     "cpu_max_micro_batch",
+    "cpu_memory_need_bytes",
     "cuda_micro_batch",
     "fastest_cpu_threads",
     "is_oom",

@@ -112,16 +112,18 @@ def _model(plan: Plan, width: int) -> ModelSpec:
 def calibration_widths(plan: Plan) -> list[int]:
     """Every width a calibration run may have, narrowest first: the plan's width halved, and halved again, down
     to `MIN_WIDTH` -- a multiple of the head size at or above it, of 8 below it. Never the plan's own width: at the
-    plan's tokens per parameter that run would cost as much as the plan."""
+    plan's tokens per parameter that run would cost as much as the plan. A narrow plan whose halvings give fewer
+    than two widths also gets `MIN_WIDTH` and three quarters of its width (48 wide: 16, 24, 32; 32: 16, 24)."""
+    d = plan.model.d_model
     h = plan.model.head_dim
-    widths: list[int] = []
-    w = plan.model.d_model / 2
+    widths: set[int] = set()
+    w = d / 2
     while w >= MIN_WIDTH:
-        rounded = int(w // h) * h if w >= h else max(MIN_WIDTH, int(w // 8) * 8)
-        if rounded < plan.model.d_model and rounded not in widths:
-            widths.append(rounded)
+        widths.add(int(w // h) * h if w >= h else max(MIN_WIDTH, int(w // 8) * 8))
         w /= 2
-    return sorted(widths)
+    if len(widths) < 2:
+        widths |= {MIN_WIDTH, int(0.75 * d // 8) * 8}
+    return sorted(w for w in widths if MIN_WIDTH <= w < d)
 
 
 def _sizes(plan: Plan, widest: int) -> list[int]:

@@ -48,11 +48,12 @@ def test_calibration_writes_what_the_planner_reads(prepared, tmp_path):
 def test_calibration_needs_two_sizes(prepared, tmp_path):
     from oneday.cli import app
 
-    plan = tiny_plan(prepared, d_model=32, n_head=1)  # only 16 is narrower and at least 16 wide
+    plan = tiny_plan(prepared, d_model=24, n_head=1)  # only 16 is narrower and at least 16 wide
     plan_path = write_plan(plan, tmp_path)
     result = CliRunner().invoke(app, ["tune", str(plan_path), "--calibrate"])
     assert result.exit_code == 2
     assert "two model sizes" in " ".join(result.stderr.split())
+    assert "calibration runs" not in result.stderr  # one line: no empty table of runs above it
 
 
 # --- the fit and its band (pure) ---------------------------------------------------------------------------
@@ -270,7 +271,9 @@ def test_calibration_widths_are_narrower_than_the_plan_down_to_one_head(prepared
     assert widths(1024, 16) == [16, 32, 64, 128, 256, 512]  # a GPU plan: halvings, all multiples of its head 64
     assert widths(192, 3) == [24, 48, 64]  # 96 is not a multiple of 64: the head size below it
     assert widths(64, 1) == [16, 32]  # the CPU's smallest plans: one head as wide as the model below 64
-    assert widths(32, 1) == [16]  # too narrow to calibrate (refused below)
+    assert widths(48, 1) == [16, 24, 32]  # halving gives 24 alone: 16 and three quarters of the width join it
+    assert widths(32, 1) == [16, 24]
+    assert widths(24, 1) == [16]  # too narrow to calibrate (refused below)
     cpu = replace(plan, model=replace(plan.model, d_model=192, n_head=3))
     assert [(m.d_model, m.n_head, m.head_dim) for m in (_model(cpu, 64), _model(cpu, 48))] == [(64, 1, 64),
                                                                                               (48, 1, 48)]

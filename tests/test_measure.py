@@ -11,7 +11,7 @@ from oneday.models.spec import ModelSpec
 from oneday.planner.ladder import candidate_shapes
 from oneday.planner.measure import measure_order, probe_throughput
 from oneday.planner.throughput import Measurement, fit_throughput
-from oneday.planner.timing import CPU_MAX_TOKENS_PER_MICRO_BATCH
+from oneday.planner.timing import CPU_MAX_TOKENS_PER_MICRO_BATCH, cpu_max_micro_batch, cpu_memory_need_bytes
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_memory_limit_drops_shapes_or_refuses(ladder: list[ModelSpec]) -> None:
         probe_throughput(ladder, device="cpu", dtype="fp32", compile=False, seconds=1.0,
                            memory_limit_bytes=small // 2, threads=1)
     # room for the smallest at micro-batch 1 (with the margin) but not for the largest
-    limit = int(1.3 * small)
-    assert ladder[-1].estimate_train_memory_bytes(micro_batch=1) * 1.25 > limit
+    limit = int(1.05 * cpu_memory_need_bytes(ladder[0], 1))
+    assert cpu_memory_need_bytes(ladder[-1], 1) > limit
     probe = probe_throughput(ladder, device="cpu", dtype="fp32", compile=False, seconds=1.0,
                              memory_limit_bytes=limit, threads=1)
     assert probe.timings[0].measurement.micro_batch == 1
@@ -352,7 +352,7 @@ def test_the_warm_up_frees_memory_after_an_out_of_memory_step_not_inside_the_exc
 
 
 def test_cpu_micro_batch_by_memory_counts_the_kept_activations_twice() -> None:
-    from oneday.planner.timing import CPU_MEMORY_MARGIN, cpu_max_micro_batch
+    from oneday.planner.timing import CPU_MEMORY_MARGIN
 
     spec = ModelSpec(n_layer=2, d_model=64, n_head=1, d_ff=192, vocab_size=8192, seq_len=256)
     one = spec.estimate_train_memory_bytes(micro_batch=1)

@@ -182,13 +182,18 @@ def _calibrate(plan: Path, *, hours: float | None, out: Path | None, tracking_ur
     table = Table(title="calibration runs", title_justify="left")
     for name in ("width", "N", "tokens", "steps", "LR", "loss", "s"):
         table.add_column(name, justify="right")
-    with Live(table, console=err_console, refresh_per_second=4):
+    # transient, printed once it has rows: a refused calibration leaves one line, not an empty table above it
+    with Live(table, console=err_console, refresh_per_second=4, transient=True):
         def on_run(run: Any) -> None:
             table.add_row(str(run.d_model), f"{run.params:,}", f"{run.tokens:,}", str(run.steps), f"{run.lr:.3g}",
                           number_or(run.loss, ".4f") if run.loss is not None else "[red]diverged[/red]",
                           f"{run.seconds:.1f}")
 
-        result = calibrate_plan(plan, hours=hours, out=out, tracking_uri=tracking_uri, on_run=on_run)
+        try:
+            result = calibrate_plan(plan, hours=hours, out=out, tracking_uri=tracking_uri, on_run=on_run)
+        finally:
+            if table.row_count:
+                err_console.print(table)
     end_live_frame()
     law = result.law
     console.print(f"fitted L = {law.E:.4g} + {law.A:.4g}/N^{law.alpha} + {law.B:.4g}/D^{law.beta} "
