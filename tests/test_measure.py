@@ -373,3 +373,15 @@ def test_the_cpu_probe_trains_under_the_runs_allocator_setting(ladder: list[Mode
     probe_throughput(ladder[:1], device="cpu", dtype="fp32", compile=False, seconds=0.5,
                      memory_limit_bytes=4 << 30, threads=1)
     assert calls
+
+
+def test_the_step_time_is_the_steady_one_after_the_first_slow_steps() -> None:
+    from oneday.planner.timing import steady_step_seconds
+
+    # 20 steps: the first 5 take 0.2 s (the heap still growing), the rest 0.1 s
+    times = [0.2] * 5 + [0.1] * 15
+    marks = [(0, 0.0)] + [(n, sum(times[:n])) for n in range(2, 21)]
+    assert steady_step_seconds(marks) == pytest.approx(0.1)  # the second half only
+    assert sum(times) / 20 == pytest.approx(0.125)  # what the mean over all steps said
+    # too few steps for a half of at least MIN_TIMED_STEPS: the mean over all
+    assert steady_step_seconds([(0, 0.0), (2, 0.4), (3, 0.5)]) == pytest.approx(0.5 / 3)
