@@ -41,6 +41,7 @@ from oneday.planner.laws import (
 from oneday.planner.throughput import Measurement, ThroughputModel
 
 __all__ = [
+    "LR_MIN_COMPUTE",
     "SAFE_MEMORY_FRACTION",
     "BatchLR",
     "CandidateResult",
@@ -411,6 +412,10 @@ class BatchLR:
         return max(1, int(self.planned_tokens // self.global_batch_tokens()))
 
 
+LR_MIN_COMPUTE = 1e17
+"""The smallest compute (FLOPs) DeepSeek's η_opt(C) is evaluated at (`batch_and_lr`)."""
+
+
 def batch_and_lr(
     *,
     spec: ModelSpec,
@@ -429,8 +434,12 @@ def batch_and_lr(
       one sequence. Rounded to micro_batch · grad_accum sequences of seq_len tokens with
       micro_batch ≤ `max_micro_batch` (the largest that fit in the memory probe): grad_accum =
       ceil(sequences / max_micro_batch), micro_batch = ceil(sequences / grad_accum).
-    - LR: η_opt = 0.3118·C^−0.1250 (DeepSeek LLM 2024) for B_opt; when the batch used is smaller it
-      is scaled by sqrt(B / B_opt) (square-root rule for Adam, Malladi et al. 2022), never raised.
+    - LR: η_opt = 0.3118·C^−0.1250 (DeepSeek LLM 2024) for B_opt, with C no lower than `LR_MIN_COMPUTE`
+      (1e17 FLOPs, the small end of the compute DeepSeek fitted it on: η ≤ 2.34e-3); when the batch used is
+      smaller it is scaled by sqrt(B / B_opt) (square-root rule for Adam, Malladi et al. 2022), never raised.
+      Extrapolated below its data the formula keeps rising, and measured it overshoots: a 3-minute CPU plan
+      (2×128, C ≈ 7e12, η 6.1e-3) reached val loss 5.83 ± 0.20 over two seeds at η, 5.64 ± 0.03 at η/2,
+      5.48 ± 0.05 at η/4 and 5.70 at η/8 (one seed).
     - AdamW β₁ = 0.9; β₂ = 0.95 at large batch, 0.99 when the global batch is below
       `small_batch_tokens` (2^18 ≈ 262k tokens): Porian et al. 2024 find β₂ = 0.99 essential at
       small batch sizes, where 0.95 averages the second moment over too few tokens.
@@ -457,7 +466,12 @@ def batch_and_lr(
     grad_accum = -(-sequences // max_micro_batch)
     micro = -(-sequences // grad_accum)
     global_tokens = micro * grad_accum * spec.seq_len
-    lr_opt = deepseek_lr(c)
+    lr_opt = deepseek_lr(max(c, LR_MIN_COMPUTE))
+    if c < LR_MIN_COMPUTE:
+        notes.append(
+            f"LR {lr_opt:.3g}, DeepSeek's value at {LR_MIN_COMPUTE:.0e} FLOPs, the small end of its fit: at this "
+            f"run's {c:.2g} FLOPs the formula says {deepseek_lr(c):.3g}, which measured too high at this scale."
+        )
     lr = lr_opt * min(1.0, math.sqrt(global_tokens / b_opt))
     if lr < lr_opt:
         notes.append(

@@ -473,6 +473,21 @@ def test_batch_and_lr_reproduces_deepseek_at_a_reference_compute() -> None:
     assert 0.01 <= bl.warmup_fraction <= 0.10
 
 
+def test_the_lr_is_not_extrapolated_below_the_compute_deepseek_fitted() -> None:
+    """A 3-minute CPU plan (C ≈ 7e12) got η = 6.1e-3 from the formula and trained 0.35 nats worse than at η/4;
+    below 1e17 FLOPs the LR is held at the formula's value there, and the plan says why."""
+    from oneday.planner.decide import LR_MIN_COMPUTE
+
+    spec = ModelSpec(n_layer=2, d_model=128, n_head=2, d_ff=320, vocab_size=8192, seq_len=128)
+    tiny = batch_and_lr(spec=spec, tokens=8e5, max_micro_batch=8)
+    assert tiny.compute_flops < 1e13 and deepseek_lr(tiny.compute_flops) > 6e-3
+    assert tiny.lr_opt == pytest.approx(deepseek_lr(LR_MIN_COMPUTE)) == pytest.approx(2.34e-3, rel=0.01)
+    assert any("small end of its fit" in note for note in tiny.notes)
+    big = batch_and_lr(spec=spec, tokens=2e17 / (6 * spec.params_scaling()), max_micro_batch=8)
+    assert big.lr_opt == pytest.approx(deepseek_lr(2e17))  # above it, the formula itself
+    assert not any("small end of its fit" in note for note in big.notes)
+
+
 def test_batch_and_lr_respects_micro_batch_limit() -> None:
     spec = ModelSpec(n_layer=24, d_model=1024, n_head=16, d_ff=2752, vocab_size=50304, seq_len=2048)
     tokens = 2e10
