@@ -30,7 +30,7 @@ same loss, same optimizer kernel, same autocast, same clipping, same skip of a b
   75 MB at 9 × 256 × 8192) come from glibc malloc, which serves blocks over 32 MB with fresh mmaps and returns
   them on free, so every step page-faults its largest tensors in again. Measured on a 2-core EPYC (2×48 at
   vocab 8192, one thread): 45% of the step was kernel time and the speed varied 4.8k–7.4k tok/s with the
-  allocator's history; with mmap off and no trimming, 0% kernel time and 9.6k–10.4k tok/s. Intel's
+  allocator's history; with mmap off and trimming only past 2 GiB, 0% kernel time and 9.6k–10.4k tok/s. Intel's
   launcher (`torch.backends.xeon.run_cpu`) gets the same from jemalloc or tcmalloc by LD_PRELOAD; mallopt
   does it in-process.
 """
@@ -62,7 +62,8 @@ _kept = False
 def keep_freed_memory() -> bool:
     """glibc: serve every allocation from the heap (no mmap) and trim it only past 2 GiB free at its top, so a
     training step reuses the memory the last step freed instead of faulting it in again (module docstring).
-    Process-wide and idempotent; resident memory stays at the largest step's peak, which a run holds anyway.
+    Process-wide and idempotent. Resident memory stays near its peak, with up to one more step's activations
+    in the heap's holes (`planner.timing.cpu_memory_need_bytes` counts them).
     False (nothing done) outside glibc: macOS and musl have allocators of their own."""
     global _kept
     if _kept:
@@ -71,7 +72,7 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL(None)
     _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    log.debug("glibc malloc: mmap off, trimming off (%s)", "set" if _kept else "refused")
+    log.debug("glibc malloc: mmap off, trim threshold 2 GiB (%s)", "set" if _kept else "refused")
     return _kept
 
 
