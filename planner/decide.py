@@ -391,7 +391,7 @@ class BatchLR:
     seq_len: int
     planned_tokens: float
     lr_opt: float
-    """DeepSeek's η_opt(C)."""
+    """DeepSeek's η_opt(C), C no lower than `LR_MIN_COMPUTE`."""
     lr: float
     """η_opt scaled for the batch actually used (square-root rule)."""
     beta1: float
