@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import platform
+import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -59,6 +60,17 @@ _M_MMAP_MAX = -4
 _kept = False
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (Linux), asked of the C library itself (`platform.libc_ver`
+    instead reads the whole Python binary, looking for a version string)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # musl has no such name
+        return False
+
+
 def keep_freed_memory() -> bool:
     """glibc: serve every allocation from the heap (no mmap) and trim it only past 2 GiB free at its top, so a
     training step reuses the memory the last step freed instead of faulting it in again (module docstring).
@@ -68,7 +80,7 @@ def keep_freed_memory() -> bool:
     global _kept
     if _kept:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     libc = ctypes.CDLL(None)
     _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -191,4 +203,4 @@ def evaluate_with_se(loss: nn.Module, batches: Sequence[torch.Tensor], *,
 
 
 __all__ = ["Autocast", "LMLoss", "TrainStep", "autocast", "evaluate", "evaluate_with_se", "grad_scaler",
-           "keep_freed_memory", "make_optimizer"]
+           "is_glibc", "keep_freed_memory", "make_optimizer"]

@@ -19,6 +19,7 @@ from oneday.runner.faults import INJECT_NAN_ENV, INJECT_OOM_ENV
 from oneday.runner.loop import MAX_ROLLBACKS, DivergedError, train
 from oneday.runner.pacing import Pacer
 from oneday.runner.records import EvalRecord, LoopResult, NullObserver, StepRecord
+from oneday.runner.step import is_glibc
 from tests.factories import tiny_model
 
 torch.set_num_threads(1)
@@ -393,7 +394,7 @@ print(rss_mb() - before)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists() or __import__("platform").libc_ver()[0] != "glibc",
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or not is_glibc(),
                     reason="glibc on Linux only")
 def test_keep_freed_memory_keeps_a_freed_block_for_the_next_step(tmp_path: Path) -> None:
     """Without it, glibc hands a large freed tensor back to the kernel and the next step faults it in again
