@@ -294,8 +294,9 @@ def measure_more(
             f"{label}: measuring it would take about {predicted:.1f} s, {max(left, 0):.1f} s left", seconds=0.0
         )
     progress = progress or NULL_PROGRESS
-    # Half the time left (or what the minimum takes) for this shape's timed steps: another may follow.
-    budget = min(left, max(predicted, left / 2))
+    # A new shape gets half the time left (or what the minimum takes): another may follow. A check of a shape at
+    # its planned micro-batch gets all of it: it is the measurement the plan's tokens rest on (`planner.settle`).
+    budget = left if micro_batch is not None else min(left, max(predicted, left / 2))
     with _torch_settings(device=probe.device, threads=probe.threads), progress.task(
         f"measuring {label}", total=round(budget, 1), unit="s"
     ) as task:

@@ -34,16 +34,19 @@ CHECK_HEADROOM = 1.1
 EXTRA_PROBE_SHARE = 0.5
 # A measurement the choice rests on (a rung beyond a winning end, a check of the chosen shape) always gets at
 # least this long: on a CPU's minutes the probe's share is gone by then, and a rung was skipped for time (a
-# calibrated plan on ../shared/data kept 2×64 while 2×32 did 10% better). `measure_more` gives a shape half the
-# time left, less build and warm-up: 3 s leave a check about `CPU_CHECK_MIN_SECONDS` of timed steps (2 s left
-# it two steps of 0.25 s, as short as the timing it was checking).
-SETTLE_MIN_SECONDS = 3.0
+# calibrated plan on ../shared/data kept 2×64 while 2×32 did 10% better). `measure_more` gives a rung half the
+# time left and a check all of it, less build and warm-up: 5 s leave a check about `CPU_CHECK_MIN_SECONDS` of
+# timed steps (2 s left it two steps of 0.25 s, as short as the timing it was checking).
+SETTLE_MIN_SECONDS = 5.0
 # ... but never past this share of the budget from the probe's start (or the probe's own allowance, when larger):
 # a 1-minute plan asked for 2 s of probing, not 14.
 SETTLE_MAX_BUDGET_SHARE = 0.05
 # On a CPU a measurement of the chosen shape stands for any micro-batch, but only if it timed this long: two
 # steps of 0.3 s measured 2×48 at 9.0k tok/s where the run trained at 5.5k (bench/predictions.py, 5 minutes).
-CPU_CHECK_MIN_SECONDS = 1.0
+# One second (2–7 steps) was still too short: single steps of one shape scatter by ~5% on a CPU that shares its
+# memory with a busy neighbour (2×48: 13.4k, 12.9k, 10.7k, 12.9k, 10.3k tok/s), and the four 5- and 10-minute
+# plans of bench/predictions.py then trained 1.7–7.4% more tokens than they promised.
+CPU_CHECK_MIN_SECONDS = 3.0
 
 
 @dataclass(frozen=True)

@@ -320,6 +320,31 @@ def test_measure_more_times_the_given_micro_batch_in_place_of_the_earlier_timing
     assert timing.measurement.micro_batch == 50 and "halved" in timing.micro_batch_reason
 
 
+def test_a_check_at_the_planned_micro_batch_gets_all_the_time_left(gpu, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a check of the chosen shape had half the time left, and on a CPU's 5-minute plan that timed
+    1.3 s (7 steps), which read 7% under the run's speed. A check is what the plan's tokens rest on: it gets
+    all the time left; a new shape still gets half (another may follow)."""
+    from oneday.planner import measure
+
+    ladder = candidate_shapes(**GPU_LADDER)
+    shape = next(s for s in ladder if s.label() == "12×768")
+    other = next(s for s in ladder if s.label() == "10×640")
+    limit = _limit(gpu.free_memory_bytes)
+    probe = _gpu_probe(gpu, [shape])
+    budgets = []
+
+    def recording(spec, **kwargs):
+        budgets.append(kwargs["budget_seconds"])
+        return gpu.measure_one(spec, **kwargs)
+
+    monkeypatch.setattr(measure, "measure_one", recording)
+    measure.measure_more(probe, shape, micro_batch=100, deadline=gpu.clock() + 600, memory_limit_bytes=limit,
+                         peak_flops=gpu.peak_flops, clock=gpu.clock)
+    measure.measure_more(probe, other, micro_batch=None, deadline=gpu.clock() + 600, memory_limit_bytes=limit,
+                         peak_flops=gpu.peak_flops, clock=gpu.clock)
+    assert budgets[0] == pytest.approx(600.0) and budgets[1] == pytest.approx(300.0)
+
+
 def test_the_warm_up_frees_memory_after_an_out_of_memory_step_not_inside_the_except(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The compiled warm-up halves the micro-batch after an out-of-memory step, freeing memory outside the
