@@ -248,7 +248,7 @@ class MeasuredThroughput:
                law: LossLaw, band_law: LossLaw) -> Choice:
         import oneday.models.build  # noqa: F401  (transformers loads here: start-up, which the run pays too)
         from oneday.planner.hardware import resolve_peak_flops
-        from oneday.planner.measure import probe_throughput
+        from oneday.planner.measure import probe_throughput, training_sample
 
         clock, budget_seconds = self.clock, request.budget_seconds
         probe_started = clock()
@@ -263,7 +263,7 @@ class MeasuredThroughput:
         probe = probe_throughput(
             ladder, device=setup.device, dtype=setup.dtype, compile=setup.compile, seconds=measure_seconds,
             memory_limit_bytes=setup.memory_limit_bytes, threads=setup.threads, progress=self.progress,
-            peak_flops=peak, optimum_params=optimum, clock=clock,
+            peak_flops=peak, optimum_params=optimum, tokens=training_sample(prepared), clock=clock,
         )
         efficiency = DATA_PARALLEL_EFFICIENCY if request.gpus > 1 else 1.0
         settled = settle(ladder, probe=probe, peak=peak, setup=setup, budget_seconds=budget_seconds,

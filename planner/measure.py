@@ -33,7 +33,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
@@ -76,6 +77,7 @@ class ThroughputProbe:
     dtype: str
     compile: bool
     threads: int | None
+    tokens: Any = field(default=None, repr=False, compare=False)  # the training sample the batches come from
 
     @property
     def measurements(self) -> list[Measurement]:
@@ -143,11 +145,13 @@ def probe_throughput(
     progress: Progress | None = None,
     peak_flops: float | None = None,
     optimum_params: float | None = None,
+    tokens: Any = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> ThroughputProbe:
     """Measured throughput of several of `specs` (a ladder sorted by N) within about `seconds` in all (module
     docstring: which shapes, in what order — nearest `optimum_params` first when given —, the micro-batch rule,
-    what is timed). UserError when not even the smallest shape fits."""
+    what is timed), on windows of `tokens` (`training_sample`; None: uniform random tokens). UserError when not
+    even the smallest shape fits."""
     import torch
 
     import oneday.models.build  # noqa: F401  (transformers: its import, seconds, is not measuring time)
@@ -225,7 +229,7 @@ def probe_throughput(
                     spec, device=device, dtype=dtype, compile=compile, budget_seconds=budget,
                     memory_limit_bytes=memory_limit_bytes, activation_bytes=activation_bytes,
                     peak_flops=peak_flops, reference=timings, hard_deadline=deadline if timings else None,
-                    clock=clock,
+                    clock=clock, tokens=tokens,
                 )
             except SkipShape as skip:
                 skipped.append(f"{spec.label()}: {skip}")
@@ -257,7 +261,25 @@ def probe_throughput(
         dtype=dtype,
         compile=compile,
         threads=threads,
+        tokens=tokens,
     )
+
+
+PROBE_SAMPLE_TOKENS = 1 << 20
+
+
+def training_sample(prepared: Any) -> Any:
+    """The probe's batches come from here: the first `PROBE_SAMPLE_TOKENS` training tokens of `prepared` (read
+    once, an int64 tensor), or None when it has none to read (data only assumed: a what-if)."""
+    import numpy as np
+    import torch
+
+    train_array = getattr(prepared, "train_array", None)
+    if train_array is None:
+        return None
+    train = train_array()
+    head = np.asarray(train[np.arange(min(len(train), PROBE_SAMPLE_TOKENS))], dtype=np.int64)
+    return torch.from_numpy(head)
 
 
 def measure_more(
@@ -305,6 +327,7 @@ def measure_more(
                 spec, device=probe.device, dtype=probe.dtype, compile=probe.compile, budget_seconds=budget,
                 memory_limit_bytes=memory_limit_bytes, activation_bytes=activation_bytes, peak_flops=peak_flops,
                 reference=reference, hard_deadline=deadline, clock=clock, micro_batch=micro_batch,
+                tokens=probe.tokens,
             )
         except SkipShape as skip:
             return probe.with_skipped(f"{label}: {skip}", seconds=clock() - started)
@@ -465,4 +488,5 @@ __all__ = [
     "predict_cost",
     "probe_throughput",
     "scale_compile_seconds",
+    "training_sample",
 ]

@@ -3,8 +3,10 @@
 `time_shape` builds the shape with the runner's model builder (`models.build.build_model`: the Hugging Face
 model with SDPA attention and oneday's init) and trains it with the runner's own step
 (`oneday.runner.step.TrainStep`: `LMLoss`, fused AdamW over `param_groups`, clipping, the bad-step flag), in
-the dtype and compile setting the run will use, on random windows of seq_len + 1 tokens: the planner times
-exactly the step the run trains. It also times the no-grad forward pass the run's evaluations make
+the dtype and compile setting the run will use, on windows of seq_len + 1 tokens drawn from a sample of the
+training data (`tokens`; uniform random tokens without one): the planner times exactly the step the run trains.
+The data matters on a CPU: 2×48 trained 1.7% faster on real text than on uniform tokens (fewer distinct rows
+in the embedding's gradient). It also times the no-grad forward pass the run's evaluations make
 (`runner.step.evaluate`).
 
 Micro-batch.
@@ -161,6 +163,7 @@ def time_shape(
     hard_deadline: float | None,
     clock: Callable[[], float],
     micro_batch: int | None = None,
+    tokens: Any = None,
 ) -> ShapeTiming:
     """Build, size, warm up and time one shape within `budget_seconds` (a slice of the probe's time).
 
@@ -168,6 +171,7 @@ def time_shape(
     docstring; an out-of-memory error still halves it. Raises `SkipShape` when it does not fit at
     micro-batch 1 (CUDA), or when `hard_deadline` (the end of the probe's time; None for the one shape that
     must be measured) would pass before the minimum of timed steps is done, judged from the first warm-up step.
+    `tokens`: a 1-D int64 tensor of training tokens (`measure.training_sample`) the batches are windows of.
     """
     import torch
 
@@ -184,9 +188,15 @@ def time_shape(
     scaler = grad_scaler(device, dtype)  # fp16: the run's loss scaler is part of the step it times
     gen = torch.Generator(device="cpu").manual_seed(0)
 
+    window = spec.seq_len + 1
+
     def batch(m: int) -> Any:
-        """m random windows of seq_len + 1 tokens: inputs and their next-token targets, as the run reads."""
-        return torch.randint(0, spec.vocab_size, (m, spec.seq_len + 1), generator=gen).to(device)
+        """m windows of seq_len + 1 tokens (inputs and their next-token targets, as the run reads): of `tokens`
+        at random offsets, or uniform random tokens without them."""
+        if tokens is None or len(tokens) < window:
+            return torch.randint(0, spec.vocab_size, (m, window), generator=gen).to(device)
+        starts = torch.randint(0, len(tokens) - window + 1, (m,), generator=gen).tolist()
+        return torch.stack([tokens[s:s + window] for s in starts]).to(device)
 
     def trainer(net: Any) -> TrainStep:
         return TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=GRAD_CLIP,

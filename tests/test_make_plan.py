@@ -47,6 +47,23 @@ def test_plan_is_valid_and_round_trips(plan: Plan, tmp_path: Path) -> None:
     assert Plan.from_dict(json.loads(path.read_text())) == plan
 
 
+def test_the_probe_measures_on_the_plans_own_training_tokens(tmp_path_factory: pytest.TempPathFactory,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real path hands the probe the prepared corpus's first training tokens (`measure.training_sample`)."""
+    import numpy as np
+
+    from oneday.data.prepare import prepare_data
+    from oneday.planner import measure
+
+    seen = []
+    probe = measure.probe_throughput
+    monkeypatch.setattr(measure, "probe_throughput", lambda *a, **k: (seen.append(k["tokens"]), probe(*a, **k))[1])
+    _plan(shared_cache(tmp_path_factory), probe_seconds=1.0)
+    train = prepare_data(DATA, vocab_size=VOCAB, cache_dir=shared_cache(tmp_path_factory)).train_array()
+    head = np.asarray(train[: min(len(train), measure.PROBE_SAMPLE_TOKENS)], dtype=np.int64)
+    assert len(seen) == 1 and seen[0].tolist() == head.tolist()
+
+
 def test_plan_contents(plan: Plan) -> None:
     t, m = plan.train, plan.model
     assert plan.hardware.device == t.device == "cpu"
