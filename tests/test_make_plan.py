@@ -444,7 +444,8 @@ def test_a_briefly_timed_choice_is_timed_again_on_a_cpu(monkeypatch: pytest.Monk
     """Issue 17: two steps of 0.3 s measured 2×48 at 9.0k tok/s where the run trained at 5.5k, and the plan
     promised 69% more tokens than it trained. On a CPU a measurement of the chosen shape stood for any
     micro-batch, however short; now one that timed under `CPU_CHECK_MIN_SECONDS` is timed again at the plan's
-    micro-batch before the plan is committed. A long enough one is not."""
+    micro-batch (itself: on a CPU the check stands for any micro-batch) before the plan is committed. A long
+    enough one is not."""
     from oneday.planner.settle import CPU_CHECK_MIN_SECONDS
     from tests.simulated_device import SimulatedCpu
 
@@ -455,9 +456,28 @@ def test_a_briefly_timed_choice_is_timed_again_on_a_cpu(monkeypatch: pytest.Monk
     first_seconds = 3 * max(1, 2048 // plan.model.seq_len) * plan.model.seq_len / cpu.tokens_per_s(plan.model)
     assert (first_seconds < CPU_CHECK_MIN_SECONDS) == fast
     if fast:
-        assert len(timed) >= 2 and timed[-1] is not None and timed[-1] >= plan.train.micro_batch
+        assert len(timed) >= 2 and timed[-1] == plan.train.micro_batch  # the step the run trains, no headroom
     else:
         assert all(micro is None for micro in timed)
+
+
+@pytest.mark.parametrize(("device", "checked_at"), [("cpu", 13), ("cuda", 15)])
+def test_a_check_times_the_planned_micro_batch_itself_on_a_cpu(device: str, checked_at: int) -> None:
+    """A CPU plan of 13 × 2 micro-batches was checked at 15 (`CHECK_HEADROOM`), where 2×64 ran 3% slower than
+    the run trained at 13. On a CPU the check stands for any micro-batch, so it times the run's own; on CUDA it
+    keeps the headroom (a measurement there stands only for micro-batches up to the one it ran)."""
+    from types import SimpleNamespace
+
+    from oneday.models.spec import ModelSpec
+    from oneday.planner.settle import _next_measurement
+
+    spec = ModelSpec(n_layer=2, d_model=64, n_head=1, d_ff=192, vocab_size=8192, seq_len=256)
+    chosen = SimpleNamespace(spec=spec, measured=True, micro_batch=32)  # stands for neither
+    decision = SimpleNamespace(chosen=lambda: chosen)
+    wanted = _next_measurement(decision, SimpleNamespace(micro_batch=13), ladder=[spec],
+                               setup=SimpleNamespace(device=device), tried=set(), micro_cap=16, extend=False,
+                               check=True, timed_seconds=1.5)
+    assert wanted == (spec, checked_at, False)
 
 
 def test_probe_share_grows_with_the_budget() -> None:
