@@ -275,22 +275,26 @@ def test_cuda_plan_runs_on_cpu_when_asked(prepared, tmp_path):
 
 
 class _InterruptAt:
-    """Observer that sends this process SIGINT once the loop reports `step` (Ctrl-C mid-run)."""
+    """Observer that sends this process SIGINT once the loop reports `step` (Ctrl-C mid-run) and, with
+    `after_checkpoint_in`, a periodic checkpoint is there (on a quiet machine 30 steps can beat the interval)."""
 
-    def __init__(self, step: int) -> None:
-        self.step, self.sent = step, False
+    def __init__(self, step: int, *, after_checkpoint_in: Path | None = None) -> None:
+        self.step, self.sent, self.folder = step, False, after_checkpoint_in
 
     def on_step(self, record) -> None:
-        if record.step >= self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
+        if self.sent or record.step < self.step:
+            return
+        if self.folder is not None and not any(self.folder.glob("step-*")):
+            return
+        self.sent = True
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_interrupt_then_corrupt_checkpoint_then_resume(prepared, tmp_path, caplog):
-    plan = quick(prepared, steps=60, checkpoint_every_seconds=0.2, keep_checkpoints=2)
+    plan = quick(prepared, steps=60, checkpoint_every_seconds=0.05, keep_checkpoints=2)
     run_dir = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under a shell's background job
-    first = run_quick(plan, run_dir, observer=_InterruptAt(30))
+    first = run_quick(plan, run_dir, observer=_InterruptAt(30, after_checkpoint_in=run_dir / "checkpoints"))
     assert first.interrupted and not first.finished and first.final_val_loss is None
     assert 30 <= first.steps < 60
     assert json.loads((run_dir / "summary.json").read_text())["interrupted"] is True
