@@ -270,16 +270,13 @@ PROBE_SAMPLE_TOKENS = 1 << 20
 
 def training_sample(prepared: Any) -> Any:
     """The probe's batches come from here: the first `PROBE_SAMPLE_TOKENS` training tokens of `prepared` (read
-    once, an int64 tensor), or None when it has none to read (data only assumed: a what-if)."""
+    once, a flat int64 array), or None when it has none to read (data only assumed: a what-if)."""
     import numpy as np
-    import torch
 
     train_array = getattr(prepared, "train_array", None)
     if train_array is None:
         return None
-    train = train_array()
-    head = np.asarray(train[np.arange(min(len(train), PROBE_SAMPLE_TOKENS))], dtype=np.int64)
-    return torch.from_numpy(head)
+    return np.array(train_array()[:PROBE_SAMPLE_TOKENS], dtype=np.int64)
 
 
 def measure_more(

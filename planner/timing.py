@@ -171,10 +171,11 @@ def time_shape(
     docstring; an out-of-memory error still halves it. Raises `SkipShape` when it does not fit at
     micro-batch 1 (CUDA), or when `hard_deadline` (the end of the probe's time; None for the one shape that
     must be measured) would pass before the minimum of timed steps is done, judged from the first warm-up step.
-    `tokens`: a 1-D int64 tensor of training tokens (`measure.training_sample`) the batches are windows of.
+    `tokens`: a flat int64 array of training tokens (`measure.training_sample`) the batches are windows of.
     """
     import torch
 
+    from oneday.data.windows import WindowSampler
     from oneday.models.build import build_model, param_groups
     from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate, grad_scaler, make_optimizer
 
@@ -187,16 +188,20 @@ def time_shape(
     precision = autocast(device, dtype)
     scaler = grad_scaler(device, dtype)  # fp16: the run's loss scaler is part of the step it times
     gen = torch.Generator(device="cpu").manual_seed(0)
-
-    window = spec.seq_len + 1
+    # the run's own sampler over the sample (too short for one window at every offset: uniform tokens)
+    sampler = WindowSampler(tokens, seq_len=spec.seq_len, seed=0) if (
+        tokens is not None and len(tokens) >= 2 * spec.seq_len) else None
+    cursor = 0
 
     def batch(m: int) -> Any:
-        """m windows of seq_len + 1 tokens (inputs and their next-token targets, as the run reads): of `tokens`
-        at random offsets, or uniform random tokens without them."""
-        if tokens is None or len(tokens) < window:
-            return torch.randint(0, spec.vocab_size, (m, window), generator=gen).to(device)
-        starts = torch.randint(0, len(tokens) - window + 1, (m,), generator=gen).tolist()
-        return torch.stack([tokens[s:s + window] for s in starts]).to(device)
+        """m windows of seq_len + 1 tokens (inputs and their next-token targets): the next m the sampler gives,
+        as the run reads them, or uniform random tokens without a sample."""
+        nonlocal cursor
+        if sampler is None:
+            return torch.randint(0, spec.vocab_size, (m, spec.seq_len + 1), generator=gen).to(device)
+        rows = sampler.batch(cursor, m)
+        cursor += m
+        return torch.from_numpy(rows).to(device)
 
     def trainer(net: Any) -> TrainStep:
         return TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=GRAD_CLIP,

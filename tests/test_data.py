@@ -975,6 +975,23 @@ def test_sampler_resumes_exactly_across_shard_boundaries(tmp_path: Path) -> None
     assert np.array_equal(resumed.batch(36, 4), run[9])
 
 
+def test_a_slice_of_the_shards_reads_only_the_shards_it_spans(tmp_path: Path) -> None:
+    """The probe reads the first 2^20 training tokens: a slice must not map (or copy) a 100M-token corpus."""
+    from oneday.data.shards import ShardedTokens
+
+    parts = [np.arange(n, dtype=np.uint16) + 1000 * i for i, n in enumerate((300, 200, 400))]
+    paths = [tmp_path / f"train-{i:05d}.bin" for i in range(3)]
+    for part, path in zip(parts, paths[:2], strict=False):
+        part.tofile(path)  # the third shard's file is missing: reading it would fail
+    sharded = ShardedTokens(paths, [len(x) for x in parts], "uint16")
+    flat = np.concatenate(parts)
+    assert np.array_equal(sharded[:250], flat[:250])
+    assert np.array_equal(sharded[250:480], flat[250:480])  # across a boundary
+    assert np.array_equal(sharded[10:480:7], flat[10:480:7])
+    assert sharded[490:490].size == 0 and sharded[:250].dtype == np.uint16
+    assert 2 not in sharded._maps
+
+
 def test_a_capped_corpus_is_estimated_from_its_sample(tmp_path: Path, cache: Path) -> None:
     """--max-tokens on a larger corpus: the plan's reasons estimate the whole from the prepared sample."""
     import re

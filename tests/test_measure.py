@@ -443,3 +443,29 @@ def test_the_probe_times_windows_of_the_training_data(ladder: list[ModelSpec],
                          memory_limit_bytes=4 << 30)
     assert seen and seen <= set(range(7))
     assert measure.training_sample(SimpleNamespace()) is None  # a what-if's assumed data: random tokens
+
+
+def test_the_probe_reads_its_sample_through_the_runs_window_sampler(ladder: list[ModelSpec],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe draws its windows with the run's own `WindowSampler`, not a random draw of its own: the first
+    batch it times is the sampler's first windows."""
+    import numpy as np
+
+    from oneday.data.windows import WindowSampler
+    from oneday.runner.step import LMLoss
+
+    batches: list[np.ndarray] = []
+    forward = LMLoss.forward
+
+    def spy(self, inputs, targets):
+        batches.append(inputs.numpy().copy())
+        return forward(self, inputs, targets)
+
+    monkeypatch.setattr(LMLoss, "forward", spy)
+    tokens = np.arange(4000, dtype=np.int64) % 500  # the vocabulary is 512
+    spec = ladder[0]
+    probe_throughput([spec], device="cpu", dtype="fp32", compile=False, seconds=0.5,
+                     memory_limit_bytes=4 << 30, threads=1, tokens=tokens)
+    first = batches[0]
+    expected = WindowSampler(tokens, seq_len=spec.seq_len, seed=0).batch(0, len(first))[:, :-1]
+    assert np.array_equal(first, expected)

@@ -91,7 +91,10 @@ class ShardedTokens:
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            return np.asarray(self)[index]  # tests and small reads only
+            start, stop, stride = index.indices(len(self))
+            if stride != 1:
+                return self[np.arange(start, stop, stride)]
+            return self._read(start, stop)
         flat = np.asarray(index, dtype=np.int64)
         shape = flat.shape
         flat = flat.ravel()
@@ -103,6 +106,13 @@ class ShardedTokens:
             mask = which == i
             out[mask] = self._shard(i)[flat[mask] - self.offsets[i]]
         return out.reshape(shape) if shape else out[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as one array, from the shards that hold them only (the probe reads the head)."""
+        pieces = [self._shard(i)[max(start, lo) - lo:min(stop, hi) - lo]
+                  for i, (lo, hi) in enumerate(itertools.pairwise(self.offsets.tolist()))
+                  if lo < stop and start < hi]
+        return np.concatenate(pieces) if pieces else np.empty(0, dtype=self.dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = np.concatenate([np.asarray(self._shard(i)) for i in range(len(self.paths))])
