@@ -26,6 +26,7 @@ shorter than `MIN_TRAIN_STEPS` (10) optimizer steps of the smallest measured sha
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -418,7 +419,7 @@ def _self_calibrated(first: Plan, *, budget_seconds: float, again: dict[str, Any
     import tempfile
 
     from oneday.plan import save_plan
-    from oneday.studies.calibrate import calibrate_plan
+    from oneday.studies.calibrate import CalibrationBudgetError, calibrate_plan
 
     spent = first.provenance.probe_seconds
     allowed = AUTO_CALIBRATION_SHARE * budget_seconds - spent
@@ -431,6 +432,15 @@ def _self_calibrated(first: Plan, *, budget_seconds: float, again: dict[str, Any
         try:
             result = calibrate_plan(path, hours=allowed / 3600.0, out=Path(tmp) / "calibration.json", clock=clock,
                                     track=False)
+        except CalibrationBudgetError as exc:
+            # what a user can do: pay for the calibration once, outside this budget (a CPU's smallest calibration
+            # costs about a fifth of a 1 h plan: its narrowest models are mostly the vocabulary's embedding)
+            tune_hours = math.ceil(1.1 * exc.need_seconds / 180.0) * 0.05  # in 0.05 h, 10% to spare
+            note = (f"Not calibrated: {AUTO_CALIBRATION_SHARE:.0%} of the budget less the probe leaves "
+                    f"{allowed:.0f} s, the smallest calibration needs ~{exc.need_seconds:.0f} s "
+                    f"({exc.need_seconds / budget_seconds:.0%} of the budget); `oneday tune plan.json --calibrate "
+                    f"--hours {tune_hours:.2f}` runs it once, and later plans on this data reuse the fit.")
+            return replace(first, reasons=(*first.reasons, note))
         except UserError as exc:
             return replace(first, reasons=(*first.reasons, f"Not calibrated: {exc}."))
     spent += result.seconds

@@ -63,6 +63,14 @@ MIN_WIDTH = 16
 FORMAT_VERSION = 1
 
 
+class CalibrationBudgetError(UserError):
+    """The calibration budget cannot pay for the smallest calibration; `need_seconds` is what that one costs."""
+
+    def __init__(self, message: str, *, need_seconds: float) -> None:
+        super().__init__(message)
+        self.need_seconds = need_seconds
+
+
 @dataclass(frozen=True)
 class CalibrationRun:
     d_model: int
@@ -207,9 +215,10 @@ def calibrate_plan(
     fitting = [w for w in candidates[1:] if cost(_sizes(plan, w)) <= budget]
     if not fitting:
         need = cost(_sizes(plan, candidates[1]))
-        raise UserError(f"calibration budget too small: {budget:.0f} s, the smallest calibration "
-                        f"({len(_sizes(plan, candidates[1])) * len(HORIZON_FRACTIONS)} runs of widths "
-                        f"{_sizes(plan, candidates[1])}) needs ~{need:.0f} s; give more --hours")
+        raise CalibrationBudgetError(
+            f"calibration budget too small: {budget:.0f} s, the smallest calibration "
+            f"({len(_sizes(plan, candidates[1])) * len(HORIZON_FRACTIONS)} runs of widths "
+            f"{_sizes(plan, candidates[1])}) needs ~{need:.0f} s; give more --hours", need_seconds=need)
     widths = _sizes(plan, fitting[-1])
     log.info("calibration: widths %s × horizons %s of the plan's tokens/parameter, ~%.0f s of %.0f s",
              widths, HORIZON_FRACTIONS, cost(widths), budget)

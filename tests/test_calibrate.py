@@ -320,6 +320,28 @@ def test_a_long_plan_calibrates_on_its_own_within_5_percent(monkeypatch):
     assert plan.name.startswith("simulated-2h-")
 
 
+def test_a_plan_whose_share_cannot_pay_for_calibrating_says_what_would(monkeypatch):
+    """A 1 h CPU plan: 5% less the probe leaves 95 s, the smallest calibration needs ~700 s. The reason gives the
+    cost and the one command that pays it once (the error's own "give more --hours" means another flag here)."""
+    from oneday.planner import make
+    from oneday.studies import calibrate
+    from oneday.studies.calibrate import CalibrationBudgetError
+
+    calls: list = []
+    first = _simulated_cpu_plan(monkeypatch, 0.5, calls)  # uncalibrated: the plan `oneday plan` made first
+
+    def too_small(path, *, hours, out, clock, track):
+        raise CalibrationBudgetError("calibration budget too small", need_seconds=700.0)
+
+    monkeypatch.setattr(calibrate, "calibrate_plan", too_small)
+    again = make._self_calibrated(first, budget_seconds=3600.0, again={}, clock=lambda: 0.0)
+    note = again.reasons[-1]
+    assert note.startswith("Not calibrated: 5% of the budget less the probe leaves")
+    assert "needs ~700 s (19% of the budget)" in note
+    assert "`oneday tune plan.json --calibrate --hours 0.25`" in note  # 700 s + 10% in steps of 0.05 h
+    assert again.reasons[:-1] == first.reasons and not again.prediction.calibrated
+
+
 def test_a_short_plan_does_not_calibrate(monkeypatch):
     calls: list = []
     plan = _simulated_cpu_plan(monkeypatch, 0.5, calls)
