@@ -59,7 +59,7 @@ from oneday.planner.calibration import (
     load_calibration,
     presented_loss,
 )
-from oneday.planner.decide import CandidateResult
+from oneday.planner.decide import BatchLR, CandidateResult
 from oneday.planner.ladder import candidate_shapes
 from oneday.planner.laws import EPOCH_2024, HOFFMANN_2022, LossLaw, unigram_entropy
 from oneday.planner.policy import (
@@ -72,7 +72,7 @@ from oneday.planner.policy import (
     sequence_length,
     setup_for,
 )
-from oneday.planner.reasons import reasons
+from oneday.planner.reasons import DATA_PARALLEL_SOURCE, reasons
 from oneday.planner.settle import MICRO_BATCH_SLACK, Settled, settle
 from oneday.planner.throughput import DATA_PARALLEL_EFFICIENCY
 from oneday.progress import NULL_PROGRESS, Progress
@@ -195,6 +195,7 @@ class Choice:
     notes: tuple[str, ...]
     smallest_step: tuple[str, float]
     dp_efficiency: float = 1.0
+    dp_source: str = DATA_PARALLEL_SOURCE
     what_if: dict[str, Any] | None = None
     """For `Provenance.what_if`: the hardware planned for and what was assumed (None on the real path)."""
 
@@ -240,7 +241,8 @@ def ladder_for(prepared: Any, *, seq: int, peak: float, budget_seconds: float, l
 @dataclass(frozen=True)
 class MeasuredThroughput:
     """The real path: time real training steps on this machine (the probe) and settle on them. On `gpus` GPUs
-    the choice assumes `DATA_PARALLEL_EFFICIENCY`: the probe times one GPU."""
+    the probe times one; the choice assumes `DATA_PARALLEL_EFFICIENCY` until the chosen step has been timed on
+    all of them (`planner.parallel`), then rests on the measured efficiency."""
 
     clock: Callable[[], float]
     progress: Progress
@@ -267,14 +269,24 @@ class MeasuredThroughput:
             peak_flops=peak, optimum_params=optimum, tokens=training_sample(prepared), clock=clock,
         )
         efficiency = DATA_PARALLEL_EFFICIENCY if request.gpus > 1 else 1.0
+
+        def measure_parallel(spec: ModelSpec, bl: BatchLR, seconds: float) -> Any:
+            from oneday.planner.parallel import measure_data_parallel
+
+            return measure_data_parallel(spec, ranks=request.gpus, micro_batch=bl.micro_batch,
+                                         grad_accum=bl.grad_accum, device=setup.device, dtype=setup.dtype,
+                                         compile=setup.compile, threads=setup.threads, tokens=probe.tokens,
+                                         timeout_seconds=seconds)
+
         settled = settle(ladder, probe=probe, peak=peak, setup=setup, budget_seconds=budget_seconds,
                          probe_started=probe_started, prepared=prepared, law=law, band_law=band_law, clock=clock,
-                         progress=self.progress, ranks=request.gpus, dp_efficiency=efficiency)
+                         progress=self.progress, ranks=request.gpus, dp_efficiency=efficiency,
+                         dp_source=DATA_PARALLEL_SOURCE, measure_parallel=measure_parallel)
         smallest = settled.probe.timings[0]
         return Choice(peak=peak, peak_source=peak_source, settled=settled, setup=setup,
                       notes=(thread_note,) if thread_note else (), smallest_step=(smallest.label(),
                                                                                   smallest.step_seconds),
-                      dp_efficiency=efficiency)
+                      dp_efficiency=settled.dp_efficiency, dp_source=settled.dp_source)
 
 
 def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request: PlanRequest) -> Plan:
@@ -358,7 +370,7 @@ def plan_for(*, hardware: Any, data: Any, throughput: ThroughputSource, request:
         decision=decision, bl=bl, probe=probe, ladder=ladder, reserve=reserve, cadence=cadence, setup=setup,
         seq_reason=seq_reason, law=law, calibration=calibration or reused, mfu=mfu, budget_seconds=budget_seconds,
         gpu_count=hw.count if setup.device == "cuda" else 1, ranks=request.gpus, dp_efficiency=choice.dp_efficiency,
-        shown=shown, fit=fit,
+        dp_source=choice.dp_source, shown=shown, fit=fit,
     )
     # a what-if says so first; the real path's notes (CPU threads) follow the device's reasons
     plan_reasons = [*choice.notes, *plan_reasons] if choice.what_if else [*plan_reasons, *choice.notes]

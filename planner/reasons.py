@@ -40,6 +40,7 @@ def reasons(
     gpu_count: int,
     ranks: int = 1,
     dp_efficiency: float = 1.0,
+    dp_source: str = DATA_PARALLEL_SOURCE,
     shown: Presented | None = None,
     fit: LawFit | None = None,
 ) -> list[str]:
@@ -89,7 +90,7 @@ def reasons(
     if ranks > 1:
         lines.append(
             f"Planned for {ranks} GPUs, data parallel: {ranks} × one GPU's tokens/s × {dp_efficiency:.0%} "
-            f"({DATA_PARALLEL_SOURCE}); micro-batch {bl.micro_batch} × grad_accum {bl.grad_accum} per GPU, "
+            f"({dp_source}); micro-batch {bl.micro_batch} × grad_accum {bl.grad_accum} per GPU, "
             f"{bl.global_batch_tokens():,} tokens per step in all. Run it with "
             f"`torchrun --nproc-per-node {ranks} -m oneday run plan.json`."
         )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from oneday.errors import UserError
 from oneday.models.spec import ModelSpec
 from oneday.planner.budget import Cadence, Reserve, plan_cadence, reserve_for
 from oneday.planner.decide import BatchLR, Decision, batch_and_lr, choose
@@ -24,6 +25,7 @@ from oneday.progress import Progress
 
 if TYPE_CHECKING:
     from oneday.planner.measure import ThroughputProbe
+    from oneday.planner.parallel import ParallelTiming
 
 MAX_LADDER_EXTENSIONS = 2
 MAX_PLAN_CHECKS = 2
@@ -60,11 +62,25 @@ class Settled:
     cadence: Cadence
     bl: BatchLR
     probe_seconds: float
+    dp_efficiency: float = 1.0
+    dp_source: str = ""
+    """Where `dp_efficiency` comes from, for the reasons: measured here, or assumed (and why)."""
+
+
+MeasureParallel = Callable[[ModelSpec, BatchLR, float], "ParallelTiming"]
+"""(shape, its batch split over the ranks, seconds allowed) -> the step timed alone and under DDP
+(`planner.parallel.measure_data_parallel` on the real path; simulated in tests)."""
+
+# The data-parallel measurement runs the chosen shape's step on every GPU twice (alone, then under DDP), each
+# compiled when the plan compiles: it gets the time left of `SETTLE_MAX_BUDGET_SHARE` and runs only when that
+# is at least this, plus two compilations (`COMPILE_FALLBACK_SECONDS` each) when the plan compiles.
+PARALLEL_MIN_SECONDS = 60.0
 
 
 def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setup: Setup, budget_seconds: float,
             probe_started: float, prepared: Any, law: LossLaw, band_law: LossLaw, clock: Callable[[], float],
-            progress: Progress, ranks: int = 1, dp_efficiency: float = 1.0) -> Settled:
+            progress: Progress, ranks: int = 1, dp_efficiency: float = 1.0, dp_source: str = "",
+            measure_parallel: MeasureParallel | None = None) -> Settled:
     """Choose on what the probe measured, then measure what the choice rests on and choose again, until
     nothing is left to measure (`_next_measurement`) or the time is up: when the choice is an end of the
     ladder, one rung beyond it (at most `MAX_LADDER_EXTENSIONS`: the optimum may lie outside the range); then
@@ -72,7 +88,10 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
     measurements count as probing, and run while their predicted cost fits in the probe's time plus
     `EXTRA_PROBE_SHARE` of it; each gets at least `SETTLE_MIN_SECONDS`, within `SETTLE_MAX_BUDGET_SHARE` of the
     budget. On `ranks` GPUs the choice rests on `ranks` × the measured throughput ×
-    `dp_efficiency` (`throughput.data_parallel`), and the batch is split across them (`split_batch`)."""
+    `dp_efficiency` (`throughput.data_parallel`), and the batch is split across them (`split_batch`). With
+    `measure_parallel`, once nothing is left to measure on one GPU the chosen step is timed on the `ranks` GPUs
+    (at least `PARALLEL_MIN_SECONDS`) and the choice is made again with the measured efficiency; when that
+    fails, `dp_efficiency` stays and `dp_source` says why."""
     from oneday.planner.measure import measure_more
 
     deadline = probe_started + (1.0 + EXTRA_PROBE_SHARE) * setup.probe_seconds
@@ -102,9 +121,23 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
         wanted = _next_measurement(decision, bl, ladder=ladder, setup=setup, tried=tried, micro_cap=cap,
                                    extend=extensions < MAX_LADDER_EXTENSIONS, check=checks < MAX_PLAN_CHECKS,
                                    timed_seconds=timed.measurement.seconds_measured if timed is not None else 0.0)
+        if wanted is None and ranks > 1 and measure_parallel is not None:
+            allowed = latest - clock()
+            needed = PARALLEL_MIN_SECONDS + (2 * COMPILE_FALLBACK_SECONDS if setup.compile else 0.0)
+            if allowed < needed:
+                dp_source = (f"{dp_source}; not measured: {allowed:.0f} s of the budget's "
+                             f"{SETTLE_MAX_BUDGET_SHARE:.0%} for measuring were left, it needs {needed:.0f} s")
+            else:
+                try:
+                    timing = measure_parallel(chosen.spec, bl, allowed)
+                    dp_efficiency, dp_source = timing.efficiency(), timing.sentence()
+                except UserError as exc:
+                    dp_source = f"{dp_source}; measuring it failed: {exc}"
+            measure_parallel = None  # once: the choice is made again with what it found
+            continue
         if wanted is None:
             return Settled(ladder=ladder, probe=probe, decision=decision, reserve=reserve, cadence=cadence, bl=bl,
-                            probe_seconds=spent)
+                            probe_seconds=spent, dp_efficiency=dp_efficiency, dp_source=dp_source)
         spec, micro, rung = wanted
         tried.add((shape_key(spec), micro))
         extensions += rung

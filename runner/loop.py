@@ -57,7 +57,15 @@ from oneday.runner.pacing import Pacer, TrainingClock
 from oneday.runner.records import EvalRecord, Event, LoopResult, NullObserver, Observer, StepRecord
 from oneday.runner.schedule import lr_multiplier
 from oneday.runner.state import TrainState
-from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate_with_se, grad_scaler, make_optimizer
+from oneday.runner.step import (
+    LMLoss,
+    TrainStep,
+    autocast,
+    evaluate_with_se,
+    grad_scaler,
+    make_optimizer,
+    wrap_data_parallel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +162,7 @@ def train(
     net = poisoned_net or net
     group = None
     if dist is not None:
-        # broadcast_buffers off: the only buffers (RoPE frequencies) are constants; no collective per forward.
-        device_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if cuda else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False,
-                                                  gradient_as_bucket_view=True)
+        net = wrap_data_parallel(net, device=dev)
         # Decisions travel as CPU tensors on a gloo group, so agreeing on them never waits for the GPU.
         group = torch_dist.new_group(backend="gloo") if dist.backend == "nccl" else None
     if spec.compile:  # compile DDP, not DDP the compiled module: the graph splits at DDP's buckets, so each

@@ -23,6 +23,8 @@ same loss, same optimizer kernel, same autocast, same clipping, same skip of a b
   micro-step only), gradient clipping, the on-device bad-step flag (a non-finite loss or gradient norm —
   under fp16 the loss only —, on any rank) fed to the fused optimizer, the update. It returns [mean loss,
   gradient norm, bad] as a device tensor: the host reads it only when it wants to (the loop every few steps).
+- `wrap_data_parallel`: the DDP wrapper of the step on several ranks (the run's under torchrun, and the
+  planner's measurement of the data-parallel efficiency).
 - `evaluate`: the mean next-token loss over fixed validation batches, no gradients (what an evaluation costs
   is what the probe times as the forward speed); `evaluate_with_se` adds its standard error over the batches.
 - `keep_freed_memory`: the CPU allocator setting every CPU step runs under, the probe's as the run's. PyTorch
@@ -169,6 +171,16 @@ class TrainStep:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack([loss_sum / accum, grad_norm.float(), bad])
+
+
+def wrap_data_parallel(net: nn.Module, *, device: torch.device) -> nn.Module:
+    """`net` under DDP as the run trains it on several ranks (and the planner times it: `planner.parallel`).
+    broadcast_buffers off: the only buffers (RoPE frequencies) are constants, so no collective per forward;
+    gradients as views of the all-reduce buckets: no second copy of them."""
+    cuda = device.type == "cuda"
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False,
+                                               gradient_as_bucket_view=True)
 
 
 def evaluate(loss: nn.Module, batches: Sequence[torch.Tensor], *, precision: Autocast = nullcontext) -> float:

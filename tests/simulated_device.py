@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oneday.models.spec import ModelSpec
+from oneday.planner.parallel import ParallelTiming
 from oneday.planner.throughput import Measurement
 from oneday.planner.timing import (
     CUDA_MAX_TOKENS_PER_MICRO_BATCH,
@@ -62,6 +63,8 @@ class SimulatedGpu:
     f0: float = 4.4e8
     calls: list[tuple[str, int | None]] = field(default_factory=list)
     """(shape label, requested micro-batch) of every call, in order."""
+    parallel: list[ParallelTiming] = field(default_factory=list)
+    """What every data-parallel measurement returned."""
 
     def mfu(self, spec: ModelSpec, tokens_per_micro_batch: int) -> float:
         full = self.mfu_ceiling * (1.0 - math.exp(-((spec.flops_per_token() / self.f0) ** 0.75)))
@@ -129,6 +132,22 @@ class SimulatedGpu:
             memory_source="measured: torch.cuda.max_memory_allocated", micro_batch_reason=reason,
             seconds=self.clock() - started,
         )
+
+    link_bytes_per_s: float = 100e9
+    """What the all-reduce moves per second per GPU and does not hide behind the backward pass."""
+
+    def measure_data_parallel(self, spec: ModelSpec, *, ranks: int, micro_batch: int, grad_accum: int,
+                              compile: bool, timeout_seconds: float, **_: object) -> ParallelTiming:
+        """`planner.parallel.measure_data_parallel` on `ranks` of these GPUs: the step alone, and with a ring
+        all-reduce of the fp32 gradients (2·(K−1)/K of their bytes) at `link_bytes_per_s` added."""
+        self.calls.append((f"{spec.label()} on {ranks}", micro_batch))
+        alone = grad_accum * self.step_seconds(spec, micro_batch)
+        together = alone + 2 * (ranks - 1) / ranks * 4 * spec.params_total() / self.link_bytes_per_s
+        compile_seconds = 10.0 + 1.5 * spec.n_layer if compile else 0.0
+        self.clock.advance(2 * (compile_seconds + 5 * together))
+        timing = ParallelTiming(ranks=ranks, backend="nccl", alone_seconds=alone, together_seconds=together)
+        self.parallel.append(timing)
+        return timing
 
 
 @dataclass

@@ -496,27 +496,64 @@ def test_probe_share_grows_with_the_budget() -> None:
     assert all(s <= max(cpu, 0.02 * b) for s, b in zip(shares, budgets, strict=True))  # ... nor a larger share
 
 
-def test_simulated_two_gpus_plan_for_the_aggregate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 12, section 5: `--gpus 2` on a machine with two (simulated) H200s plans for their aggregate: 2 × the
-    measured throughput × the assumed data-parallel efficiency, per-rank micro-batches and the global batch."""
+def _two_simulated_gpus(monkeypatch: pytest.MonkeyPatch, **gpu_settings):
     from dataclasses import replace
 
-    from oneday.planner import hardware
-    from oneday.planner.throughput import DATA_PARALLEL_EFFICIENCY
+    from oneday.planner import hardware, parallel
     from tests.simulated_device import SimulatedGpu
 
-    gpu = SimulatedGpu()
+    gpu = SimulatedGpu(**gpu_settings)
     _simulate(monkeypatch, gpu, name="NVIDIA H200", free_bytes=gpu.free_memory_bytes)
     two = replace(hardware.probe_hardware("cuda"), count=2)
     monkeypatch.setattr(hardware, "probe_hardware", lambda device="auto": two)
-    plan = make_plan(hours=1, data="simulated", device="cuda", gpus=2, clock=gpu.clock)
+    monkeypatch.setattr(parallel, "measure_data_parallel", gpu.measure_data_parallel)
+    return gpu
+
+
+def test_two_gpus_keep_the_assumed_efficiency_and_say_why_when_it_is_not_measured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 h plan leaves too little of its measuring share for two compiled steps on both GPUs; a measurement
+    that fails (a rank out of memory) leaves the assumption too. Either way the reasons say so."""
+    from oneday.planner import parallel
+    from oneday.planner.parallel import ParallelMeasureError
+    from oneday.planner.throughput import DATA_PARALLEL_EFFICIENCY
+
+    gpu = _two_simulated_gpus(monkeypatch)
+    short = make_plan(hours=1, data="simulated", device="cuda", gpus=2, clock=gpu.clock)
+    assert not gpu.parallel and short.prediction.data_parallel_efficiency == DATA_PARALLEL_EFFICIENCY
+    assert any("an assumption, not measured" in r and "; not measured: " in r and "it needs 180 s" in r
+               for r in short.reasons)
+
+    def fails(*args, **kwargs):
+        raise ParallelMeasureError("rank 1: CUDA out of memory")
+
+    monkeypatch.setattr(parallel, "measure_data_parallel", fails)
+    failed = make_plan(hours=4, data="simulated", device="cuda", gpus=2, clock=gpu.clock)
+    assert failed.prediction.data_parallel_efficiency == DATA_PARALLEL_EFFICIENCY
+    assert any("measuring it failed: rank 1: CUDA out of memory" in r for r in failed.reasons)
+
+
+def test_simulated_two_gpus_plan_for_the_aggregate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12, section 5: `--gpus 2` on a machine with two (simulated) H200s plans for their aggregate: 2 × the
+    measured throughput × the data-parallel efficiency measured on both, per-rank micro-batches and the global
+    batch."""
+    gpu = _two_simulated_gpus(monkeypatch, link_bytes_per_s=20e9)
+    plan = make_plan(hours=4, data="simulated", device="cuda", gpus=2, clock=gpu.clock)
     t, chosen = plan.train, next(c for c in plan.candidates if c.chosen)
     assert t.world_size == 2 and plan.hardware.count == 2
-    assert plan.prediction.data_parallel_efficiency == DATA_PARALLEL_EFFICIENCY
+    # the chosen step was timed on both GPUs at about the plan's per-rank batch (planning again with the measured
+    # efficiency moves the tokens, hence the batch, a little), and the plan rests on that measurement
+    on_two = [(label, micro) for label, micro in gpu.calls if label.endswith(" on 2")]
+    assert len(on_two) == 1 and on_two[0][0] == f"{plan.model.label()} on 2"
+    assert on_two[0][1] == pytest.approx(t.micro_batch, rel=0.1)
+    efficiency = plan.prediction.data_parallel_efficiency
+    assert efficiency == gpu.parallel[0].efficiency() and 0.5 < efficiency < 0.99
+    assert any("Planned for 2 GPUs" in r and f"× {efficiency:.0%} (measured here: the step took" in r
+               for r in plan.reasons)
     assert chosen.measured and t.micro_batch <= chosen.micro_batch
     # the chosen shape's tokens/s: two GPUs at the efficiency, each at what the probe measured on one
     measured_one = chosen.micro_batch * t.seq_len / gpu.step_seconds(plan.model, chosen.micro_batch)
-    assert chosen.tokens_per_s == pytest.approx(2 * DATA_PARALLEL_EFFICIENCY * measured_one, rel=1e-6)
+    assert chosen.tokens_per_s == pytest.approx(2 * efficiency * measured_one, rel=1e-6)
     assert chosen.mfu == pytest.approx(chosen.tokens_per_s * plan.model.flops_per_token()
                                        / (2 * plan.hardware.peak_flops), rel=1e-6)
     assert plan.prediction.tokens_per_s == pytest.approx(chosen.tokens_per_s)
