@@ -23,7 +23,10 @@ Prints, section by section (each section reports FAILED with its reason and the 
    limit the planner used;
 7. run — `oneday run` (`run_plan`) of that plan end to end, compiled (the planner compiles only budgets ≥ 30
    min, so a short check forces it and says so): wall time against the budget, tokens planned against achieved,
-   MFU, final validation loss.
+   MFU, final validation loss;
+8. parallel — on a machine with two or more GPUs, the data-parallel efficiency `oneday plan --gpus K` measures
+   (`planner.parallel`: the plan's step on every GPU alone, then under DDP), against the assumed 90%; skipped on
+   one GPU.
 
 Data travels with the check: prepare it on a CPU machine first, then pass the same spec and cache folder:
 
@@ -478,6 +481,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_parallel(report: Report, plan: Any, *, ranks: int, device: str, compile_: bool) -> None:
+    """The plan's step on `ranks` GPUs (gloo ranks on the CPU), alone and under DDP
+    (`planner.parallel.measure_data_parallel`, what `oneday plan --gpus K` runs), against the assumed 90%."""
+    from oneday.planner.parallel import measure_data_parallel
+    from oneday.planner.throughput import DATA_PARALLEL_EFFICIENCY
+
+    t = plan.train
+    timing = measure_data_parallel(plan.model, ranks=ranks, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+                                   device=device, dtype=t.precision, compile=compile_,
+                                   threads=1 if device == "cpu" else None, tokens=None, timeout_seconds=600.0)
+    report.line("ranks", ranks, f"{ranks} ({timing.backend}), micro-batch {t.micro_batch} × grad_accum "
+                f"{t.grad_accum} of {plan.model.label()}")
+    report.line("alone_seconds", timing.alone_seconds, f"{timing.alone_seconds:.4f} s a step on each, alone")
+    report.line("together_seconds", timing.together_seconds, f"{timing.together_seconds:.4f} s under DDP")
+    report.line("efficiency", timing.efficiency(),
+                f"{timing.efficiency():.1%} (assumed without a measurement: {DATA_PARALLEL_EFFICIENCY:.0%})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -561,6 +582,16 @@ def main(argv: list[str] | None = None) -> int:
             run_e2e(report, plan, args, device=device, work=work)
 
         run_section("run", "`oneday run` end to end", run_body)
+
+        def parallel_body() -> None:
+            if plan is None:
+                raise Skip("no plan")
+            ranks = 2 if args.dry_run else min(8, torch.cuda.device_count())
+            if ranks < 2:
+                raise Skip("one GPU here: the data-parallel efficiency needs two or more")
+            check_parallel(report, plan, ranks=ranks, device=device, compile_=cuda)
+
+        run_section("parallel", "the data-parallel efficiency `oneday plan --gpus K` measures", parallel_body)
 
     total = time.perf_counter() - started
     print(f"\n{'DRY RUN ' if args.dry_run else ''}done in {total:.0f} s: "

@@ -37,7 +37,7 @@ def test_dry_run_passes_every_section(dry_run) -> None:
     result, report = dry_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "DRY RUN done" in result.stdout and "all sections passed" in result.stdout
-    assert set(report["sections"]) == {"probe", "sdpa", "nan", "shapes", "plan", "chosen", "run"}
+    assert set(report["sections"]) == {"probe", "sdpa", "nan", "shapes", "plan", "chosen", "run", "parallel"}
     assert all(s["status"] == "ok" for s in report["sections"].values())
     assert "not checked on the CPU" in result.stdout  # what needs CUDA says so
 
@@ -54,3 +54,5 @@ def test_dry_run_figures(dry_run) -> None:
     assert len(timed) == 3 and all(t["tokens_per_s"] > 0 and t["micro_batch"] >= 1 for t in timed)
     run = sections["run"]
     assert run["tokens"] > 0 and math.isfinite(run["final_val_loss"])
+    parallel = sections["parallel"]  # two gloo ranks stand for two GPUs
+    assert parallel["ranks"] == 2 and 0 < parallel["efficiency"] <= 1 and parallel["together_seconds"] > 0
