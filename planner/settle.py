@@ -124,17 +124,17 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
         if wanted is None and ranks > 1 and measure_parallel is not None:
             allowed = latest - clock()
             needed = PARALLEL_MIN_SECONDS + (2 * COMPILE_FALLBACK_SECONDS if setup.compile else 0.0)
+            measure, measure_parallel = measure_parallel, None  # once
             if allowed < needed:
-                dp_source = (f"{dp_source}; not measured: {allowed:.0f} s of the budget's "
+                dp_source = (f"{dp_source}; not measured: {max(0.0, allowed):.0f} s of the budget's "
                              f"{SETTLE_MAX_BUDGET_SHARE:.0%} for measuring were left, it needs {needed:.0f} s")
             else:
                 try:
-                    timing = measure_parallel(chosen.spec, bl, allowed)
+                    timing = measure(chosen.spec, bl, allowed)
                     dp_efficiency, dp_source = timing.efficiency(), timing.sentence()
                 except UserError as exc:
                     dp_source = f"{dp_source}; measuring it failed: {exc}"
-            measure_parallel = None  # once: the choice is made again with what it found
-            continue
+                continue  # choose again: on the measured efficiency, and with the time it took counted
         if wanted is None:
             return Settled(ladder=ladder, probe=probe, decision=decision, reserve=reserve, cadence=cadence, bl=bl,
                             probe_seconds=spent, dp_efficiency=dp_efficiency, dp_source=dp_source)

@@ -525,12 +525,14 @@ def test_two_gpus_keep_the_assumed_efficiency_and_say_why_when_it_is_not_measure
                for r in short.reasons)
 
     def fails(*args, **kwargs):
+        gpu.clock.advance(500.0)  # what the ranks took before one failed
         raise ParallelMeasureError("rank 1: CUDA out of memory")
 
     monkeypatch.setattr(parallel, "measure_data_parallel", fails)
     failed = make_plan(hours=4, data="simulated", device="cuda", gpus=2, clock=gpu.clock)
     assert failed.prediction.data_parallel_efficiency == DATA_PARALLEL_EFFICIENCY
     assert any("measuring it failed: rank 1: CUDA out of memory" in r for r in failed.reasons)
+    assert failed.provenance.probe_seconds > 500  # the time it took counts against the budget
 
 
 def test_simulated_two_gpus_plan_for_the_aggregate(monkeypatch: pytest.MonkeyPatch) -> None:
