@@ -20,6 +20,7 @@ saying why.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import tempfile
 import time
@@ -29,6 +30,8 @@ from typing import Any
 
 from oneday.errors import UserError, first_line
 from oneday.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 WARMUP_STEPS = {False: 1, True: 2}  # by compile: a compiled step's first call compiles
 TIMED_STEPS = 3
@@ -102,11 +105,15 @@ def measure_data_parallel(
     errors = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if res.get("error")]
     if errors:
         raise ParallelMeasureError(errors[0])
-    return ParallelTiming(
+    timing = ParallelTiming(
         ranks=ranks, backend=results[0]["backend"],
         alone_seconds=sum(r["alone"] for r in results) / ranks,
         together_seconds=sum(r["together"] for r in results) / ranks,
     )
+    log.info("measured %s on %d ranks (%s): %.4f s a step alone, %.4f s under DDP, efficiency %.1f%%",
+             spec.label(), ranks, timing.backend, timing.alone_seconds, timing.together_seconds,
+             100 * timing.efficiency())
+    return timing
 
 
 def _free_port() -> int:

@@ -130,7 +130,8 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
                              f"{SETTLE_MAX_BUDGET_SHARE:.0%} for measuring were left, it needs {needed:.0f} s")
             else:
                 try:
-                    timing = measure(chosen.spec, bl, allowed)
+                    with progress.task(f"timing {chosen.label()} on {ranks} GPUs, alone and together"):
+                        timing = measure(chosen.spec, bl, allowed)
                     dp_efficiency, dp_source = timing.efficiency(), timing.sentence()
                 except UserError as exc:
                     dp_source = f"{dp_source}; measuring it failed: {exc}"
