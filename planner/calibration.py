@@ -306,10 +306,13 @@ class CachedCalibration:
 
 def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict[str, object]:
     """What identifies the prepared data (its meta.json): the cache key (which hashes the corpus, the tokenizer
-    and the settings) and the checksum of the training tokens."""
+    and the settings) and the checksum of the training tokens; and how the validation losses were scored
+    (`VAL_WINDOWS_SCHEME`: a fit on other validation windows describes other numbers)."""
+    from oneday.data.windows import VAL_WINDOWS_SCHEME
+
     meta = json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8"))
     return {"key": meta.get("key"), "train_checksum": (meta.get("xxh3_64") or {}).get("train.bin"),
-            "vocab_size": meta.get("vocab_size")}
+            "vocab_size": meta.get("vocab_size"), "val_windows": VAL_WINDOWS_SCHEME}
 
 
 def save_cached_calibration(data_dir: str | os.PathLike[str], payload: dict[str, object]) -> Path | None:
@@ -336,7 +339,8 @@ def cached_calibration(data_dir: str | os.PathLike[str]) -> CachedCalibration | 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if raw.get("data") != data_fingerprint(data_dir):
-            log.info("calibration: %s was fitted on other data (the data changed); not used", path)
+            log.info("calibration: %s was fitted on other data (the data, or how validation is scored, changed); "
+                     "not used", path)
             return None
         law = load_calibration(path)
         points = tuple((float(n), float(d), float(loss)) for n, d, loss in raw.get("points") or ())

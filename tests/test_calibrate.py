@@ -180,6 +180,12 @@ def test_a_kept_calibration_is_offered_and_dropped_when_the_data_changes(tmp_pat
     assert save_cached_calibration(entry, _payload(truth, points)) == entry / "calibration.json"
     kept = cached_calibration(entry)
     assert kept is not None and kept.law.E == truth.E and kept.points == tuple(points)
+    # a fit kept before validation was scored on windows spread over the whole set: its losses are other numbers
+    record = json.loads((entry / "calibration.json").read_text())
+    del record["data"]["val_windows"]
+    (entry / "calibration.json").write_text(json.dumps(record))
+    assert cached_calibration(entry) is None
+    save_cached_calibration(entry, _payload(truth, points))
     # the token files were prepared again with other bytes: the fit belongs to other data
     (entry / "meta.json").write_text(json.dumps({**meta, "xxh3_64": {"train.bin": "cccc", "val.bin": "bbbb"}}))
     assert cached_calibration(entry) is None
