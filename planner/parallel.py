@@ -13,8 +13,8 @@ under torchrun):
 efficiency = mean alone step time / mean together step time (at most 1). Each phase warms up
 (`WARMUP_STEPS`: the first compiled step compiles) and then times `TIMED_STEPS` steps between barriers. The
 processes are started with `spawn` (the planner's own process already holds a CUDA context) and must finish
-within the time the planner gives, else `ParallelMeasureError` and the plan keeps the assumed efficiency,
-saying why.
+within the time the planner gives; the first rank's error ends them all at once (the others may be waiting for
+it in a collective). Either way `ParallelMeasureError`, and the plan keeps the assumed efficiency, saying why.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 from oneday.errors import UserError, first_line
 from oneday.models.spec import ModelSpec
+from oneday.paths import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ def measure_data_parallel(
         deadline = time.monotonic() + timeout_seconds
         try:
             while not context.join(timeout=0.5):
+                failed = _first_error(Path(tmp), ranks)  # the others may wait for it in a collective: stop them
+                if failed is not None:
+                    raise ParallelMeasureError(failed)
                 if time.monotonic() > deadline:
                     raise ParallelMeasureError(f"the {ranks} ranks did not finish within {timeout_seconds:.0f} s")
         except mp.ProcessRaisedException as exc:  # a failure outside the worker's own handler
@@ -101,10 +105,10 @@ def measure_data_parallel(
         if not all(path.exists() for path in written):
             raise ParallelMeasureError(f"rank {next(r for r, p in enumerate(written) if not p.exists())} "
                                        "ended without a result")
+        failed = _first_error(Path(tmp), ranks)
+        if failed is not None:
+            raise ParallelMeasureError(failed)
         results = [json.loads(path.read_text()) for path in written]
-    errors = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if res.get("error")]
-    if errors:
-        raise ParallelMeasureError(errors[0])
     timing = ParallelTiming(
         ranks=ranks, backend=results[0]["backend"],
         alone_seconds=sum(r["alone"] for r in results) / ranks,
@@ -114,6 +118,17 @@ def measure_data_parallel(
              spec.label(), ranks, timing.backend, timing.alone_seconds, timing.together_seconds,
              100 * timing.efficiency())
     return timing
+
+
+def _first_error(out: Path, ranks: int) -> str | None:
+    """"rank r: <its error>" for the first rank that wrote an error to `out`, or None."""
+    for rank in range(ranks):
+        path = out / f"rank{rank}.json"
+        if path.exists():
+            error = json.loads(path.read_text()).get("error")
+            if error:
+                return f"rank {rank}: {error}"
+    return None
 
 
 def _free_port() -> int:
@@ -130,7 +145,7 @@ def _rank(rank: int, job: dict[str, Any]) -> None:
         result = _time_rank(rank, job)
     except Exception as exc:  # every failure becomes the plan's reason for keeping the assumed efficiency
         result = {"error": first_line(exc)}
-    out.write_text(json.dumps(result))
+    write_atomic(out, json.dumps(result))  # the planner polls for these: never half a file
 
 
 def _time_rank(rank: int, job: dict[str, Any]) -> dict[str, Any]:
