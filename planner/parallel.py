@@ -154,7 +154,7 @@ def _time_rank(rank: int, job: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.distributed as torch_dist
 
-    from oneday.data.windows import WindowSampler
+    from oneday.data.windows import ProbeBatches
     from oneday.models.build import build_model, param_groups
     from oneday.runner.step import (
         LMLoss,
@@ -187,14 +187,9 @@ def _time_rank(rank: int, job: dict[str, Any]) -> dict[str, Any]:
                                    betas=(0.9, 0.95))
         loss = LMLoss(model)
         precision, scaler = autocast(device, job["dtype"]), grad_scaler(device, job["dtype"])
-        rows = job["micro_batch"] * job["grad_accum"]
-        tokens = job["tokens"]
-        if tokens is not None and len(tokens) >= 2 * spec.seq_len:
-            sampler = WindowSampler(tokens, seq_len=spec.seq_len, seed=0)
-            batch = torch.from_numpy(sampler.batch(0, rows, rank=rank, world_size=ranks)).to(dev)
-        else:
-            gen = torch.Generator().manual_seed(rank)
-            batch = torch.randint(0, spec.vocab_size, (rows, spec.seq_len + 1), generator=gen).to(dev)
+        draw = ProbeBatches(job["tokens"], seq_len=spec.seq_len, vocab_size=spec.vocab_size, rank=rank,
+                            world_size=ranks)
+        batch = torch.from_numpy(draw(job["micro_batch"] * job["grad_accum"])).to(dev)
 
         def steady_seconds(net: Any, *, ddp: bool) -> float:
             step = TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=job["grad_accum"],

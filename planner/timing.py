@@ -175,7 +175,7 @@ def time_shape(
     """
     import torch
 
-    from oneday.data.windows import WindowSampler
+    from oneday.data.windows import ProbeBatches
     from oneday.models.build import build_model, param_groups
     from oneday.runner.step import LMLoss, TrainStep, autocast, evaluate, grad_scaler, make_optimizer
 
@@ -187,21 +187,11 @@ def time_shape(
     loss = LMLoss(model)
     precision = autocast(device, dtype)
     scaler = grad_scaler(device, dtype)  # fp16: the run's loss scaler is part of the step it times
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    # the run's own sampler over the sample (too short for one window at every offset: uniform tokens)
-    sampler = WindowSampler(tokens, seq_len=spec.seq_len, seed=0) if (
-        tokens is not None and len(tokens) >= 2 * spec.seq_len) else None
-    cursor = 0
+    draw = ProbeBatches(tokens, seq_len=spec.seq_len, vocab_size=spec.vocab_size)
 
     def batch(m: int) -> Any:
-        """m windows of seq_len + 1 tokens (inputs and their next-token targets): the next m the sampler gives,
-        as the run reads them, or uniform random tokens without a sample."""
-        nonlocal cursor
-        if sampler is None:
-            return torch.randint(0, spec.vocab_size, (m, spec.seq_len + 1), generator=gen).to(device)
-        rows = sampler.batch(cursor, m)
-        cursor += m
-        return torch.from_numpy(rows).to(device)
+        """m windows of seq_len + 1 tokens (inputs and their next-token targets), as the run reads them."""
+        return torch.from_numpy(draw(m)).to(device)
 
     def trainer(net: Any) -> TrainStep:
         return TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=GRAD_CLIP,

@@ -127,6 +127,28 @@ class Prefetcher:
         self._pool.shutdown(wait=True)
 
 
+class ProbeBatches:
+    """The windows a throughput measurement trains on (`planner.timing`, `planner.parallel`): the next ones the
+    run's own `WindowSampler` gives over a training sample, this rank's share of each; uniform random tokens
+    when there is no sample, or one too short for a window at every offset (a what-if's assumed data)."""
+
+    def __init__(self, tokens: np.ndarray | None, *, seq_len: int, vocab_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        usable = tokens is not None and len(tokens) >= 2 * seq_len
+        self.sampler = WindowSampler(tokens, seq_len=seq_len, seed=0) if usable else None
+        self.rng = np.random.default_rng([0, rank])
+        self.seq_len, self.vocab_size, self.rank, self.world_size = seq_len, vocab_size, rank, world_size
+        self.cursor = 0
+
+    def __call__(self, n: int) -> np.ndarray:
+        """int64 [n, seq_len + 1]: the next n windows of this rank."""
+        if self.sampler is None:
+            return self.rng.integers(0, self.vocab_size, (n, self.seq_len + 1), dtype=np.int64)
+        rows = self.sampler.batch(self.cursor, n, rank=self.rank, world_size=self.world_size)
+        self.cursor += n * self.world_size
+        return rows
+
+
 VAL_WINDOWS_SCHEME = "spread"
 """How `val_windows` picks its windows; kept with a calibration (`planner.calibration.data_fingerprint`), whose
 losses were scored this way: a fit scored on other windows is not reused."""
@@ -159,4 +181,4 @@ def val_batches(val_tokens: np.ndarray, *, seq_len: int, max_tokens: int, batch_
     return [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
-__all__ = ["VAL_WINDOWS_SCHEME", "Prefetcher", "WindowSampler", "val_batches", "val_windows"]
+__all__ = ["VAL_WINDOWS_SCHEME", "Prefetcher", "ProbeBatches", "WindowSampler", "val_batches", "val_windows"]
