@@ -16,6 +16,7 @@ from oneday.formats import finite_or_none
 from oneday.paths import write_failed_for_space
 from oneday.runner.records import LoopResult
 from oneday.runner.session import Session
+from oneday.runner.speed_watch import speed_note
 from oneday.runner.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,26 @@ def build_summary(session: Session, result: LoopResult, *, prep_seconds: float, 
         model_dir=str(paths.final) if paths.final.exists() else None, mlflow_run_id=run_id,
         mlflow_experiment=session.experiment, tracking_uri=session.tracking_uri, tracking_error=tracking_error,
         oneday_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        notes=session.notes,
+        notes=session.notes + tuple(n for n in [run_speed_note(session, result)] if n),
     )
 
 
-__all__ = ["build_summary", "save_final"]
+def measured_as_planned(session: Session) -> bool:
+    """Whether this session trains under the conditions the plan's speed was measured in: the plan's device (a
+    what-if plan was never timed here) and, on a CPU, its thread count."""
+    plan = session.plan
+    if session.device != plan.train.device or session.device != plan.hardware.device:
+        return False
+    return session.device != "cpu" or session.spec.threads == (plan.train.threads or plan.hardware.threads)
+
+
+def run_speed_note(session: Session, result: LoopResult) -> str | None:
+    """`speed_watch.speed_note` for this session's result, when it trained as the plan measured."""
+    if not measured_as_planned(session):
+        return None
+    pred = session.plan.prediction
+    return speed_note(mean_tokens_per_s=result.mean_tokens_per_s, planned_tokens_per_s=pred.tokens_per_s,
+                      tokens=result.tokens, planned_tokens=pred.tokens)
+
+
+__all__ = ["build_summary", "measured_as_planned", "run_speed_note", "save_final"]

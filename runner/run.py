@@ -32,7 +32,7 @@ from oneday.paths import write_atomic
 from oneday.plan import Plan, TrainSpec
 from oneday.runner import costs, preflight
 from oneday.runner.deadline import prior_wall
-from oneday.runner.outputs import build_summary, save_final
+from oneday.runner.outputs import build_summary, measured_as_planned, run_speed_note, save_final
 from oneday.runner.records import FanOut
 from oneday.runner.run_dir import (
     RunLedger,
@@ -44,6 +44,7 @@ from oneday.runner.run_dir import (
     prepare_run_dir,
 )
 from oneday.runner.session import Session, SessionInfo
+from oneday.runner.speed_watch import SpeedWatch
 from oneday.runner.summary import RunSummary
 from oneday.tracking import names
 from oneday.tracking.nodes import start_node_metrics
@@ -313,7 +314,7 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
                  plan.name, session.device_name if dist is None else f"{dist.world_size} × {session.device}",
                  deadline - budget_start, spec.budget_seconds, reserve)
     chain = FanOut(recorder, WallLedger(ledger, charged) if rank0 else None, _ResumeLog() if rank0 else None,
-                   observer)
+                   _speed_watch(session) if rank0 else None, observer)
 
     # -- train ------------------------------------------------------------------------------------------
     stop = threading.Event()
@@ -364,6 +365,9 @@ def _train_and_finish(session: Session, *, data: Any, prep_seconds: float, track
     summary = build_summary(session, result, prep_seconds=prep_seconds, wall=charged(), run_id=tracker.run_id,
                             tracking_error=tracker.error)
     write_atomic(paths.summary, summary.to_json())  # last: the wall time it records is the run's real one
+    note = run_speed_note(session, result)
+    if note:
+        log.warning("%s", note)
     if eval_request is not None:
         _run_benchmarks(paths.root, eval_request, device=session.device_name, interrupted=result.interrupted,
                         within_budget=bench_reserve > 0, charged=charged, budget_seconds=spec.budget_seconds)
@@ -408,6 +412,16 @@ def _run_benchmarks(root: Path, request: EvalRequest, *, device: str, interrupte
     where = "inside the budget" if within_budget and spent <= budget_seconds + 1.0 else "after the deadline"
     log.info("benchmarks scored %s in %.0f s (%s: %.0f s charged of %.0f s); %s", ",".join(request.tasks),
              result.seconds + result.load_seconds, where, spent, budget_seconds, root / "eval.json")
+
+
+def _speed_watch(session: Session) -> SpeedWatch | None:
+    """A `SpeedWatch` on the plan's speed, when this session trains as the plan measured (device, threads)."""
+    if not measured_as_planned(session):
+        return None
+    plan = session.plan
+    return SpeedWatch(planned_tokens_per_s=plan.prediction.tokens_per_s,
+                      planned_train_seconds=session.spec.train_seconds, planned_tokens=plan.prediction.tokens,
+                      device=session.device)
 
 
 class _ResumeLog:

@@ -274,6 +274,19 @@ def test_cuda_plan_runs_on_cpu_when_asked(prepared, tmp_path):
     assert summary.mfu < 1  # MFU against this CPU, not the H200
 
 
+def test_a_run_slower_than_its_plan_measured_says_so_in_its_summary(prepared, tmp_path):
+    plan = quick(prepared, steps=12)
+    promised = replace(plan, prediction=replace(plan.prediction, tokens_per_s=1e9))  # no CPU trains this fast
+    summary = run_quick(promised, tmp_path / "run")
+    notes = [n for n in summary.notes if n.startswith("trained at")]
+    assert len(notes) == 1 and "below the 1,000,000,000 tok/s the plan measured" in notes[0]
+    assert notes == [n for n in json.loads((tmp_path / "run" / "summary.json").read_text())["notes"]
+                     if n.startswith("trained at")]
+    # measured with two threads, run with one: the plan's speed was never this run's to meet
+    two = replace(promised, train=replace(promised.train, threads=2))
+    assert not [n for n in run_quick(two, tmp_path / "other").notes if n.startswith("trained at")]
+
+
 class _InterruptAt:
     """Observer that sends this process SIGINT once the loop reports `step` (Ctrl-C mid-run) and, with
     `after_checkpoint_in`, a periodic checkpoint is there (on a quiet machine 30 steps can beat the interval)."""
