@@ -107,6 +107,7 @@ def make_plan(
     calibration: str | os.PathLike[str] | None = None,
     command: str = "",
     gpus: int = 1,
+    compile: bool | None = None,
     clock: Callable[[], float] = time.monotonic,
     progress: Progress | None = None,
     auto_calibrate: bool = True,
@@ -116,7 +117,8 @@ def make_plan(
     `data`, `tokenizer`, `vocab_size`, `text_column`, `config`, `split`, `max_tokens`, `cache_dir` go to
     `prepare_data` (and into the plan's data record, so it can be prepared again elsewhere); `device` is
     auto/cuda/cpu; `probe_seconds` overrides the measuring time; `calibration` is a calibration file
-    whose law replaces the default; `gpus` plans for that many of this machine's GPUs (data parallel).
+    whose law replaces the default; `gpus` plans for that many of this machine's GPUs (data parallel);
+    `compile` True/False compiles on CUDA whatever the budget, or never (None: budgets of 30 min and more).
     Every problem the user can fix raises `UserError` (one line). The probe, the data and the measurements
     go to `plan_for`, which `oneday plan --what-if` calls with a datasheet and assumed throughput instead.
     """
@@ -127,7 +129,8 @@ def make_plan(
         budget_seconds=check_hours(hours) * 3600.0, data=data, tokenizer=tokenizer, text_column=text_column,
         config=config, split=split, max_tokens=max_tokens,
         seq_len=seq_len, name=name, probe_seconds=probe_seconds, calibration=calibration, command=command,
-        gpus=check_gpus(gpus), law=load_calibration(calibration) if calibration is not None else EPOCH_2024,
+        gpus=check_gpus(gpus), compile=compile,
+        law=load_calibration(calibration) if calibration is not None else EPOCH_2024,
     )
     check_request(request, device=device)
     hw = probe_hardware(device)
@@ -176,6 +179,8 @@ class PlanRequest:
     calibration: str | os.PathLike[str] | None = None
     command: str = ""
     gpus: int = 1
+    compile: bool | None = None
+    """`--compile/--no-compile`: torch.compile on CUDA whatever the budget, or never; None: by the budget."""
     law: LossLaw = EPOCH_2024
     """The loss law to choose by: the calibrated one from `calibration` (loaded before any slow work), else the
     default."""
@@ -217,7 +222,8 @@ def fixed_costs(hw: Any, request: PlanRequest) -> tuple[Setup, float]:
     """The device setup and what any plan on it must spend besides training; `UserError` when the budget cannot
     pay for that."""
     budget_seconds = request.budget_seconds
-    setup = setup_for(hw, budget_seconds=budget_seconds, probe_seconds=request.probe_seconds)
+    setup = setup_for(hw, budget_seconds=budget_seconds, probe_seconds=request.probe_seconds,
+                      compile=request.compile)
     floor = min_reserve_seconds(setup)
     if budget_seconds <= floor:
         raise UserError(

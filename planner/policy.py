@@ -96,19 +96,25 @@ class Setup:
     threads: int | None
     memory_limit_bytes: int
     probe_seconds: float
+    compile_asked: bool | None = None  # `oneday plan --compile/--no-compile`; None: by the budget
 
 
-def setup_for(probe: Any, *, budget_seconds: float, probe_seconds: float | None) -> Setup:
+def setup_for(probe: Any, *, budget_seconds: float, probe_seconds: float | None, compile: bool | None = None
+              ) -> Setup:
+    """The device setup (module docstring); `compile` (True/False) overrides the budget's rule on CUDA."""
     device = probe.device
     if device == "cuda":
         # no bf16 below compute capability 8.0 (V100, T4): fp16 autocast with a grad scaler; unknown: fp32
         dtype = "bf16" if probe.bf16_supported else "fp16" if probe.compute_capability else "fp32"
-        compile_ = budget_seconds >= COMPILE_MIN_SECONDS
+        compile_ = budget_seconds >= COMPILE_MIN_SECONDS if compile is None else compile
         threads = None
         free = probe.free_memory_bytes or probe.memory_bytes
         limit = int(CUDA_MEMORY_FRACTION * free - CUDA_MEMORY_RESERVED)
         floor = PROBE_MIN_SECONDS["cuda+compile" if compile_ else "cuda"]
     else:
+        if compile:
+            raise UserError("--compile: CPU plans train without torch.compile (compiling takes 60-90 s and "
+                            "gains nothing at steady state on a CPU); use it with a CUDA GPU")
         dtype, compile_ = "fp32", False
         threads = probe.torch_threads or probe.cpu_cores or 1
         free = probe.free_memory_bytes or probe.memory_bytes
@@ -118,7 +124,7 @@ def setup_for(probe: Any, *, budget_seconds: float, probe_seconds: float | None)
         raise UserError(f"{probe.name}: no free memory to train in ({free / 2**30:.2f} GiB free)")
     seconds = probe_seconds if probe_seconds is not None else probe_share(budget_seconds, floor=floor)
     return Setup(device=device, dtype=dtype, compile=compile_, threads=threads, memory_limit_bytes=limit,
-                  probe_seconds=seconds)
+                  probe_seconds=seconds, compile_asked=compile)
 
 
 def probe_share(budget_seconds: float, *, floor: float) -> float:

@@ -80,7 +80,8 @@ def reasons(
         )
     else:
         compiled = (
-            "torch.compile" if setup.compile
+            ("torch.compile (--compile)" if setup.compile_asked else "torch.compile") if setup.compile
+            else "no torch.compile (--no-compile)" if setup.compile_asked is False
             else f"no torch.compile (the budget is under {COMPILE_MIN_SECONDS / 60:.0f} min; compiling costs ~1 min)"
         )
         precision = {"bf16": "bf16 autocast, ",

@@ -305,6 +305,7 @@ def what_if_plan(
     calibration: str | os.PathLike[str] | None = None,
     throughput: str | os.PathLike[str] | None = None,
     gpus: int = 1,
+    compile: bool | None = None,
     command: str = "",
     progress: Any = None,
 ) -> Plan:
@@ -320,7 +321,7 @@ def what_if_plan(
         budget_seconds=check_hours(hours) * 3600.0, data=data or "", tokenizer=tokenizer, text_column=text_column,
         config=config, split=split, max_tokens=max_tokens,
         seq_len=seq_len, name=name, probe_seconds=probe_seconds, calibration=calibration, command=command, gpus=count,
-        law=load_calibration(calibration) if calibration is not None else EPOCH_2024,
+        compile=compile, law=load_calibration(calibration) if calibration is not None else EPOCH_2024,
     )
     check_request(request, device="cuda")
     saved = load_throughput(throughput) if throughput is not None else None  # before any slow work

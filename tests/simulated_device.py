@@ -63,6 +63,8 @@ class SimulatedGpu:
     f0: float = 4.4e8
     calls: list[tuple[str, int | None]] = field(default_factory=list)
     """(shape label, requested micro-batch) of every call, in order."""
+    compiled: list[bool] = field(default_factory=list)
+    """Whether each of those calls timed the compiled step."""
     parallel: list[ParallelTiming] = field(default_factory=list)
     """What every data-parallel measurement returned."""
 
@@ -92,6 +94,7 @@ class SimulatedGpu:
     ) -> ShapeTiming:
         assert device == "cuda"
         self.calls.append((spec.label(), micro_batch))
+        self.compiled.append(compile)
         started = self.clock()
         build = 0.3 + 30e-9 * spec.params_total()
         self.clock.advance(build)

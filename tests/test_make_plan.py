@@ -377,6 +377,28 @@ def test_simulated_gpu_times_the_chosen_shape_at_its_planned_micro_batch(monkeyp
     assert plan.model.params_scaling() >= 85e6  # still 12×768 or larger
 
 
+@pytest.mark.parametrize(("hours", "asked", "compiled"), [(0.25, True, True), (2, False, False), (0.25, None, False)])
+def test_compile_can_be_asked_for_or_refused_whatever_the_budget(
+    monkeypatch: pytest.MonkeyPatch, hours: float, asked: bool | None, compiled: bool
+) -> None:
+    """`oneday plan --compile` on a 15-minute GPU budget: the probe times the compiled step and the reserve pays
+    for compiling, so the plan's tokens are those of the run it describes (bench/gpu_check.py plans so)."""
+    from oneday.planner.policy import COMPILE_FALLBACK_SECONDS
+    from tests.simulated_device import SimulatedGpu
+
+    gpu = SimulatedGpu()
+    _simulate(monkeypatch, gpu, name="NVIDIA H200", free_bytes=gpu.free_memory_bytes)
+    plan = make_plan(hours=hours, data="simulated", device="cuda", clock=gpu.clock, compile=asked)
+    assert plan.train.compile is compiled
+    assert set(gpu.compiled) == {compiled}
+    setup_reason = next(r for r in plan.reasons if r.startswith("CUDA:"))
+    said = {True: "torch.compile (--compile)", False: "no torch.compile (--no-compile)",
+            None: "no torch.compile (the budget is under 30 min"}[asked]
+    assert said in setup_reason
+    if compiled:  # the compile is reserved, not taken out of the tokens
+        assert plan.train.reserve_seconds() >= COMPILE_FALLBACK_SECONDS
+
+
 def test_simulated_gpu_plan_uses_the_micro_batch_an_oom_left(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check of the chosen shape runs out of memory (less free memory than reported): the plan's
     micro-batch is the one that ran."""

@@ -145,6 +145,13 @@ def test_budget_too_small(tmp_path: Path) -> None:
     assert not cache.exists()
 
 
+def test_compile_on_a_cpu_is_refused_before_any_work(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    line = _fails(cache, tmp_path, "--minutes", "5", "--data", "builtin:pydoc", "--device", "cpu", "--compile")
+    assert "--compile: CPU plans train without torch.compile" in line
+    assert not cache.exists()
+
+
 @no_gpu
 def test_device_cuda_without_gpu(tmp_path: Path) -> None:
     cache = tmp_path / "cache"

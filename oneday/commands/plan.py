@@ -132,6 +132,11 @@ def plan(
     gpus: Annotated[
         int, typer.Option("--gpus", help="Plan for this many GPUs, data parallel (run under torchrun).")
     ] = 1,
+    compile_: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile on the GPU whatever the budget, or never "
+                     "(default: from a 30 min budget on)."),
+    ] = None,
     self_calibrate: Annotated[
         bool, typer.Option("--self-calibrate/--no-self-calibrate", help="From a 1 h budget, fit the loss law to "
                            "this data with runs of the plan's recipe (at most 5% of the budget) and plan again.")
@@ -185,6 +190,7 @@ def plan(
         max_tokens=max_tokens, device=device if device != "auto" else None, seq_len=seq_len, out=out, name=name,
         probe_seconds=probe_seconds, cache_dir=cache_dir, calibration=calibration, json=json_out,
         what_if=what_if, data_tokens=data_tokens, throughput=throughput, gpus=gpus if gpus != 1 else None,
+        compile=compile_ or None, no_compile=compile_ is False or None,
     )
     if what_if is not None:
         from oneday.planner.what_if import parse_token_count, what_if_plan
@@ -195,7 +201,7 @@ def plan(
             vocab_size=vocab_size, text_column=text_column, config=config, split=split, max_tokens=max_tokens,
             seq_len=seq_len, name=name, probe_seconds=probe_seconds,
             cache_dir=cache_dir, calibration=str(calibration) if calibration is not None else None,
-            throughput=throughput, gpus=gpus, command=command, progress=RichProgress(),
+            throughput=throughput, gpus=gpus, compile=compile_, command=command, progress=RichProgress(),
         )
     else:
         made = make_plan(
@@ -203,7 +209,7 @@ def plan(
             config=config, split=split, max_tokens=max_tokens, device=device,
             seq_len=seq_len, name=name, probe_seconds=probe_seconds, cache_dir=cache_dir,
             calibration=str(calibration) if calibration is not None else None, command=command, gpus=gpus,
-            auto_calibrate=self_calibrate, progress=RichProgress(),
+            compile=compile_, auto_calibrate=self_calibrate, progress=RichProgress(),
         )
     saved_to = save_plan(made, out)
     if json_out:
