@@ -116,9 +116,11 @@ def build_summary(session: Session, result: LoopResult, *, prep_seconds: float, 
 
 def measured_as_planned(session: Session) -> bool:
     """Whether this session trains under the conditions the plan's speed was measured in: the plan's device (a
-    what-if plan was never timed here) and, on a CPU, its thread count."""
+    what-if plan was never timed here), its number of ranks and, on a CPU, its thread count."""
     plan = session.plan
     if session.device != plan.train.device or session.device != plan.hardware.device:
+        return False
+    if (session.dist.world_size if session.dist is not None else 1) != plan.train.world_size:
         return False
     return session.device != "cpu" or session.spec.threads == (plan.train.threads or plan.hardware.threads)
 

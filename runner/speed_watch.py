@@ -13,8 +13,8 @@ say so while there is time to look, and say afterwards why the prediction missed
 - `speed_note`: the summary's line when the whole run's mean speed missed the plan's by more than
   `NOTE_TOLERANCE` (either way).
 
-Only when the run trains under the conditions the plan measured (its device and thread count): a plan run on
-another device was never timed there. Pure Python.
+Only when the run trains under the conditions the plan measured (`outputs.measured_as_planned`: its device, its
+number of ranks, its thread count): a plan run elsewhere was never timed there. Pure Python.
 """
 
 from __future__ import annotations

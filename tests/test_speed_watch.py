@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from types import SimpleNamespace
 
+from oneday.runner.outputs import measured_as_planned
 from oneday.runner.records import StepRecord
 from oneday.runner.speed_watch import SpeedWatch, speed_note
+from tests.factories import make_plan
 
 
 def record(elapsed: float, tokens: int) -> StepRecord:
@@ -74,3 +78,18 @@ def test_the_summary_note_says_how_far_the_speed_missed_either_way():
     assert "above" in speed_note(mean_tokens_per_s=11_000.0, planned_tokens_per_s=10_000.0, tokens=1, planned_tokens=1)
     assert speed_note(mean_tokens_per_s=10_400.0, planned_tokens_per_s=10_000.0, tokens=1, planned_tokens=1) is None
     assert speed_note(mean_tokens_per_s=0.0, planned_tokens_per_s=10_000.0, tokens=0, planned_tokens=1) is None
+
+
+def test_the_speed_is_held_to_the_plan_only_where_the_plan_measured_it():
+    plan = make_plan(threads=1)  # a CPU plan, one rank, one thread
+
+    def session(plan=plan, device="cpu", threads=1, ranks=None):
+        return SimpleNamespace(plan=plan, device=device, spec=replace(plan.train, threads=threads),
+                               dist=SimpleNamespace(world_size=ranks) if ranks else None)
+
+    assert measured_as_planned(session())
+    assert not measured_as_planned(session(threads=2))  # `oneday run --threads 2`
+    assert not measured_as_planned(session(device="cuda"))  # `--device cuda` on a CPU plan
+    assert not measured_as_planned(session(ranks=2))  # under torchrun on two ranks
+    two = replace(plan, train=replace(plan.train, world_size=2))
+    assert measured_as_planned(session(plan=two, ranks=2))
