@@ -18,10 +18,10 @@ Prints, section by section (each section reports FAILED with its reason and the 
    20×1280 and 24×1536 at seq 1024, compiled: micro-batch, tok/s, MFU against the table's peak (goal printed
    beside it: ≥ 45% for ~124M at seq 1024 bf16 compiled on H100/H200; llm.c reaches ~41%), compile seconds,
    peak memory against the planner's estimate;
-5. plan — `oneday plan --compile` (`make_plan(compile=True)`) for a `--minutes` budget (default 5) on the
+5. plan — `oneday plan --compile` (`make_plan(compile=True)`) for a `--minutes` budget (default 4) on the
    prepared data: compiled although the budget is short, so its probe times the compiled step and its reserve
-   pays for compiling (a compiled plan's probe takes at least 90 s and its compile reserve 60 s: 3 minutes
-   would leave seconds of training);
+   pays for the compile it measured (a compiled plan probes for at least 90 s and must afford a minute of
+   compiling: 3 minutes would leave seconds of training, 4 leave about one minute);
 6. chosen — the plan's shape at the plan's micro-batch for a few compiled steps: no OOM, peak memory against the
    limit the planner used;
 7. run — `oneday run` (`run_plan`) of that plan end to end, as planned: wall time against the budget, tokens
@@ -462,7 +462,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-cache", default=None,
                         help="the cache folder `oneday data prepare --cache-dir` wrote (prepared beforehand)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="as given to `oneday data prepare`")
-    parser.add_argument("--minutes", type=float, default=None, help="the end-to-end budget (5; dry run 0.5)")
+    parser.add_argument("--minutes", type=float, default=None, help="the end-to-end budget (4; dry run 0.5)")
     parser.add_argument("--probe-seconds", type=float, default=None, help="the plan's probe time (planner's rule)")
     parser.add_argument("--shape-seconds", type=float, default=None, help="time slice per shape (20; dry run 1)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store of the run (default: sqlite in --work-dir)")
@@ -472,7 +472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     if args.minutes is None:
-        args.minutes = 0.5 if args.dry_run else 5.0
+        args.minutes = 0.5 if args.dry_run else 4.0
     if args.shape_seconds is None:
         args.shape_seconds = 1.0 if args.dry_run else 20.0
     if args.probe_seconds is None and args.dry_run:

@@ -383,7 +383,7 @@ def test_compile_can_be_asked_for_or_refused_whatever_the_budget(
 ) -> None:
     """`oneday plan --compile` on a 15-minute GPU budget: the probe times the compiled step and the reserve pays
     for compiling, so the plan's tokens are those of the run it describes (bench/gpu_check.py plans so)."""
-    from oneday.planner.policy import COMPILE_FALLBACK_SECONDS
+    from oneday.runner.costs import STARTUP_SECONDS
     from tests.simulated_device import SimulatedGpu
 
     gpu = SimulatedGpu()
@@ -395,8 +395,12 @@ def test_compile_can_be_asked_for_or_refused_whatever_the_budget(
     said = {True: "torch.compile (--compile)", False: "no torch.compile (--no-compile)",
             None: "no torch.compile (the budget is under 30 min"}[asked]
     assert said in setup_reason
-    if compiled:  # the compile is reserved, not taken out of the tokens
-        assert plan.train.reserve_seconds() >= COMPILE_FALLBACK_SECONDS
+    reserved = next(r for r in plan.reasons if r.startswith("Reserved"))
+    startup = STARTUP_SECONDS["cuda"]
+    if compiled:  # the chosen shape's measured compile (simulated: 10 s + 1.5 s a layer) is reserved
+        assert f"start-up and compile {startup + 10 + 1.5 * plan.model.n_layer:.0f} s" in reserved
+    else:
+        assert f"start-up {startup:.0f} s" in reserved
 
 
 def test_simulated_gpu_plan_uses_the_micro_batch_an_oom_left(monkeypatch: pytest.MonkeyPatch) -> None:
