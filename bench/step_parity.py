@@ -5,8 +5,9 @@ them to a fraction of a percent); the tokens/s is a measurement taken minutes be
 speed may drift meanwhile. To tell the method's error from the machine's drift, this benchmark alternates, on the
 same machine and the same plan, for `--rounds` rounds:
 
-1. the planner's check of the plan's shape at the plan's micro-batch (`planner.measure.measure_more`, the path
-   `oneday plan` takes, `--probe-seconds` long, in this process as in `oneday plan`);
+1. the planner's check of the plan's shape at the plan's micro-batch and accumulation
+   (`planner.measure.measure_more`, the path `oneday plan` takes, `--probe-seconds` long, in this process as
+   in `oneday plan`);
 2. the run itself: `oneday run` (a subprocess, as a user runs it) of the plan stopped after the steps that fill
    about `--run-seconds`; its speed is read from its `metrics.jsonl` windows after the first (the first steps
    after start-up are still warming the heap; `planner.timing.steady_step_seconds` skips them too).
@@ -39,11 +40,12 @@ ONEDAY = str(Path(sys.executable).with_name("oneday"))
 
 
 def check(plan: Any, probe: Any, *, seconds: float) -> tuple[float, Any]:
-    """The planner's check of the plan's shape at its micro-batch: (tokens/s, `probe` with that timing)."""
+    """The planner's check of the plan's step (its shape, micro-batch and accumulation): (tokens/s, `probe` with
+    that timing)."""
     from oneday.planner.measure import measure_more
 
     skipped = len(probe.skipped)
-    probe = measure_more(probe, plan.model, micro_batch=plan.train.micro_batch,
+    probe = measure_more(probe, plan.model, micro_batch=plan.train.micro_batch, grad_accum=plan.train.grad_accum,
                          deadline=time.perf_counter() + seconds, memory_limit_bytes=plan.hardware.memory_bytes,
                          peak_flops=plan.hardware.peak_flops)
     timing = probe.timing_for(plan.model)

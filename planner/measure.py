@@ -289,13 +289,16 @@ def measure_more(
     peak_flops: float | None = None,
     progress: Progress | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    grad_accum: int = 1,
 ) -> ThroughputProbe:
     """`probe` with one more timing: `spec` at `micro_batch` (None: the largest that fits, as the probe
-    chooses), in place of any earlier timing of that shape. Not when its estimated memory does not fit
-    (never built) or when its predicted cost (`predict_cost`) would not finish by `deadline` (a `clock()`
-    time): the probe then says why in `skipped`, as it does when the measurement itself fails."""
+    chooses) and `grad_accum` micro-batches per optimizer step, in place of any earlier timing of that shape.
+    Not when its estimated memory does not fit (never built) or when its predicted cost (`predict_cost`) would
+    not finish by `deadline` (a `clock()` time): the probe then says why in `skipped`, as it does when the
+    measurement itself fails."""
     started = clock()
-    label = spec.label() + (f" at micro-batch {micro_batch}" if micro_batch else "")
+    label = spec.label() + (f" at micro-batch {micro_batch}" if micro_batch else "") + (
+        f" × {grad_accum} accumulated" if grad_accum > 1 else "")
     activation_bytes = _activation_bytes(probe.dtype)
     scale = memory_scale(probe.measurements, activation_bytes=activation_bytes)
     if not _fits_estimate(spec, device=probe.device, memory_limit_bytes=memory_limit_bytes,
@@ -306,7 +309,7 @@ def measure_more(
     reference = list(probe.timings)
     predicted = predict_cost(spec, reference, device=probe.device, compile=probe.compile,
                              memory_limit_bytes=memory_limit_bytes, activation_bytes=activation_bytes,
-                             peak_flops=peak_flops, micro_batch=micro_batch)
+                             peak_flops=peak_flops, micro_batch=micro_batch and micro_batch * grad_accum)
     left = deadline - started
     if predicted > left:
         return probe.with_skipped(
@@ -324,7 +327,7 @@ def measure_more(
                 spec, device=probe.device, dtype=probe.dtype, compile=probe.compile, budget_seconds=budget,
                 memory_limit_bytes=memory_limit_bytes, activation_bytes=activation_bytes, peak_flops=peak_flops,
                 reference=reference, hard_deadline=deadline, clock=clock, micro_batch=micro_batch,
-                tokens=probe.tokens,
+                tokens=probe.tokens, grad_accum=grad_accum,
             )
         except SkipShape as skip:
             return probe.with_skipped(f"{label}: {skip}", seconds=clock() - started)

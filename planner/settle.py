@@ -96,7 +96,7 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
 
     deadline = probe_started + (1.0 + EXTRA_PROBE_SHARE) * setup.probe_seconds
     latest = max(deadline, probe_started + SETTLE_MAX_BUDGET_SHARE * budget_seconds)
-    tried: set[tuple[Any, int | None]] = set()
+    tried: set[tuple[Any, int | None, int]] = set()
     # The largest micro-batch that ran per shape: a check at a smaller one replaces the shape's timing, but the
     # plan may still use up to this (else `batch_and_lr`'s rounding would move the micro-batch at each check).
     ran = {shape_key(t.spec): t.measurement.micro_batch for t in probe.timings}
@@ -120,7 +120,8 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
         timed = probe.timing_for(chosen.spec)
         wanted = _next_measurement(decision, bl, ladder=ladder, setup=setup, tried=tried, micro_cap=cap,
                                    extend=extensions < MAX_LADDER_EXTENSIONS, check=checks < MAX_PLAN_CHECKS,
-                                   timed_seconds=timed.measurement.seconds_measured if timed is not None else 0.0)
+                                   timed_seconds=timed.measurement.seconds_measured if timed is not None else 0.0,
+                                   timed_accum=timed.grad_accum if timed is not None else 1)
         if wanted is None and ranks > 1 and measure_parallel is not None:
             allowed = latest - clock()
             needed = PARALLEL_MIN_SECONDS + (2 * COMPILE_FALLBACK_SECONDS if setup.compile else 0.0)
@@ -139,14 +140,14 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
         if wanted is None:
             return Settled(ladder=ladder, probe=probe, decision=decision, reserve=reserve, cadence=cadence, bl=bl,
                             probe_seconds=spent, dp_efficiency=dp_efficiency, dp_source=dp_source)
-        spec, micro, rung = wanted
-        tried.add((shape_key(spec), micro))
+        spec, micro, accum, rung = wanted
+        tried.add((shape_key(spec), micro, accum))
         extensions += rung
         checks += not rung
         probe = measure_more(probe, spec, micro_batch=micro,
                              deadline=max(deadline, min(latest, clock() + SETTLE_MIN_SECONDS)),
                              memory_limit_bytes=setup.memory_limit_bytes, peak_flops=peak, progress=progress,
-                             clock=clock)
+                             clock=clock, grad_accum=accum)
         timing = probe.timing_for(spec)
         if timing is None:
             continue  # not measured (out of time, or it does not fit): a rung stays off the ladder
@@ -158,39 +159,45 @@ def settle(ladder: list[ModelSpec], *, probe: ThroughputProbe, peak: float, setu
 
 
 def _next_measurement(decision: Decision, bl: BatchLR, *, ladder: list[ModelSpec], setup: Setup,
-                      tried: set[tuple[Any, int | None]], micro_cap: int, extend: bool,
-                      check: bool, timed_seconds: float = math.inf) -> tuple[ModelSpec, int | None, bool] | None:
-    """(shape, micro-batch or None for the probe's own rule, whether it is a new rung) to measure next, or None.
+                      tried: set[tuple[Any, int | None, int]], micro_cap: int, extend: bool, check: bool,
+                      timed_seconds: float = math.inf, timed_accum: int = 1
+                      ) -> tuple[ModelSpec, int | None, int, bool] | None:
+    """(shape, micro-batch or None for the probe's own rule, micro-batches per optimizer step, whether it is a
+    new rung) to measure next, or None.
 
     A new rung when the chosen shape is the smallest or the largest of the ladder (a larger shape left out
     for memory is still on the ladder, so a memory-bound choice is not extended). Else the chosen shape at
     the plan's micro-batch p when no measurement stands for it: on CUDA a measurement at m stands for p when
     p ≤ m ≤ `MICRO_BATCH_SLACK`·p (less memory than measured, a step at least 80% as large); on a CPU any
-    measurement of the shape that timed `timed_seconds` ≥ `CPU_CHECK_MIN_SECONDS` does (tok/s barely depends
-    on the micro-batch there, `timing` module docstring; but a couple of short steps do not predict a run).
+    measurement of the shape that timed `timed_seconds` ≥ `CPU_CHECK_MIN_SECONDS` at the plan's accumulation
+    (`timed_accum`) does: tok/s barely depends on the micro-batch there (`timing` module docstring), but a
+    couple of short steps do not predict a run, and the optimizer's update, once per micro-batch in the probe
+    and once per `grad_accum` in the run, is a share of a small micro-batch's step (the README demo's 2×64 at
+    micro-batch 8 × 5 of 128 tokens, two threads: 4% faster at accumulation 5 than at 1, interleaved).
     On CUDA the check runs at `CHECK_HEADROOM`·p (at most `micro_cap`, what memory allows): the measured speed
     moves the tokens, hence the batch and p a little, and the measurement must still stand for the plan made on
     it. On a CPU, where it stands for any micro-batch, at p itself: the step the run will train (2×64 ran 1–4%
-    faster at micro-batch 13 than at 15 or 16)."""
+    faster at micro-batch 13 than at 15 or 16), and with the plan's accumulation."""
     chosen = decision.chosen()
     if extend:
         below, above = chosen.spec == ladder[0], chosen.spec == ladder[-1]
         rung = next_rung(ladder, below=below) if below or above else None
-        if rung is not None and (shape_key(rung), None) not in tried:
-            return rung, None, True
+        if rung is not None and (shape_key(rung), None, 1) not in tried:
+            return rung, None, 1, True
     if not check:
         return None
     planned = bl.micro_batch
     if setup.device == "cpu":
-        stands = timed_seconds >= CPU_CHECK_MIN_SECONDS
+        stands = timed_seconds >= CPU_CHECK_MIN_SECONDS and timed_accum == bl.grad_accum
     else:
         stands = planned <= chosen.micro_batch <= MICRO_BATCH_SLACK * planned
     if chosen.measured and stands:
         return None
     micro = planned if setup.device == "cpu" else min(micro_cap, math.ceil(CHECK_HEADROOM * planned))
-    if (shape_key(chosen.spec), micro) in tried:
+    accum = bl.grad_accum if setup.device == "cpu" else 1
+    if (shape_key(chosen.spec), micro, accum) in tried:
         return None
-    return chosen.spec, micro, False
+    return chosen.spec, micro, accum, False
 
 
 def choose_with_reserves(ladder: list[ModelSpec], *, start: ModelSpec, cadence_for: Callable[[ModelSpec], Cadence],

@@ -90,6 +90,8 @@ class ShapeTiming:
     micro_batch_reason: str
     seconds: float
     """Wall time spent on this shape in all (build, micro-batch search, warm-up, timing, clean-up)."""
+    grad_accum: int = 1
+    """Micro-batches per timed optimizer step (one update per `grad_accum` micro-batches, as the run trains)."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -164,6 +166,7 @@ def time_shape(
     clock: Callable[[], float],
     micro_batch: int | None = None,
     tokens: Any = None,
+    grad_accum: int = 1,
 ) -> ShapeTiming:
     """Build, size, warm up and time one shape within `budget_seconds` (a slice of the probe's time).
 
@@ -172,6 +175,8 @@ def time_shape(
     micro-batch 1 (CUDA), or when `hard_deadline` (the end of the probe's time; None for the one shape that
     must be measured) would pass before the minimum of timed steps is done, judged from the first warm-up step.
     `tokens`: a flat int64 array of training tokens (`measure.training_sample`) the batches are windows of.
+    `grad_accum`: micro-batches per timed optimizer step (the plan's, in a CPU check: one update per micro-batch
+    costs a CPU a share of a small micro-batch's step that the run, accumulating, does not pay; `settle`).
     """
     import torch
 
@@ -190,12 +195,13 @@ def time_shape(
     draw = ProbeBatches(tokens, seq_len=spec.seq_len, vocab_size=spec.vocab_size)
 
     def batch(m: int) -> Any:
-        """m windows of seq_len + 1 tokens (inputs and their next-token targets), as the run reads them."""
-        return torch.from_numpy(draw(m)).to(device)
+        """The windows of one optimizer step of micro-batch m (seq_len + 1 tokens each: inputs and their
+        next-token targets), as the run reads them."""
+        return torch.from_numpy(draw(m * grad_accum)).to(device)
 
     def trainer(net: Any) -> TrainStep:
-        return TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=1, grad_clip=GRAD_CLIP,
-                         precision=precision, scaler=scaler)
+        return TrainStep(net, params=model.parameters(), optimizer=optimizer, grad_accum=grad_accum,
+                         grad_clip=GRAD_CLIP, precision=precision, scaler=scaler)
 
     eager = trainer(loss)
 
@@ -325,7 +331,7 @@ def time_shape(
             break
     timed_seconds = clock() - t0
     step_seconds = steady_step_seconds(marks)
-    tokens_per_s = micro * spec.seq_len / step_seconds
+    tokens_per_s = micro * grad_accum * spec.seq_len / step_seconds
     if device == "cuda":
         peak_memory = int(torch.cuda.max_memory_allocated())
         memory_source = "measured: torch.cuda.max_memory_allocated"
@@ -337,7 +343,7 @@ def time_shape(
     for _ in range(2 if device == "cuda" else 1):  # on CUDA the first one pays for the eval kernels
         sync()
         f0 = clock()
-        evaluate(loss, [x], precision=precision)  # reads the loss back: synchronised
+        evaluate(loss, [x[:micro]], precision=precision)  # reads the loss back: synchronised
         forward_seconds = clock() - f0
     forward_tps = micro * spec.seq_len / max(forward_seconds, 1e-9)
 
@@ -358,6 +364,7 @@ def time_shape(
         memory_source=memory_source,
         micro_batch_reason=reason,
         seconds=clock() - started,
+        grad_accum=grad_accum,
     )
 
 

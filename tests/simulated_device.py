@@ -155,19 +155,30 @@ class SimulatedGpu:
 
 @dataclass
 class SimulatedCpu:
-    """A CPU that trains `spec` at `tokens_per_s(spec)`: `measure_one` stands in for the real one."""
+    """A CPU that trains `spec` at `tokens_per_s(spec)` plus `update_seconds` per optimizer update (once per
+    `grad_accum` micro-batches): `measure_one` stands in for the real one."""
 
     tokens_per_s: Callable[[ModelSpec], float]
     clock: FakeClock = field(default_factory=FakeClock)
     peak_flops: float = 1e11
+    update_seconds: float = 0.0
     calls: list[tuple[str, int | None]] = field(default_factory=list)
+    accumulations: list[int] = field(default_factory=list)
+    """The `grad_accum` of each of those calls."""
 
-    def measure_one(self, spec: ModelSpec, *, device: str, micro_batch: int | None = None, **_: object) -> ShapeTiming:
+    def speed(self, spec: ModelSpec, *, micro_batch: int, grad_accum: int = 1) -> float:
+        """Tokens/s of the step at `micro_batch` × `grad_accum`."""
+        tokens = micro_batch * grad_accum * spec.seq_len
+        return tokens / (tokens / self.tokens_per_s(spec) + self.update_seconds)
+
+    def measure_one(self, spec: ModelSpec, *, device: str, micro_batch: int | None = None, grad_accum: int = 1,
+                    **_: object) -> ShapeTiming:
         assert device == "cpu"
         self.calls.append((spec.label(), micro_batch))
+        self.accumulations.append(grad_accum)
         micro = micro_batch or max(1, 2048 // spec.seq_len)
-        tokens_per_s = self.tokens_per_s(spec)
-        step = micro * spec.seq_len / tokens_per_s
+        tokens_per_s = self.speed(spec, micro_batch=micro, grad_accum=grad_accum)
+        step = micro * grad_accum * spec.seq_len / tokens_per_s
         build = 0.05
         self.clock.advance(build + 4.5 * step)
         measurement = Measurement(spec=spec, micro_batch=micro, tokens_per_s=tokens_per_s,
@@ -177,5 +188,5 @@ class SimulatedCpu:
             measurement=measurement, timed_steps=3, step_seconds=step, build_seconds=build, warmup_seconds=step,
             compile_seconds=0.0, forward_tokens_per_s=3 * tokens_per_s, mfu=measurement.mfu(self.peak_flops),
             memory_source="estimate: ModelSpec.estimate_train_memory_bytes", micro_batch_reason="simulated",
-            seconds=build + 4.5 * step,
+            seconds=build + 4.5 * step, grad_accum=grad_accum,
         )

@@ -487,11 +487,31 @@ def test_a_briefly_timed_choice_is_timed_again_on_a_cpu(monkeypatch: pytest.Monk
         assert all(micro is None for micro in timed)
 
 
-@pytest.mark.parametrize(("device", "checked_at"), [("cpu", 13), ("cuda", 15)])
-def test_a_check_times_the_planned_micro_batch_itself_on_a_cpu(device: str, checked_at: int) -> None:
+def test_a_cpu_plan_rests_on_its_step_timed_with_the_runs_accumulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU whose optimizer update costs a share of a small micro-batch's step: the probe times one update per
+    micro-batch, the run one per `grad_accum`. The plan's speed (and so its tokens) is the step timed at the
+    plan's micro-batch and accumulation, the one the run trains."""
+    from tests.simulated_device import SimulatedCpu
+
+    cpu = SimulatedCpu(tokens_per_s=lambda spec: 3e10 / spec.flops_per_token(), update_seconds=0.1)
+    _simulate(monkeypatch, cpu, name="cpu", train_tokens=10**9)
+    plan = make_plan(hours=1 / 4, data="simulated", vocab_size=8192, device="cpu", clock=cpu.clock)
+    train = plan.train
+    assert train.grad_accum > 1
+    assert (plan.model.label(), train.micro_batch) in cpu.calls
+    assert cpu.accumulations[cpu.calls.index((plan.model.label(), train.micro_batch))] == train.grad_accum
+    run_speed = cpu.speed(plan.model, micro_batch=train.micro_batch, grad_accum=train.grad_accum)
+    assert plan.prediction.tokens_per_s == pytest.approx(run_speed)
+    assert run_speed > 1.1 * cpu.speed(plan.model, micro_batch=train.micro_batch)  # what the probe's own rule timed
+
+
+@pytest.mark.parametrize(("device", "checked_at", "accumulated"), [("cpu", 13, 2), ("cuda", 15, 1)])
+def test_a_check_times_the_planned_micro_batch_itself_on_a_cpu(device: str, checked_at: int, accumulated: int
+                                                              ) -> None:
     """A CPU plan of 13 × 2 micro-batches was checked at 15 (`CHECK_HEADROOM`), where 2×64 ran 3% slower than
-    the run trained at 13. On a CPU the check stands for any micro-batch, so it times the run's own; on CUDA it
-    keeps the headroom (a measurement there stands only for micro-batches up to the one it ran)."""
+    the run trained at 13. On a CPU the check stands for any micro-batch, so it times the run's own, with the
+    run's accumulation; on CUDA it keeps the headroom (a measurement there stands only for micro-batches up to
+    the one it ran)."""
     from types import SimpleNamespace
 
     from oneday.models.spec import ModelSpec
@@ -500,10 +520,33 @@ def test_a_check_times_the_planned_micro_batch_itself_on_a_cpu(device: str, chec
     spec = ModelSpec(n_layer=2, d_model=64, n_head=1, d_ff=192, vocab_size=8192, seq_len=256)
     chosen = SimpleNamespace(spec=spec, measured=True, micro_batch=32)  # stands for neither
     decision = SimpleNamespace(chosen=lambda: chosen)
-    wanted = _next_measurement(decision, SimpleNamespace(micro_batch=13), ladder=[spec],
+    wanted = _next_measurement(decision, SimpleNamespace(micro_batch=13, grad_accum=2), ladder=[spec],
                                setup=SimpleNamespace(device=device), tried=set(), micro_cap=16, extend=False,
                                check=True, timed_seconds=1.5)
-    assert wanted == (spec, checked_at, False)
+    assert wanted == (spec, checked_at, accumulated, False)
+
+
+def test_a_cpu_measurement_stands_only_at_the_plans_accumulation() -> None:
+    """The README demo: 2×64 timed at micro-batch 8 with an update per micro-batch stood for a plan of 8 × 5
+    of 128 tokens; the run updates once per five, and that step is 4% faster. A long enough CPU timing stands
+    only at the plan's accumulation."""
+    from types import SimpleNamespace
+
+    from oneday.models.spec import ModelSpec
+    from oneday.planner.ladder import shape_key
+    from oneday.planner.settle import _next_measurement
+
+    spec = ModelSpec(n_layer=2, d_model=64, n_head=1, d_ff=192, vocab_size=8192, seq_len=128)
+    decision = SimpleNamespace(chosen=lambda: SimpleNamespace(spec=spec, measured=True, micro_batch=8))
+
+    def wanted(timed_accum: int, *, tried: set | None = None):
+        return _next_measurement(decision, SimpleNamespace(micro_batch=8, grad_accum=5), ladder=[spec],
+                                 setup=SimpleNamespace(device="cpu"), tried=tried or set(), micro_cap=8,
+                                 extend=False, check=True, timed_seconds=10.0, timed_accum=timed_accum)
+
+    assert wanted(1) == (spec, 8, 5, False)
+    assert wanted(5) is None
+    assert wanted(1, tried={(shape_key(spec), 8, 5)}) is None  # checked once already: not again
 
 
 def test_probe_share_grows_with_the_budget() -> None:

@@ -469,3 +469,42 @@ def test_the_probe_reads_its_sample_through_the_runs_window_sampler(ladder: list
     first = batches[0]
     expected = WindowSampler(tokens, seq_len=spec.seq_len, seed=0).batch(0, len(first))[:, :-1]
     assert np.array_equal(first, expected)
+
+
+def test_a_check_times_the_plans_accumulation_one_update_per_optimizer_step(ladder: list[ModelSpec],
+                                                                             monkeypatch: pytest.MonkeyPatch
+                                                                             ) -> None:
+    """The README demo's 2×64 at micro-batch 8 × 5 of 128 tokens: the probe updated the weights after every
+    micro-batch, the run after every fifth (4% faster). A check at the plan's accumulation times the run's
+    step: `grad_accum` forward-backward passes of the micro-batch per update."""
+    import torch
+
+    from oneday.planner import measure
+    from oneday.runner.step import LMLoss
+
+    rows: list[int] = []
+    updates: list[int] = []
+    forward, step = LMLoss.forward, torch.optim.AdamW.step
+
+    def spy_forward(self, inputs, targets):
+        rows.append(inputs.shape[0])
+        return forward(self, inputs, targets)
+
+    def spy_step(self, *args, **kwargs):
+        updates.append(len(rows))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(LMLoss, "forward", spy_forward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    probe = probe_throughput(ladder[:1], device="cpu", dtype="fp32", compile=False, seconds=0.5,
+                             memory_limit_bytes=4 << 30, threads=1)
+    rows.clear(), updates.clear()
+    checked = measure.measure_more(probe, ladder[1], micro_batch=2, grad_accum=3,
+                                   deadline=time.perf_counter() + 5, memory_limit_bytes=4 << 30)
+    timing = checked.timing_for(ladder[1])
+    assert timing is not None and timing.grad_accum == 3 and timing.measurement.micro_batch == 2
+    training = rows[:updates[-1]]  # then the forward-only pass (an evaluation) at the micro-batch
+    assert set(training) == {2} and len(training) == 3 * len(updates)
+    assert updates == [3 * (i + 1) for i in range(len(updates))]  # an update every third micro-batch
+    tokens = 2 * 3 * ladder[1].seq_len
+    assert timing.measurement.tokens_per_s == pytest.approx(tokens / timing.step_seconds)
