@@ -19,6 +19,7 @@ it in a collective). Either way `ParallelMeasureError`, and the plan keeps the a
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -211,6 +212,10 @@ def _time_rank(rank: int, job: dict[str, Any]) -> dict[str, Any]:
         together = steady_seconds(torch.compile(ddp_net) if compile else ddp_net, ddp=True)
         return {"backend": backend, "alone": alone, "together": together}
     finally:
+        # DDP's reducer freed while its process group lives: freed after `destroy_process_group` (when this frame
+        # returns), gloo's teardown hung one rank in about half the runs of tests/test_parallel.py.
+        ddp_net = None
+        gc.collect()
         torch_dist.destroy_process_group()
 
 
