@@ -93,6 +93,7 @@ def build_summary(session: Session, result: LoopResult, *, prep_seconds: float, 
     """The `RunSummary` of this session's `result` against its plan (`wall`: seconds charged to the budget)."""
     plan, spec, paths = session.plan, session.spec, session.paths
     pred = plan.prediction
+    speed = run_speed_note(session, result)
     return RunSummary(
         plan_name=plan.name, plan_hash=session.digest, run_dir=str(paths.root), device=session.device,
         budget_seconds=spec.budget_seconds, planned_train_seconds=spec.train_seconds,
@@ -110,7 +111,7 @@ def build_summary(session: Session, result: LoopResult, *, prep_seconds: float, 
         model_dir=str(paths.final) if paths.final.exists() else None, mlflow_run_id=run_id,
         mlflow_experiment=session.experiment, tracking_uri=session.tracking_uri, tracking_error=tracking_error,
         oneday_version=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        notes=session.notes + tuple(n for n in [run_speed_note(session, result)] if n),
+        notes=session.notes + ((speed,) if speed else ()),
     )
 
 

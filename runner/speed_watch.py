@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from oneday.formats import human_count
 from oneday.runner.records import NullObserver
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class SpeedWatch(NullObserver):
             "the run ends near %s tokens, not the planned %s, and above its predicted loss (the schedule is keyed "
             "to the clock: it still ends on time). Is something else using this %s?",
             f"{speed:,.0f}", span, 100 * (1.0 - speed / self.planned_tokens_per_s),
-            f"{self.planned_tokens_per_s:,.0f}", _millions(reach), _millions(self.planned_tokens),
+            f"{self.planned_tokens_per_s:,.0f}", human_count(reach), human_count(self.planned_tokens),
             "GPU, or is it throttled" if self.device == "cuda" else "CPU",
         )
 
@@ -95,10 +96,6 @@ def speed_note(*, mean_tokens_per_s: float, planned_tokens_per_s: float, tokens:
     return (f"trained at {mean_tokens_per_s:,.0f} tok/s, {abs(ratio - 1):.0%} {direction} the "
             f"{planned_tokens_per_s:,.0f} tok/s the plan measured: {tokens:,} tokens against the {planned_tokens:,} "
             "planned (and the loss predicted on them); the machine ran at another speed than when it was planned")
-
-
-def _millions(tokens: float) -> str:
-    return f"{tokens / 1e6:.2f}M" if tokens < 1e9 else f"{tokens / 1e9:.2f}B"
 
 
 __all__ = ["NOTE_TOLERANCE", "WARN_SLOWER", "WINDOW_SECONDS", "SpeedWatch", "speed_note"]
